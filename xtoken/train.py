@@ -1,0 +1,469 @@
+"""Training: distil one or more teachers into a student with the Hugging Face `Trainer`.
+
+Read top to bottom:
+
+    XTokenConfig      TrainingArguments + the distillation knobs (temperature, weights, scaling)
+    Teacher           a frozen teacher: model, tokenizer, loss name, projection W, weight
+    TeacherCache      a teacher's log-probabilities over a fixed dataset, computed once (optional)
+    DistillCollator   text rows -> student ids/labels + each teacher's ids and chunk alignments
+    teacher_kd_loss   the ONE place that calls xtoken.losses (dispatch on Teacher.loss)
+    XTokenTrainer     Trainer whose compute_loss is  ce_weight * CE + kd_weight * scale * KD
+    LossCurveCallback writes loss_curve.png at the end of training
+
+Everything else (optimizer, schedule, gradient accumulation, mixed precision, checkpoints and
+resume, DDP/FSDP) is the Hugging Face Trainer's and Accelerate's own machinery, untouched.
+Teachers are plain attributes of the trainer, never of the model: they are not in the optimizer
+and not in checkpoints.
+
+One step, per micro-batch:
+
+    student logits  = student(input_ids)                                   (one forward, with grad)
+    CE              = cross-entropy of the student on its own next tokens  (labels, pad = -100)
+    for teacher m:  teacher log-probs = teacher(teacher ids) under no_grad, or rows of its cache
+                    KD_m = teacher_kd_loss(m, ...)   (kl | gold | p_kl | h_kl | uld)
+    KD              = sum_m alpha_m KD_m   (alpha: static weights or confidence-adaptive)
+    loss            = ce_weight * CE + kd_weight * KD * stopgrad(CE / KD)  if dynamic_kd_scale
+                      ce_weight * CE + kd_weight * KD                       otherwise
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+__all__ = ["XTokenConfig", "Teacher", "TeacherCache", "DistillCollator", "XTokenTrainer",
+           "LossCurveCallback", "teacher_kd_loss", "LOSSES", "WEIGHTINGS"]
+
+LOSSES = ("kl", "gold", "p_kl", "h_kl", "uld")
+WEIGHTINGS = ("static", "ce", "entropy", "max_prob")
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+@dataclass
+class XTokenConfig(TrainingArguments):
+    """`transformers.TrainingArguments` plus the distillation settings.
+
+    Defaults changed from TrainingArguments: ``report_to="none"``, ``remove_unused_columns=False``
+    (the collator needs the ``text`` and ``idx`` columns), ``logging_steps=10``, progress bars on.
+    """
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of both sides in KD"})
+    kd_weight: float = field(default=1.0, metadata={"help": "weight of the (aggregated) KD term"})
+    ce_weight: float = field(default=1.0, metadata={"help": "weight of the student's own CE term"})
+    dynamic_kd_scale: bool = field(default=True, metadata={
+        "help": "rescale KD to CE's magnitude each step: KD * stopgrad(CE / KD) (the paper's default). "
+                "Beware: when KD becomes tiny its gradient is multiplied by CE/KD (~100x in the miniature "
+                "trial) and can swamp CE; False gives the static ce_weight * CE + kd_weight * KD."})
+    teacher_weighting: str = field(default="static", metadata={
+        "help": "multi-teacher weights: static (Teacher.weight) | ce | entropy | max_prob (confidence-adaptive)"})
+    weighting_per: str = field(default="batch", metadata={"help": "adaptive weights per batch or per sample"})
+    max_length: int = field(default=512, metadata={"help": "student tokens per sample (teachers see the same text)"})
+    loss_chunk_size: int | None = field(default=None, metadata={
+        "help": "positions per chunk when computing log-softmax/CE (saves memory at large vocabularies)"})
+    loss_curve: bool = field(default=True, metadata={"help": "save output_dir/loss_curve.png at the end of training"})
+    # changed defaults
+    report_to: Any = field(default="none", metadata={"help": "integrations to report to (default none)"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "keep text/idx columns for the collator"})
+    logging_steps: float = field(default=10, metadata={"help": "log every N steps"})
+    disable_tqdm: bool | None = field(default=False, metadata={"help": "progress bars on by default"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.teacher_weighting not in WEIGHTINGS:
+            raise ValueError(f"teacher_weighting must be one of {WEIGHTINGS}, not {self.teacher_weighting!r}")
+        if self.weighting_per not in ("batch", "sample"):
+            raise ValueError(f"weighting_per must be 'batch' or 'sample', not {self.weighting_per!r}")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+
+
+# ---- teachers -----------------------------------------------------------------------------------
+
+@dataclass
+class Teacher:
+    """A frozen teacher.
+
+    ``projection``: W in the two models' own id spaces (rows = student logits, columns = teacher
+    logits), required for every loss except ``kl``; ``kl`` needs a teacher that shares the student's
+    tokenizer. ``cache``: optional `TeacherCache`; when set, the teacher model is never run in training.
+    """
+    name: str
+    model: Any
+    tokenizer: Any
+    loss: str = "kl"
+    projection: Any = None
+    weight: float = 1.0
+    cache: "TeacherCache | None" = None
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"Teacher {self.name!r}: loss must be one of {LOSSES}, not {self.loss!r}")
+        if self.loss != "kl" and self.projection is None:
+            raise ValueError(f"Teacher {self.name!r}: loss {self.loss!r} needs a projection W")
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def _encode(tok, texts: list[str], max_length: int, offsets: bool = False):
+    """Tokenize without padding (lists of ids), truncated to max_length tokens."""
+    return tok(texts, truncation=True, max_length=max_length, add_special_tokens=True,
+               return_offsets_mapping=offsets, return_attention_mask=False)
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists to [B, L] with an attention mask."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+class DistillCollator:
+    """Dataset rows with a ``text`` column (and optionally ``idx``) -> a training batch.
+
+    The student tokenizes each text, truncated to ``max_length`` tokens; the text is then cut at the
+    end of the student's last token, so every teacher sees exactly the same text (a teacher's own
+    tokenization is truncated to ``teacher_max_length``, default 2 x max_length). Chunk alignments
+    (`xtoken.align.align_batch`) are computed here, so with ``dataloader_num_workers > 0`` they
+    overlap the training step. Cached teacher log-probabilities (``Teacher.cache``) are looked up here
+    by ``idx`` too.
+
+    Batch layout::
+
+        input_ids, attention_mask, labels   [B, L] student (labels: ids, padding -> -100)
+        idx                                 [B] dataset row indices (when rows have ``idx``)
+        teachers: {name: {input_ids, attention_mask [B, L_m], alignments: list[Alignment] | None,
+                          logprobs [B, L_m, V_m] float16 (only with a cache)}}
+    """
+
+    def __init__(self, student_tokenizer, teachers: list[Teacher], max_length: int = 512,
+                 teacher_max_length: int | None = None):
+        self.student_tokenizer = student_tokenizer
+        self.teachers = list(teachers)
+        self.max_length = max_length
+        self.teacher_max_length = teacher_max_length or 2 * max_length
+
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], dict[str, list[list[int]]]]:
+        """Student ids and each teacher's ids of the same (student-truncated) texts, unpadded."""
+        enc = _encode(self.student_tokenizer, texts, self.max_length, offsets=True)
+        student = enc["input_ids"]
+        cut = []
+        for text, offs in zip(texts, enc["offset_mapping"]):
+            end = max((e for _, e in offs), default=0)
+            cut.append(text[:end])
+        teachers = {}
+        for t in self.teachers:
+            if t.tokenizer is self.student_tokenizer:
+                teachers[t.name] = student
+            else:
+                teachers[t.name] = _encode(t.tokenizer, cut, self.teacher_max_length)["input_ids"]
+        return student, teachers
+
+    def __call__(self, rows: list[dict]) -> dict:
+        from .align import align_batch
+
+        texts = [r["text"] for r in rows]
+        student, per_teacher = self.tokenize(texts)
+        ids, mask = _pad(student, _pad_id(self.student_tokenizer))
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        if rows and "idx" in rows[0]:
+            batch["idx"] = torch.tensor([int(r["idx"]) for r in rows], dtype=torch.long)
+        batch["teachers"] = {}
+        for t in self.teachers:
+            t_ids, t_mask = _pad(per_teacher[t.name], _pad_id(t.tokenizer))
+            entry = {"input_ids": t_ids, "attention_mask": t_mask, "alignments": None}
+            if t.loss != "kl":
+                entry["alignments"] = align_batch(ids, t_ids, self.student_tokenizer, t.tokenizer,
+                                                  student_mask=mask, teacher_mask=t_mask)
+            if t.cache is not None:
+                if "idx" not in batch:
+                    raise KeyError(f"teacher {t.name!r} has a cache: dataset rows need an 'idx' column")
+                entry["logprobs"] = t.cache.rows(batch["idx"], t_ids.shape[1], t_mask.sum(1))
+            batch["teachers"][t.name] = entry
+        return batch
+
+
+# ---- teacher cache ------------------------------------------------------------------------------
+
+class TeacherCache:
+    """One teacher's log-probabilities (float16) over every row of a fixed dataset.
+
+    Built once per (teacher, dataset, max_length) with `TeacherCache.build`, which tokenizes with the
+    very collator used in training, so cached rows line up with the live teacher's positions. Storage
+    is ragged: ``data`` [total tokens, V] (a torch tensor, or a memory-mapped ``.npy`` when ``path`` is
+    given) and ``offsets`` [N + 1]; row i is ``data[offsets[i]:offsets[i+1]]``. Passing log-probs to a
+    loss in place of logits is exact: log_softmax(log p / T) = log_softmax(z / T) for any T.
+    """
+
+    def __init__(self, data, offsets: np.ndarray, meta: dict | None = None):
+        self.data = data
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.meta = meta or {}
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.data.shape[1])
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def build(cls, teacher: Teacher, dataset, collator: DistillCollator, *, batch_size: int = 32,
+              device: str | torch.device = "cpu", path: str | Path | None = None,
+              progress: bool = False) -> "TeacherCache":
+        """Run ``teacher.model`` once over ``dataset`` (rows in order; row i must have idx == i)."""
+        model = teacher.model.to(device).eval()
+        texts = list(dataset["text"])
+        if "idx" in dataset.column_names and list(dataset["idx"]) != list(range(len(texts))):
+            raise ValueError("TeacherCache.build needs dataset['idx'] == 0..N-1 (add it with add_column)")
+        rows = []
+        for start in range(0, len(texts), batch_size):
+            _, per_teacher = collator.tokenize(texts[start:start + batch_size])
+            rows.extend(per_teacher[teacher.name])
+        lens = np.array([len(r) for r in rows], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lens)])
+        vocab = None
+        data = None
+        iterator = range(0, len(rows), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            iterator = tqdm(iterator, desc=f"caching {teacher.name}")
+        with torch.no_grad():
+            for start in iterator:
+                chunk = rows[start:start + batch_size]
+                ids, mask = _pad(chunk, _pad_id(teacher.tokenizer))
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                logp = torch.log_softmax(logits.float(), dim=-1).to(torch.float16).cpu()
+                if data is None:
+                    vocab = logp.shape[-1]
+                    if path is not None:
+                        data = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.float16,
+                                                         shape=(int(offsets[-1]), vocab))
+                    else:
+                        data = torch.empty((int(offsets[-1]), vocab), dtype=torch.float16)
+                for j, r in enumerate(chunk):
+                    a, b = offsets[start + j], offsets[start + j + 1]
+                    if isinstance(data, np.ndarray):
+                        data[a:b] = logp[j, :len(r)].numpy()
+                    else:
+                        data[a:b] = logp[j, :len(r)]
+        if path is not None:
+            data.flush()
+            np.save(str(path) + ".offsets.npy", offsets)
+            data = np.load(str(path), mmap_mode="r")
+        meta = {"teacher": teacher.name, "rows": len(rows), "max_length": collator.max_length}
+        return cls(data, offsets, meta)
+
+    @classmethod
+    def load(cls, path) -> "TeacherCache":
+        """Reopen a cache built with ``path=`` (memory-mapped, read-only)."""
+        return cls(np.load(str(path), mmap_mode="r"), np.load(str(path) + ".offsets.npy"))
+
+    def rows(self, idx: torch.Tensor, width: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``idx`` right-padded to [B, width, V] float16 (padding = 0, masked by the caller)."""
+        out = torch.zeros((len(idx), width, self.vocab_size), dtype=torch.float16)
+        for j, i in enumerate(idx.tolist()):
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            if lengths is not None and int(lengths[j]) != b - a:
+                raise ValueError(f"cache row {i} has {b - a} teacher tokens, the collator made {int(lengths[j])}: "
+                                 "the cache was built for another dataset, tokenizer or max_length")
+            block = self.data[a:b]
+            out[j, :b - a] = torch.from_numpy(np.asarray(block)) if isinstance(block, np.ndarray) else block
+        return out
+
+
+# ---- losses: the one dispatch -------------------------------------------------------------------
+
+def _kl(student_logits, teacher_logits, mask, temperature: float):
+    """Same-tokenizer KL(teacher || student) per position (temporary until xtoken.losses exists)."""
+    s = torch.log_softmax(student_logits.float() / temperature, -1)
+    t = torch.log_softmax(teacher_logits.float() / temperature, -1)
+    per_pos = (t.exp() * (t - s)).sum(-1)
+    m = mask.to(per_pos.dtype)
+    loss = (per_pos * m).sum() / m.sum().clamp(min=1) * temperature ** 2
+    top1 = ((s.argmax(-1) == t.argmax(-1)).float() * m).sum() / m.sum().clamp(min=1)
+    return loss, {"top1_agreement": top1.detach()}
+
+
+def teacher_kd_loss(teacher: Teacher, student_logits: torch.Tensor, student_mask: torch.Tensor,
+                    teacher_logits: torch.Tensor, teacher_mask: torch.Tensor, alignments,
+                    temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """KD loss of one teacher on one batch; the only place that knows the losses' signatures.
+
+    ``student_logits`` [B, L, V_S] with grad; ``teacher_logits`` [B, L_m, V_m] (logits or
+    log-probs, no grad). Returns (scalar loss, metrics dict of scalars).
+    """
+    if teacher.loss == "kl":
+        if teacher_logits.shape[1] != student_logits.shape[1]:
+            raise ValueError(f"teacher {teacher.name!r} uses loss 'kl' but its sequence length differs from the "
+                             "student's: 'kl' needs the student's tokenizer")
+        return _kl(student_logits, teacher_logits, student_mask.bool() & teacher_mask.bool(), temperature)
+    raise NotImplementedError(f"loss {teacher.loss!r} needs xtoken.losses")
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+
+class XTokenTrainer(Trainer):
+    """`transformers.Trainer` for X-Token distillation.
+
+    Use like Trainer, plus ``teachers``::
+
+        trainer = XTokenTrainer(model=student, args=XTokenConfig(...), teachers=[Teacher(...)],
+                                train_dataset=ds, processing_class=student_tokenizer)
+        trainer.train()
+
+    ``data_collator`` defaults to ``DistillCollator(processing_class, teachers, args.max_length)``.
+    With no teachers it trains on CE alone (the continued-pre-training baseline).
+    """
+
+    def __init__(self, model=None, args: XTokenConfig | None = None, teachers: list[Teacher] | None = None,
+                 data_collator=None, processing_class=None, callbacks=None, **kwargs):
+        if args is None:
+            args = XTokenConfig(output_dir="xtoken_out")
+        self.teachers = list(teachers or [])
+        if len({t.name for t in self.teachers}) != len(self.teachers):
+            raise ValueError("teacher names must be unique")
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError("pass processing_class (the student tokenizer) or a data_collator")
+            data_collator = DistillCollator(processing_class, self.teachers, args.max_length)
+        callbacks = list(callbacks or [])
+        if getattr(args, "loss_curve", False):
+            callbacks.append(LossCurveCallback())
+        super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class,
+                         callbacks=callbacks, **kwargs)
+        # our compute_loss returns per-micro-batch means; Trainer then divides by the accumulation steps
+        self.model_accepts_loss_kwargs = False
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        for t in self.teachers:
+            if t.cache is None:
+                t.model.to(self.args.device)
+                if dtype is not None:
+                    t.model.to(dtype)
+                t.model.eval()
+                t.model.requires_grad_(False)
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    # -- one step --
+    def _teacher_logits(self, teacher: Teacher, entry: dict) -> torch.Tensor:
+        """The teacher's logits (live, no grad, eval mode) or its cached log-probs, as float32."""
+        if "logprobs" in entry:
+            return entry["logprobs"].float()
+        teacher.model.eval()
+        with torch.no_grad():
+            return teacher.model(input_ids=entry["input_ids"], attention_mask=entry["attention_mask"]).logits
+
+    def _ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy, in float32, over ``loss_chunk_size`` positions at a time."""
+        logits, labels = logits[:, :-1], labels[:, 1:]
+        flat_logits = logits.reshape(-1, logits.shape[-1])
+        flat_labels = labels.reshape(-1)
+        n = (flat_labels != -100).sum().clamp(min=1)
+        step = self.args.loss_chunk_size or flat_labels.numel()
+        total = flat_logits.new_zeros((), dtype=torch.float32)
+        for a in range(0, flat_labels.numel(), step):
+            total = total + F.cross_entropy(flat_logits[a:a + step].float(), flat_labels[a:a + step],
+                                            ignore_index=-100, reduction="sum")
+        return total / n
+
+    def _teacher_stats(self, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+        """Per-sample confidence of a teacher on its own tokens: CE, entropy, max prob ([B] each)."""
+        logp = torch.log_softmax(logits.float(), -1)[:, :-1]
+        m = (mask[:, 1:] * mask[:, :-1]).float()
+        n = m.sum(1).clamp(min=1)
+        ce = -(logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * m).sum(1) / n
+        ent = -(logp.exp() * logp).sum(-1)
+        return {"ce": ce, "entropy": (ent * m).sum(1) / n, "max_prob": (logp.max(-1).values.exp() * m).sum(1) / n}
+
+    def _weights(self, stats: dict[str, dict]) -> torch.Tensor:
+        """alpha_m for each teacher: static (Teacher.weight) or confidence-adaptive."""
+        static = torch.tensor([t.weight for t in self.teachers], dtype=torch.float32)
+        if self.args.teacher_weighting == "static" or len(self.teachers) < 2:
+            return static
+        raise NotImplementedError("adaptive teacher weighting needs xtoken.multi_teacher")
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """ce_weight * CE + kd_weight * (dynamic scale) * sum_m alpha_m KD_m, metrics logged."""
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        logits = outputs.logits
+        ce = self._ce(logits, inputs["labels"])
+        metrics = {"ce": ce.detach()}
+        loss = self.args.ce_weight * ce
+        if self.teachers:
+            kd_terms, stats = [], {}
+            for t in self.teachers:
+                entry = inputs["teachers"][t.name]
+                t_logits = self._teacher_logits(t, entry)
+                kd_m, m_metrics = teacher_kd_loss(t, logits, inputs["attention_mask"], t_logits,
+                                                  entry["attention_mask"], entry.get("alignments"),
+                                                  self.args.temperature)
+                kd_terms.append(kd_m)
+                if self.args.teacher_weighting != "static":
+                    stats[t.name] = self._teacher_stats(t_logits, entry["input_ids"], entry["attention_mask"])
+                metrics[f"kd_{t.name}"] = kd_m.detach()
+                for k, v in m_metrics.items():
+                    metrics[f"{t.name}/{k}"] = v.detach() if torch.is_tensor(v) else v
+            alpha = self._weights(stats).to(ce.device)
+            kd = sum(a * l for a, l in zip(alpha, kd_terms))
+            metrics["kd"] = kd.detach()
+            if self.args.dynamic_kd_scale:
+                scale = (ce.detach() / kd.detach().clamp(min=1e-8))
+                metrics["kd_scale"] = scale
+                kd = kd * scale
+            loss = loss + self.args.kd_weight * kd
+        for k, v in metrics.items():
+            self._metrics[k].append(float(v))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean of each distillation metric since the last log, then log as Trainer does."""
+        if self._metrics and "loss" in logs:
+            logs.update({k: float(np.mean(v)) for k, v in self._metrics.items() if v})
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+
+# ---- callbacks ----------------------------------------------------------------------------------
+
+class LossCurveCallback(TrainerCallback):
+    """At the end of training, plot loss (and ce / kd when logged) against step to output_dir/loss_curve.png."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        rows = [r for r in state.log_history if "loss" in r]
+        if not rows:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in ("loss", "ce", "kd"):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title(Path(args.output_dir).name)
+        fig.tight_layout()
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        fig.savefig(Path(args.output_dir) / "loss_curve.png", dpi=100)
+        plt.close(fig)
