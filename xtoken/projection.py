@@ -26,6 +26,7 @@ used with the wrong tokenizers.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,8 +82,11 @@ class Projection:
         keep = self.indices >= 0
         rows = torch.arange(self.student_vocab_size).unsqueeze(1).expand_as(self.indices)[keep]
         coo = torch.sparse_coo_tensor(torch.stack([rows, self.indices[keep]]), self.weights[keep].to(dtype),
-                                      (self.student_vocab_size, self.teacher_vocab_size)).coalesce()
-        return coo.to_sparse_csr()
+                                      (self.student_vocab_size, self.teacher_vocab_size),
+                                      check_invariants=True).coalesce()
+        with warnings.catch_warnings():   # "CSR support is in beta": the conversion itself is exact
+            warnings.simplefilter("ignore", UserWarning)
+            return coo.to_sparse_csr()
 
     def restrict(self, student_ids, teacher_ids) -> "Projection":
         """W restricted to a subset of student rows and teacher columns, re-indexed locally.
