@@ -1,0 +1,317 @@
+"""Span alignment: group two tokenizations of the same text into chunk pairs (X-Token, Sec. 3.3).
+
+Both token sequences spell the same text. A *chunk pair* is a student span [a, b) and a teacher
+span [c, d) that decode to the identical byte string; chunks cover both sides in order.
+
+    text      " 2024 apples"
+    student   ' 202' '4' ' apples'          (Llama-3: digits packed by up to 3)
+    teacher   ' ' '2' '0' '2' '4' ' apples'  (Qwen3: one digit per token)
+    chunks    [' 202' '4'] ~ [' ' '2' '0' '2' '4'],   [' apples'] ~ [' apples']
+
+How (linear time, no O(n*m) dynamic programme):
+
+1. Each token's byte length comes from a per-tokenizer table (`token_bytes`), built once and cached.
+   Special tokens (BOS, chat markers) have no bytes; they are taken out of the byte walk, so a BOS
+   on one side only never shifts it.
+2. Fast path: the cumulative byte lengths of both sides are their token end offsets; where the two
+   sides' offsets coincide (`np.intersect1d`), a chunk closes. Before trusting the offsets, the
+   concatenated bytes of both sides are compared (one vectorised comparison), because equal offsets
+   only mean something when the bytes agree.
+3. Bounded local fallback where the bytes disagree (a normalizer that rewrote text on one side,
+   Qwen's NFC on decomposed input; text present on one side only): chunks are closed up to the last
+   common boundary before the first differing byte, then the walk *resynchronises*: among the next
+   `window` token boundaries of each side it picks the nearest pair after which the next
+   `agree_bytes` bytes agree, reports the skipped tokens as unpaired and continues from there. One
+   mismatch therefore costs a few unpaired tokens, never the rest of the sequence (the defect of
+   TRL's byte-offset walk, which sends everything after a disagreement into one final group).
+   Truncation at different places: the tail beyond the shorter side is unpaired.
+4. Special tokens between chunks are paired when both sides have one with the same role (bos,
+   end_of_turn, ...) in the same gap, in order; otherwise they are unpaired. A special that lies
+   strictly inside a text chunk on one side (a marker in the middle of a word) stays inside that
+   chunk's span: it has no bytes, so the pair still decodes to identical bytes.
+
+Every position of the valid region is either inside exactly one chunk span or listed as unpaired.
+
+Next-token bookkeeping: the logit at position p predicts token p+1, so a chunk's tokens [a, b) are
+predicted by logits a-1 .. b-2. A chunk starting at the first valid position has no predicting
+logit; `Alignment.predictable` is False for it and `logit_positions` returns None for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .canonical import special_roles, token_bytes
+
+__all__ = ["Alignment", "align", "align_batch", "byte_table"]
+
+
+# ---- per-tokenizer byte tables (built once, cached) ---------------------------------------------
+
+@dataclass
+class ByteTable:
+    lengths: np.ndarray      # [V] int64 byte length of each id (0 for specials and holes)
+    starts: np.ndarray       # [V] int64 offset of each id's bytes in `flat`
+    flat: np.ndarray         # [sum lengths] uint8, every id's bytes back to back
+    is_special: np.ndarray   # [V] bool: no bytes (special token, hole, unknown id)
+    role: dict               # special id -> role string (bos, end_of_turn, ...)
+
+
+_TABLES: dict[int, tuple[object, ByteTable]] = {}
+
+
+def byte_table(tok) -> ByteTable:
+    """The tokenizer's byte table; cached by object identity (the tokenizer is kept alive with it)."""
+    hit = _TABLES.get(id(tok))
+    if hit is not None and hit[0] is tok:
+        return hit[1]
+    pieces = token_bytes(tok)
+    size = max(len(pieces), len(tok)) + 1
+    lengths = np.zeros(size, dtype=np.int64)
+    for i, b in enumerate(pieces):
+        if b is not None:
+            lengths[i] = len(b)
+    flat = np.frombuffer(b"".join(b for b in pieces if b is not None), dtype=np.uint8)
+    starts = np.zeros(size, dtype=np.int64)
+    starts[1:] = np.cumsum(lengths)[:-1]
+    table = ByteTable(lengths, starts, flat, lengths == 0, special_roles(tok))
+    _TABLES[id(tok)] = (tok, table)
+    return table
+
+
+def _gather_bytes(table: ByteTable, ids: np.ndarray) -> np.ndarray:
+    """Concatenated bytes of `ids` as a uint8 array, without a Python loop over tokens."""
+    lens = table.lengths[ids]
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.uint8)
+    out_starts = np.cumsum(lens) - lens
+    # byte k of the output comes from flat[starts[id] + (k - out_start[token of k])]
+    shift = np.repeat(table.starts[ids] - out_starts, lens)
+    return table.flat[shift + np.arange(total)]
+
+
+# ---- the alignment ------------------------------------------------------------------------------
+
+@dataclass
+class Alignment:
+    """Chunk pairs of one sequence pair. Positions index the (possibly padded) input rows."""
+    student_spans: np.ndarray      # [n_chunks, 2] int64: chunk k covers student positions [a, b)
+    teacher_spans: np.ndarray      # [n_chunks, 2] int64: and teacher positions [c, d)
+    student_unpaired: np.ndarray   # [*] int64 student positions in no chunk
+    teacher_unpaired: np.ndarray   # [*] int64 teacher positions in no chunk
+    student_ids: np.ndarray        # [L_S] the student row (padding included)
+    teacher_ids: np.ndarray        # [L_T]
+    student_valid: tuple           # (first, end) valid positions of the student row
+    teacher_valid: tuple
+    is_special: np.ndarray         # [n_chunks] bool: a paired special-token chunk
+
+    def __len__(self) -> int:
+        return len(self.student_spans)
+
+    @property
+    def predictable(self) -> np.ndarray:
+        """[n_chunks] bool: both sides' chunk has a predicting logit (it does not start a valid row)."""
+        return (self.student_spans[:, 0] > self.student_valid[0]) & (self.teacher_spans[:, 0] > self.teacher_valid[0])
+
+    def logit_positions(self, side: str = "student") -> list:
+        """For each chunk, the logit positions a-1 .. b-2 predicting its tokens; None if not predictable."""
+        spans = self.student_spans if side == "student" else self.teacher_spans
+        return [np.arange(a - 1, b - 1) if ok else None for (a, b), ok in zip(spans.tolist(), self.predictable)]
+
+    def token_table(self, side: str, chunks: np.ndarray | None = None):
+        """Flat per-token view of the given chunks (default: all predictable ones), for vectorised losses.
+
+        Returns (chunk, logit_pos, token_id, offset): for every token of every listed chunk, the index
+        into `chunks` it belongs to, the logit position predicting it, its id, and its offset in its chunk.
+        """
+        if chunks is None:
+            chunks = np.flatnonzero(self.predictable)
+        spans = (self.student_spans if side == "student" else self.teacher_spans)[chunks]
+        ids = self.student_ids if side == "student" else self.teacher_ids
+        lens = spans[:, 1] - spans[:, 0]
+        chunk = np.repeat(np.arange(len(chunks)), lens)
+        offset = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        pos = np.repeat(spans[:, 0], lens) + offset
+        return chunk, pos - 1, ids[pos], offset
+
+    def chunk_bytes(self, k: int, student_tok, teacher_tok) -> tuple[bytes, bytes]:
+        """The bytes both sides of chunk k decode to (specials contribute none)."""
+        (a, b), (c, d) = self.student_spans[k], self.teacher_spans[k]
+        return (_gather_bytes(byte_table(student_tok), self.student_ids[a:b]).tobytes(),
+                _gather_bytes(byte_table(teacher_tok), self.teacher_ids[c:d]).tobytes())
+
+
+def _text_walk(s_bytes, s_ends, t_bytes, t_ends, window: int, agree_bytes: int):
+    """Chunks over text tokens only (indices into the text-token arrays), plus unpaired text tokens.
+
+    `*_ends` are cumulative byte ends of each text token. Returns (s_start, s_stop, t_start, t_stop,
+    s_unpaired, t_unpaired) with chunk k = text tokens [s_start[k], s_stop[k]) ~ [t_start[k], t_stop[k]).
+    """
+    ns, nt = len(s_ends), len(t_ends)
+    s_begin = np.concatenate([[0], s_ends[:-1]]) if ns else s_ends
+    t_begin = np.concatenate([[0], t_ends[:-1]]) if nt else t_ends
+    out_s, out_t, un_s, un_t = [], [], [], []
+    si = ti = 0          # next text token on each side; both sit at a token boundary
+    sb = tb = 0          # their byte offsets
+    while si < ns and ti < nt:
+        # length of the byte run on which both sides agree from (sb, tb)
+        n = min(len(s_bytes) - sb, len(t_bytes) - tb)
+        diff = np.flatnonzero(s_bytes[sb:sb + n] != t_bytes[tb:tb + n])
+        agree = int(diff[0]) if len(diff) else n
+        # token ends inside the agreed run, relative to its start; chunks close where both sides end
+        s_hi = int(np.searchsorted(s_ends, sb + agree, side="right"))
+        t_hi = int(np.searchsorted(t_ends, tb + agree, side="right"))
+        _, i_s, i_t = np.intersect1d(s_ends[si:s_hi] - sb, t_ends[ti:t_hi] - tb,
+                                     assume_unique=True, return_indices=True)
+        if len(i_s):
+            s_stop, t_stop = si + i_s + 1, ti + i_t + 1
+            out_s.append(np.stack([np.concatenate([[si], s_stop[:-1]]), s_stop], 1))
+            out_t.append(np.stack([np.concatenate([[ti], t_stop[:-1]]), t_stop], 1))
+            si, ti = int(s_stop[-1]), int(t_stop[-1])
+            sb, tb = int(s_ends[si - 1]), int(t_ends[ti - 1])
+        if si >= ns or ti >= nt:
+            break
+        # the sides disagree (or one side's bytes ran out): resynchronise within the window
+        found = _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes)
+        if found is None:
+            break
+        new_si, new_ti = found
+        un_s.append(np.arange(si, new_si))
+        un_t.append(np.arange(ti, new_ti))
+        si, ti = new_si, new_ti
+        sb, tb = int(s_begin[si]), int(t_begin[ti])
+    un_s.append(np.arange(si, ns))
+    un_t.append(np.arange(ti, nt))
+    empty = np.zeros((0, 2), dtype=np.int64)
+    cs = np.concatenate(out_s) if out_s else empty
+    ct = np.concatenate(out_t) if out_t else empty
+    return cs, ct, np.concatenate(un_s).astype(np.int64), np.concatenate(un_t).astype(np.int64)
+
+
+def _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes):
+    """Nearest pair of token starts (i >= si, j >= ti, not both equal) after which the bytes agree.
+
+    "Agree": the next `agree_bytes` bytes are equal; or the first tokens from there are byte-identical
+    (another disagreement may follow soon: NFC rewrites every accented letter); or both sides' remaining
+    bytes are equal. Nearest: fewest skipped tokens, then the longest agreement, then the most balanced
+    skip. None if no pair in
+    the window qualifies.
+    """
+    ci = np.arange(si, min(si + window + 1, len(s_begin)))
+    cj = np.arange(ti, min(ti + window + 1, len(t_begin)))
+    s_first = np.diff(np.append(s_begin, len(s_bytes)))[ci]      # byte length of the token at i
+    t_first = np.diff(np.append(t_begin, len(t_bytes)))[cj]
+
+    def windows(data, begins, pad):
+        idx = np.minimum(begins[:, None] + np.arange(agree_bytes)[None, :], len(data) + agree_bytes - 1)
+        padded = np.concatenate([data.astype(np.int16), np.full(agree_bytes, pad, dtype=np.int16)])
+        return padded[idx], len(data) - begins
+
+    ws, rem_s = windows(s_bytes, s_begin[ci], -1)
+    wt, rem_t = windows(t_bytes, t_begin[cj], -2)
+    run = np.cumprod(ws[:, None, :] == wt[None, :, :], axis=-1).sum(-1)   # agreed bytes, capped
+    same_first = (s_first[:, None] == t_first[None, :]) & (run >= np.minimum(s_first[:, None], agree_bytes))
+    both_end = (rem_s[:, None] == rem_t[None, :]) & (run >= rem_s[:, None])
+    ok = (run > 0) & ((run >= agree_bytes) | same_first | both_end)
+    ok[0, 0] = False
+    if not ok.any():
+        return None
+    di, dj = np.nonzero(ok)
+    best = np.lexsort((np.abs(di - dj), -run[di, dj], di + dj))[0]
+    return int(ci[di[best]]), int(cj[dj[best]])
+
+
+def _align_valid(s_ids: np.ndarray, t_ids: np.ndarray, s_table: ByteTable, t_table: ByteTable,
+                 window: int, agree_bytes: int):
+    """Chunks and unpaired positions of two unpadded rows (positions relative to the rows)."""
+    s_ids = np.clip(s_ids, 0, len(s_table.lengths) - 1)
+    t_ids = np.clip(t_ids, 0, len(t_table.lengths) - 1)
+    s_txt = np.flatnonzero(~s_table.is_special[s_ids])     # positions of text tokens
+    t_txt = np.flatnonzero(~t_table.is_special[t_ids])
+    s_bytes = _gather_bytes(s_table, s_ids[s_txt])
+    t_bytes = _gather_bytes(t_table, t_ids[t_txt])
+    s_ends = np.cumsum(s_table.lengths[s_ids[s_txt]])
+    t_ends = np.cumsum(t_table.lengths[t_ids[t_txt]])
+    cs, ct, us, ut = _text_walk(s_bytes, s_ends, t_bytes, t_ends, window, agree_bytes)
+    # text-token indices -> positions: a chunk spans from its first to its last text token
+    s_spans = np.stack([s_txt[cs[:, 0]], s_txt[cs[:, 1] - 1] + 1], 1) if len(cs) else cs
+    t_spans = np.stack([t_txt[ct[:, 0]], t_txt[ct[:, 1] - 1] + 1], 1) if len(ct) else ct
+    s_unpaired, t_unpaired = list(s_txt[us]), list(t_txt[ut])
+
+    # special tokens outside every chunk span: pair same-role specials in the same gap, in order
+    def loose_specials(ids, txt, spans, table):
+        covered = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.add.at(covered, spans[:, 0], 1)
+        np.add.at(covered, spans[:, 1], -1)
+        inside = np.cumsum(covered)[:-1] > 0
+        special = np.ones(len(ids), dtype=bool)
+        special[txt] = False
+        pos = np.flatnonzero(special & ~inside)
+        gap = np.searchsorted(spans[:, 0], pos, side="right")
+        return [(int(g), table.role.get(int(ids[p]), "unknown"), int(p)) for g, p in zip(gap, pos)]
+
+    s_loose = loose_specials(s_ids, s_txt, s_spans, s_table)
+    t_loose = loose_specials(t_ids, t_txt, t_spans, t_table)
+    t_by_gap: dict[int, list] = {}
+    for g, role, p in t_loose:
+        t_by_gap.setdefault(g, []).append((role, p))
+    s_by_gap: dict[int, list] = {}
+    for g, role, p in s_loose:
+        s_by_gap.setdefault(g, []).append((role, p))
+    pairs = []
+    for g in sorted(set(s_by_gap) | set(t_by_gap)):
+        ts, j = t_by_gap.get(g, []), 0
+        for role, p in s_by_gap.get(g, []):   # greedy in-order matching by role
+            k = next((k for k in range(j, len(ts)) if ts[k][0] == role), None)
+            if k is None:
+                s_unpaired.append(p)
+            else:
+                t_unpaired.extend(q for _, q in ts[j:k])
+                pairs.append((p, ts[k][1]))
+                j = k + 1
+        t_unpaired.extend(q for _, q in ts[j:])
+    special_chunk = np.zeros(len(s_spans), dtype=bool)
+    if pairs:
+        ps = np.array(pairs, dtype=np.int64)
+        s_spans = np.concatenate([s_spans, np.stack([ps[:, 0], ps[:, 0] + 1], 1)])
+        t_spans = np.concatenate([t_spans, np.stack([ps[:, 1], ps[:, 1] + 1], 1)])
+        special_chunk = np.concatenate([special_chunk, np.ones(len(ps), dtype=bool)])
+        order = np.argsort(s_spans[:, 0], kind="stable")
+        s_spans, t_spans, special_chunk = s_spans[order], t_spans[order], special_chunk[order]
+    return (s_spans.astype(np.int64), t_spans.astype(np.int64), np.sort(np.array(s_unpaired, dtype=np.int64)),
+            np.sort(np.array(t_unpaired, dtype=np.int64)), special_chunk)
+
+
+def _valid_range(mask) -> tuple[int, int]:
+    """(first, end) of the valid region of a row given its attention mask (left or right padding)."""
+    nz = np.flatnonzero(np.asarray(mask))
+    return (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
+
+
+def align(student_ids, teacher_ids, student_tok, teacher_tok, *, student_mask=None, teacher_mask=None,
+          window: int = 32, agree_bytes: int = 16) -> Alignment:
+    """Align one student row with one teacher row of the same text (see the module docstring).
+
+    ids: sequences or 1-D tensors; masks (optional): 1 on valid positions, one contiguous run
+    (left or right padding). Positions in the result index the rows as given.
+    """
+    s = np.asarray(student_ids.tolist() if hasattr(student_ids, "tolist") else student_ids, dtype=np.int64)
+    t = np.asarray(teacher_ids.tolist() if hasattr(teacher_ids, "tolist") else teacher_ids, dtype=np.int64)
+    sv = _valid_range(student_mask) if student_mask is not None else (0, len(s))
+    tv = _valid_range(teacher_mask) if teacher_mask is not None else (0, len(t))
+    ss, ts, su, tu, sp = _align_valid(s[sv[0]:sv[1]], t[tv[0]:tv[1]], byte_table(student_tok),
+                                      byte_table(teacher_tok), window, agree_bytes)
+    return Alignment(ss + sv[0], ts + tv[0], su + sv[0], tu + tv[0], s, t, sv, tv, sp)
+
+
+def align_batch(student_ids, teacher_ids, student_tok, teacher_tok, *, student_mask=None, teacher_mask=None,
+                **kwargs) -> list[Alignment]:
+    """`align` for each row: lists of sequences, or padded [B, L] tensors with attention masks."""
+    out = []
+    for b in range(len(student_ids)):
+        out.append(align(student_ids[b], teacher_ids[b], student_tok, teacher_tok,
+                         student_mask=None if student_mask is None else student_mask[b],
+                         teacher_mask=None if teacher_mask is None else teacher_mask[b], **kwargs))
+    return out
