@@ -1,0 +1,104 @@
+"""Evaluate a saved model directory with lm-eval; tidy results.
+
+    evaluate(model_dir, ["xtoken_mini_arithmetic", "xtoken_mini_knowledge"], data_dir=corpus_dir / "tasks")
+    evaluate(model_dir, ["gsm8k", "mmlu"], num_fewshot=5, device="cuda")      # paper scale, same call
+
+The miniature's tasks are lm-eval YAML tasks in ``xtoken/tasks/`` (generate_until, exact match on
+the ``#### answer``) over the local JSONL test files that `xtoken.mini.corpus.write_task_files`
+writes; ``data_dir`` points them at one corpus. Everything runs offline (HF_DATASETS_OFFLINE /
+HF_HUB_OFFLINE are set when ``offline=True``).
+
+Overhead: the model is loaded once per call (an `HFLM` built here and passed to
+`lm_eval.simple_evaluate`, which is what ``model="hf"`` would build) and every task runs in that one
+call with batched greedy generation; pass ``lm=`` to reuse an already loaded `HFLM` across calls.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+__all__ = ["evaluate", "task_configs", "TASK_DIR", "MINI_TASKS", "load_lm"]
+
+TASK_DIR = Path(__file__).parent / "tasks"
+MINI_TASKS = ("xtoken_mini_arithmetic", "xtoken_mini_knowledge")
+
+
+def _set_offline():
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def task_configs(tasks, data_dir=None, max_gen_toks=None) -> list:
+    """Task specs for `simple_evaluate`: our YAML tasks as dicts pointed at ``data_dir``, others by name."""
+    import yaml
+    out = []
+    for t in tasks:
+        p = TASK_DIR / f"{t}.yaml"
+        if not p.exists():
+            out.append(t)
+            continue
+        cfg = yaml.safe_load(p.read_text())
+        cfg.pop("tag", None)
+        if data_dir is None:
+            raise ValueError(f"task {t} reads local files: pass data_dir (the corpus' tasks/ folder)")
+        files = copy.deepcopy(cfg["dataset_kwargs"]["data_files"])
+        for split, name in files.items():
+            f = Path(data_dir) / name
+            if not f.exists():
+                raise FileNotFoundError(f"{f} (write it with xtoken.mini.corpus.write_task_files)")
+            files[split] = str(f.resolve())
+        cfg["dataset_kwargs"]["data_files"] = files
+        if max_gen_toks:
+            cfg["generation_kwargs"]["max_gen_toks"] = int(max_gen_toks)
+        out.append(cfg)
+    return out
+
+
+def load_lm(model_dir, *, batch_size=64, device="cpu", dtype="float32", max_length=None):
+    """One `lm_eval` HFLM over a model directory (load once, evaluate many tasks)."""
+    _set_offline()
+    from lm_eval.models.huggingface import HFLM
+    kw = dict(pretrained=str(model_dir), batch_size=batch_size, device=device, dtype=dtype,
+              add_bos_token=True)   # the tokenizer's own default specials, as in training
+    if max_length:
+        kw["max_length"] = max_length
+    return HFLM(**kw)
+
+
+def evaluate(model_dir, tasks=MINI_TASKS, *, data_dir=None, limit=None, batch_size=64, device="cpu",
+             num_fewshot=None, max_gen_toks=None, lm=None, log_samples=False, return_raw=False, offline=True):
+    """Run lm-eval on ``model_dir``; return a tidy DataFrame (task, filter, metric, value, stderr, n).
+
+    ``tasks``: names of lm-eval tasks (``gsm8k``...) and/or of our YAML tasks (``xtoken_mini_*``,
+    which need ``data_dir``). ``num_fewshot=None`` keeps each task's own default.
+    """
+    import pandas as pd
+    if offline:
+        _set_offline()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if lm is None:
+        lm = load_lm(model_dir, batch_size=batch_size, device=device)
+    # indexing lm-eval's ~10k built-in task YAMLs costs tens of seconds: skip it when not needed
+    ours = all((TASK_DIR / f"{t}.yaml").exists() for t in tasks)
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=not ours)
+    res = lm_eval.simple_evaluate(model=lm, tasks=task_configs(tasks, data_dir, max_gen_toks),
+                                  num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                                  log_samples=log_samples, bootstrap_iters=1000, verbosity="ERROR")
+    rows = []
+    for task, metrics in res["results"].items():
+        n = res.get("n-samples", {}).get(task, {}).get("effective")
+        for key, value in metrics.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            se = metrics.get(f"{metric}_stderr,{filt}")
+            rows.append({"task": task, "filter": filt, "metric": metric, "value": float(value),
+                         "stderr": float(se) if isinstance(se, (int, float)) else float("nan"), "n": n})
+    df = pd.DataFrame(rows, columns=["task", "filter", "metric", "value", "stderr", "n"])
+    return (df, res) if return_raw else df

@@ -1,0 +1,290 @@
+"""A seeded synthetic corpus for the miniature, as Arrow-backed `datasets.Dataset` splits.
+
+Two skills, every item a `text` (what training reads) plus, for test items, a `question` (the
+prompt lm-eval gives) and an `answer` (the string after ``#### ``):
+
+``arithmetic`` -- GSM8k-like word problems whose numbers span 0..999, with worked steps and a final
+  ``#### N`` line. Llama-3 (and o200k) write a number of up to 3 digits as ONE token ("347");
+  Qwen3 writes it digit by digit ("3","4","7"). A tiny Llama-tokenized student cannot learn
+  whole-token addition of two 3-digit numbers (REFERENCE §5), so the problems are ones it can
+  learn while it still has to *produce* multi-digit numeral tokens:
+    copy       a number stated in the question is the answer ("puts all 347 shells in a box")
+    compare    which of two (or three) numbers is larger / smaller
+    increment  N + k with k in 1..9 (the student learns "successor" relations among numeral tokens)
+    decrement  N - k with k in 1..9
+    count      N, then +1 / -1 a few times, every step written out (counting steps)
+  The digit-splitting teacher has a real advantage on increments (it only changes the last digit),
+  which it can pass on to a student through W; copy / compare need no arithmetic at all.
+  Exercises: producing multi-digit numeral tokens at numeral positions (GOLD suppresses them,
+  Proposition 1), digit-level carry (increments that cross a ten), and ordering.
+
+``knowledge`` -- facts about a fixed invented world: countries with a capital, a population (in
+  thousands, a numeral) and a language; people with an age (numeral), a profession and a home
+  country. The training split states every fact in biography / gazetteer paragraphs (several
+  paraphrases, shuffled order) and holds question-answer items for a share
+  ``know_qa_train_frac`` of the facts; the test split asks the other facts in the same QA form,
+  so a model must retrieve a fact it has only read stated. Exercises: memorisation and retrieval
+  of names and numerals; teachers trained mostly on one skill (``teacher_mix``) differ here,
+  which is what the complementarity experiment (notebook 04) needs.
+
+Deterministic given the seed (Python's `random.Random(seed)` only). `build_corpus` verifies that
+every text tokenizes, under every tokenizer given, into the kept ids of its restricted vocabulary
+(`xtoken.mini.models.keep_ids_for`) and raises `CorpusOutOfVocab` if not.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+__all__ = ["make_corpus", "save_corpus", "load_corpus", "write_task_files", "CorpusOutOfVocab",
+           "SKILLS", "ANSWER_MARK"]
+
+SKILLS = ("arithmetic", "knowledge")
+ANSWER_MARK = "#### "
+END = "\n\n"   # end of every text (and the generation stop sequence)
+
+
+class CorpusOutOfVocab(ValueError):
+    """A corpus text tokenizes into an id outside a restricted vocabulary."""
+
+
+_NAMES = ["Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Eva", "Tom", "Amy", "Jay", "Kim", "Ray", "Lia", "Dan"]
+_THINGS = ["apples", "shells", "coins", "books", "stamps", "marbles", "cards", "beads", "pens", "eggs",
+           "bricks", "seeds"]
+_PLACES = {"apples": "basket", "shells": "box", "coins": "jar", "books": "shelf", "stamps": "album",
+           "marbles": "bag", "cards": "deck", "beads": "tin", "pens": "cup", "eggs": "crate", "bricks": "pile",
+           "seeds": "pot"}
+_SYL = ["ka", "lo", "mi", "ra", "ven", "tor", "sel", "dun", "bri", "zo", "qua", "mar", "fen", "li", "gor",
+        "tha", "nu", "pel", "vas", "dre", "ol", "ix", "sha", "rin"]
+_PROFESSIONS = ["baker", "pilot", "farmer", "doctor", "painter", "teacher", "sailor", "miner", "singer", "judge"]
+_LANGUAGES = ["Vessic", "Orlan", "Tamik", "Brelish", "Quorin", "Ulmic"]
+
+ARITH_KINDS = ("copy", "compare", "increment", "decrement", "count")
+ARITH_WEIGHTS = (0.2, 0.2, 0.25, 0.15, 0.2)
+
+
+def _num(rng: random.Random) -> int:
+    """0..999 with every digit count represented (1-digit 10%, 2-digit 30%, 3-digit 60%)."""
+    r = rng.random()
+    if r < 0.1:
+        return rng.randint(0, 9)
+    if r < 0.4:
+        return rng.randint(10, 99)
+    return rng.randint(100, 999)
+
+
+def arithmetic_item(rng: random.Random) -> dict:
+    kind = rng.choices(ARITH_KINDS, ARITH_WEIGHTS)[0]
+    who, thing = rng.choice(_NAMES), rng.choice(_THINGS)
+    place = _PLACES[thing]
+    if kind == "copy":
+        n = _num(rng)
+        q = f"{who} has {n} {thing}. {who} puts all of them in a {place}. How many {thing} are in the {place}?"
+        steps = [f"The {place} holds {n} {thing}."]
+        ans = n
+    elif kind == "compare":
+        other = rng.choice([x for x in _NAMES if x != who])
+        a, b = _num(rng), _num(rng)
+        while b == a:
+            b = _num(rng)
+        more = rng.random() < 0.5
+        q = (f"{who} has {a} {thing} and {other} has {b} {thing}. "
+             f"How many {thing} does the one with {'more' if more else 'fewer'} {thing} have?")
+        hi, lo = max(a, b), min(a, b)
+        steps = [f"{hi} is more than {lo}."]
+        ans = hi if more else lo
+    elif kind == "increment":
+        n, k = rng.randint(0, 990), rng.randint(1, 9)
+        q = f"{who} has {n} {thing}. {who} gets {k} more. How many {thing} does {who} have now?"
+        steps = [f"{n} + {k} = {n + k}."]
+        ans = n + k
+    elif kind == "decrement":
+        n, k = rng.randint(9, 999), rng.randint(1, 9)
+        q = f"{who} has {n} {thing}. {who} gives away {k}. How many {thing} does {who} have now?"
+        steps = [f"{n} - {k} = {n - k}."]
+        ans = n - k
+    else:  # count: a few +1 / -1 steps, each written out
+        n = rng.randint(5, 994)
+        moves = [rng.choice((1, -1)) for _ in range(rng.randint(2, 4))]
+        words = ", then ".join("finds 1 more" if m > 0 else "loses 1" for m in moves)
+        q = f"{who} has {n} {thing}. {who} {words}. How many {thing} does {who} have now?"
+        steps, cur = [], n
+        for m in moves:
+            steps.append(f"{cur} {'+' if m > 0 else '-'} 1 = {cur + m}.")
+            cur += m
+        ans = cur
+    assert 0 <= ans <= 999
+    return {"skill": "arithmetic", "kind": kind, "question": q,
+            "text": q + "\n" + "\n".join(steps) + f"\n{ANSWER_MARK}{ans}", "answer": str(ans)}
+
+
+def make_world(seed: int, n_countries: int, n_people: int) -> dict:
+    """The invented world: deterministic given (seed, sizes)."""
+    rng = random.Random(f"world-{seed}")
+
+    def word(n_syl, used):
+        while True:
+            w = "".join(rng.choice(_SYL) for _ in range(n_syl)).capitalize()
+            if w not in used:
+                used.add(w)
+                return w
+    used: set = set()
+    countries = []
+    for _ in range(n_countries):
+        countries.append({"name": word(2, used), "capital": word(2, used), "population": rng.randint(10, 999),
+                          "language": rng.choice(_LANGUAGES)})
+    people = []
+    for _ in range(n_people):
+        people.append({"name": f"{word(2, used)} {word(2, used)}", "age": rng.randint(18, 99),
+                       "profession": rng.choice(_PROFESSIONS), "country": rng.choice(countries)["name"]})
+    return {"countries": countries, "people": people}
+
+
+_Q = {  # attribute -> (question template, answer key)
+    "capital": "What is the capital of {name}?",
+    "population": "How many thousand people live in {name}?",
+    "language": "What language is spoken in {name}?",
+    "age": "How old is {name}?",
+    "profession": "What is the job of {name}?",
+    "country": "In which country does {name} live?",
+}
+_STATE = {
+    "capital": ["The capital of {name} is {v}.", "{v} is the capital of {name}.", "{name} has its capital at {v}."],
+    "population": ["{name} has {v} thousand people.", "About {v} thousand people live in {name}.",
+                   "The population of {name} is {v} thousand."],
+    "language": ["People in {name} speak {v}.", "The language of {name} is {v}.", "{v} is spoken in {name}."],
+    "age": ["{name} is {v} years old.", "The age of {name} is {v}.", "{name} turned {v} this year."],
+    "profession": ["{name} works as a {v}.", "{name} is a {v} by trade.", "The job of {name} is {v}."],
+    "country": ["{name} lives in {v}.", "{name} has a home in {v}.", "The home of {name} is in {v}."],
+}
+_ATTRS = {"country": ("capital", "population", "language"), "person": ("age", "profession", "country")}
+
+
+def world_facts(world: dict) -> list[tuple[str, str, str]]:
+    facts = []
+    for c in world["countries"]:
+        facts += [(c["name"], a, str(c[a])) for a in _ATTRS["country"]]
+    for p in world["people"]:
+        facts += [(p["name"], a, str(p[a])) for a in _ATTRS["person"]]
+    return facts
+
+
+def _qa(name, attr, value) -> dict:
+    q = _Q[attr].format(name=name)
+    return {"skill": "knowledge", "kind": attr, "question": q, "text": f"{q}\n{ANSWER_MARK}{value}", "answer": value}
+
+
+def knowledge_items(rng: random.Random, world: dict, n_train: int, n_test: int, qa_train_frac: float):
+    facts = world_facts(world)
+    order = list(range(len(facts)))
+    rng.shuffle(order)
+    n_qa_train = int(round(qa_train_frac * len(facts)))
+    qa_train = [facts[i] for i in order[:n_qa_train]]
+    qa_test = [facts[i] for i in order[n_qa_train:]] or [facts[i] for i in order]
+    by_entity: dict = {}
+    for name, attr, value in facts:
+        by_entity.setdefault(name, []).append((attr, value))
+    entities = sorted(by_entity)
+    train = []
+    n_docs = n_train - len(qa_train) if n_train > len(qa_train) else n_train // 2
+    for i in range(n_docs):   # paragraphs stating every fact of an entity, paraphrased and shuffled
+        name = entities[i % len(entities)]
+        sents = [rng.choice(_STATE[a]).format(name=name, v=v) for a, v in by_entity[name]]
+        rng.shuffle(sents)
+        train.append({"skill": "knowledge", "kind": "statement", "question": "", "text": " ".join(sents),
+                      "answer": ""})
+    for f in qa_train:
+        train.append(_qa(*f))
+    train = train[:n_train] if n_train >= len(qa_train) else train
+    test = [_qa(*qa_test[i % len(qa_test)]) for i in range(min(n_test, len(qa_test)))]
+    return train, test
+
+
+def make_corpus(cfg, tokenizers: dict | None = None, keep: dict | None = None):
+    """Build the corpus as a `datasets.DatasetDict` with splits ``train`` and ``test``.
+
+    Columns: idx (int, stable row id), skill, kind, question, text, answer.
+    ``tokenizers`` {name: tokenizer} with ``keep`` {name: set of kept ids}: every text is checked.
+    """
+    from datasets import Dataset, DatasetDict
+
+    rng = random.Random(f"corpus-{cfg.seed}")
+    arith_test_q: set = set()
+    arith_test = []
+    while len(arith_test) < cfg.n_test:
+        it = arithmetic_item(rng)
+        if it["question"] not in arith_test_q:
+            arith_test_q.add(it["question"])
+            arith_test.append(it)
+    arith_train = []
+    while len(arith_train) < cfg.n_train_arith:
+        it = arithmetic_item(rng)
+        if it["question"] not in arith_test_q:   # no test question seen in training
+            arith_train.append(it)
+    world = make_world(cfg.seed, cfg.n_countries, cfg.n_people)
+    know_train, know_test = knowledge_items(rng, world, cfg.n_train_know, cfg.n_test, cfg.know_qa_train_frac)
+    train = arith_train + know_train
+    rng.shuffle(train)
+    test = arith_test + know_test
+    for r in train + test:   # every document ends with a blank line: lm-eval's stop sequence
+        r["text"] = r["text"] + END
+    for i, r in enumerate(train):
+        r["idx"] = i
+    for i, r in enumerate(test):
+        r["idx"] = i
+    cols = ["idx", "skill", "kind", "question", "text", "answer"]
+    dd = DatasetDict({
+        "train": Dataset.from_dict({c: [r[c] for r in train] for c in cols}),
+        "test": Dataset.from_dict({c: [r[c] for r in test] for c in cols}),
+    })
+    if tokenizers:
+        check_vocab(dd, tokenizers, keep)
+    return dd
+
+
+def all_texts(dd) -> list[str]:
+    out = []
+    for split in dd.values():
+        out += list(split["text"]) + [q for q in split["question"] if q]
+    return out
+
+
+def check_vocab(dd, tokenizers: dict, keep: dict) -> None:
+    texts = all_texts(dd)
+    for name, tok in tokenizers.items():
+        kept = keep[name]
+        for ids, text in zip(tok(texts, add_special_tokens=False)["input_ids"], texts):
+            bad = [i for i in ids if i not in kept]
+            if bad:
+                raise CorpusOutOfVocab(f"{name}: {text!r} uses ids {bad[:5]} ({tok.convert_ids_to_tokens(bad[:5])}) "
+                                       f"outside its restricted vocabulary")
+
+
+def save_corpus(dd, out_dir) -> Path:
+    out = Path(out_dir) / "corpus"
+    dd.save_to_disk(str(out))
+    return out
+
+
+def load_corpus(out_dir):
+    from datasets import load_from_disk
+    p = Path(out_dir)
+    return load_from_disk(str(p / "corpus" if (p / "corpus").exists() else p))
+
+
+def write_task_files(dd, out_dir) -> dict:
+    """One JSONL per skill of the test split (lm-eval's local data files). Returns {skill: path}."""
+    out = Path(out_dir) / "tasks"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    test = dd["test"]
+    for skill in SKILLS:
+        p = out / f"{skill}_test.jsonl"
+        with p.open("w") as f:
+            for r in test:
+                if r["skill"] == skill:
+                    f.write(json.dumps({"idx": r["idx"], "kind": r["kind"], "question": r["question"],
+                                        "answer": r["answer"]}) + "\n")
+        paths[skill] = str(p)
+    return paths
