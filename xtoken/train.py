@@ -284,7 +284,7 @@ class TeacherCache:
                 raise ValueError(f"cache row {i} has {b - a} teacher tokens, the collator made {int(lengths[j])}: "
                                  "the cache was built for another dataset, tokenizer or max_length")
             block = self.data[a:b]
-            out[j, :b - a] = torch.from_numpy(np.asarray(block)) if isinstance(block, np.ndarray) else block
+            out[j, :b - a] = torch.from_numpy(np.array(block)) if isinstance(block, np.ndarray) else block
         return out
 
 

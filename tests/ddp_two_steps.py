@@ -1,0 +1,83 @@
+"""Two XTokenTrainer steps under DDP on the CPU (gloo); run by tests/test_train.py through torchrun.
+
+    torchrun --nproc_per_node 2 tests/ddp_two_steps.py OUT_DIR [LOSS]
+
+Each rank writes OUT_DIR/rank{r}.json with its losses and a checksum of the student's parameters
+after the two steps; the test checks the ranks agree (DDP averaged the gradients). Also holds the
+tiny real HF models the tests share (full real vocabularies, hidden size 32).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+TEXTS = [
+    "Tom has 123 apples and buys 45 more. 123 + 45 = 168. #### 168",
+    "A farm had 907 sheep; 88 were sold, so 907 - 88 = 819 remain. #### 819",
+    "Lisa reads 12 pages a day for 7 days: 12 * 7 = 84 pages.\n#### 84",
+    "The shop sold 250 pens and 3 boxes.  Then 250 + 3 = 253! #### 253",
+]
+
+
+def tiny_llama(vocab_size: int = 128256, hidden: int = 32, layers: int = 1, seed: int = 0):
+    """A random LlamaForCausalLM over the real Llama-3 vocabulary, hidden 32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=hidden // 2, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001)
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_qwen(vocab_size: int = 151936, hidden: int = 32, layers: int = 1, seed: int = 1):
+    """A random Qwen3ForCausalLM over the real Qwen3 vocabulary (padded to 151,936 logits), hidden 32."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=hidden // 2, tie_word_embeddings=True)
+    return Qwen3ForCausalLM(cfg)
+
+
+def dataset(n: int = 8):
+    from datasets import Dataset
+    texts = [TEXTS[i % len(TEXTS)] for i in range(n)]
+    return Dataset.from_dict({"text": texts, "idx": list(range(n))})
+
+
+def checksum(model) -> float:
+    return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
+
+
+def main(out_dir: str, loss: str = "p_kl") -> None:
+    torch.set_num_threads(1)
+    from xtoken import load_tokenizer
+    from xtoken.projection import build_projection
+    from xtoken.train import Teacher, XTokenConfig, XTokenTrainer
+
+    rank = int(os.environ.get("RANK", 0))
+    s_tok = load_tokenizer("meta-llama/Llama-3.2-1B")
+    student = tiny_llama()
+    if loss == "kl":
+        teacher = Teacher("llama", tiny_llama(seed=2), s_tok, "kl")
+    else:
+        t_tok = load_tokenizer("Qwen/Qwen3-4B")
+        teacher = Teacher("qwen", tiny_qwen(), t_tok, loss, projection=build_projection(s_tok, t_tok))
+    args = XTokenConfig(output_dir=out_dir, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                        logging_steps=1, use_cpu=True, ddp_backend="gloo", save_strategy="no",
+                        disable_tqdm=True, loss_curve=False, seed=0, max_length=64)
+    trainer = XTokenTrainer(model=student, args=args, teachers=[teacher], train_dataset=dataset(8),
+                            processing_class=s_tok)
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "world_size": trainer.args.world_size, "losses": losses,
+                   "checksum": checksum(trainer.model),
+                   "teacher_checksum": checksum(teacher.model)}, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,218 @@
+"""XTokenTrainer end to end on tiny real HF models (Llama student, Qwen3 / Llama teachers).
+
+The models keep the real full vocabularies (so real tokenizers and the real W apply unchanged)
+with hidden size 32 and one layer: a training step takes well under a second on one CPU thread.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddp_two_steps import checksum, dataset, tiny_llama, tiny_qwen
+from xtoken.train import DistillCollator, Teacher, TeacherCache, XTokenConfig, XTokenTrainer
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def W(llama, qwen):
+    from xtoken.projection import build_projection
+    return build_projection(llama, qwen)
+
+
+def config(tmp_path, **kw) -> XTokenConfig:
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                logging_steps=1, use_cpu=True, save_strategy="no", disable_tqdm=True, loss_curve=False, seed=0,
+                max_length=64)
+    base.update(kw)
+    return XTokenConfig(**base)
+
+
+def qwen_teacher(qwen, W, loss="p_kl", name="qwen", **kw) -> Teacher:
+    return Teacher(name, tiny_qwen(), qwen, loss, projection=None if loss == "kl" else W, **kw)
+
+
+def train(tmp_path, llama, teachers, n=8, **kw):
+    student = tiny_llama()
+    before = [p.detach().clone() for p in student.parameters()]
+    t_before = [checksum(t.model) for t in teachers]
+    trainer = XTokenTrainer(model=student, args=config(tmp_path, **kw), teachers=teachers,
+                            train_dataset=dataset(n), processing_class=llama)
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    changed = any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    t_after = [checksum(t.model) for t in teachers]
+    return trainer, logs, changed, t_before == t_after
+
+
+# ---- the collator -------------------------------------------------------------------------------
+
+def test_collator_labels_and_same_text(llama, qwen, W):
+    teacher = qwen_teacher(qwen, W)
+    col = DistillCollator(llama, [teacher], max_length=12)
+    rows = [dataset(4)[0], {"text": "Add 12 and 999.", "idx": 7}, dataset(4)[2]]
+    batch = col(rows)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape[1] <= 12
+    assert torch.equal(labels[mask == 1], ids[mask == 1]) and (labels[mask == 0] == -100).all()
+    assert (mask == 0).any(), "rows of different lengths must be padded"
+    entry = batch["teachers"]["qwen"]
+    assert len(entry["alignments"]) == 3
+    for b in range(3):
+        s = llama.decode(ids[b][mask[b] == 1], skip_special_tokens=True)
+        t = qwen.decode(entry["input_ids"][b][entry["attention_mask"][b] == 1], skip_special_tokens=True)
+        assert s == t, "the teacher must see exactly the student's (truncated) text"
+        assert len(entry["alignments"][b]) > 0
+    assert batch["idx"].tolist() == [0, 7, 2]
+
+
+# ---- training steps -----------------------------------------------------------------------------
+
+def test_ce_only(tmp_path, llama):
+    _, logs, changed, _ = train(tmp_path, llama, [])
+    assert changed and len(logs) == 2
+    assert all(math.isfinite(r["loss"]) and r["loss"] == pytest.approx(r["ce"]) for r in logs)
+    assert "kd" not in logs[0]
+
+
+@pytest.mark.parametrize("loss", ["kl", "gold", "p_kl", "h_kl", "uld"])
+def test_two_steps_each_loss(tmp_path, llama, qwen, W, loss):
+    if loss == "kl":   # same-tokenizer teacher
+        teacher = Teacher("llama3b", tiny_llama(seed=3), llama, "kl")
+    else:
+        teacher = qwen_teacher(qwen, W, loss)
+    _, logs, changed, teacher_same = train(tmp_path, llama, [teacher])
+    assert changed, "the student must be updated"
+    assert teacher_same, "the teacher must stay frozen"
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    for r in logs:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["kd"]) and r["kd"] >= 0
+        assert f"kd_{teacher.name}" in r
+    # dynamic scaling (default): KD is rescaled to CE's value, so loss = CE + CE
+    assert logs[0]["loss"] == pytest.approx(2 * logs[0]["ce"], rel=1e-4)
+
+
+def test_static_weights(tmp_path, llama):
+    teacher = Teacher("llama3b", tiny_llama(seed=3), llama, "kl")
+    _, logs, _, _ = train(tmp_path, llama, [teacher], dynamic_kd_scale=False, kd_weight=0.5, ce_weight=2.0)
+    r = logs[0]
+    assert "kd_scale" not in r
+    assert r["loss"] == pytest.approx(2.0 * r["ce"] + 0.5 * r["kd"], rel=1e-4)
+
+
+def test_multi_teacher_kl_plus_pkl(tmp_path, llama, qwen, W):
+    teachers = [Teacher("llama3b", tiny_llama(seed=3), llama, "kl", weight=0.5),
+                qwen_teacher(qwen, W, "p_kl", weight=0.5)]
+    _, logs, changed, teacher_same = train(tmp_path, llama, teachers, dynamic_kd_scale=False)
+    assert changed and teacher_same
+    r = logs[0]
+    assert r["kd"] == pytest.approx(0.5 * r["kd_llama3b"] + 0.5 * r["kd_qwen"], rel=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["ce", "entropy", "max_prob"])
+def test_adaptive_weights_run(tmp_path, llama, qwen, W, scheme):
+    teachers = [Teacher("llama3b", tiny_llama(seed=3), llama, "kl"), qwen_teacher(qwen, W, "p_kl")]
+    _, logs, changed, _ = train(tmp_path, llama, teachers, max_steps=1, teacher_weighting=scheme)
+    assert changed and math.isfinite(logs[0]["loss"])
+
+
+def test_same_seed_same_losses(tmp_path, llama, qwen, W):
+    runs = [train(tmp_path / str(i), llama, [qwen_teacher(qwen, W)])[1] for i in range(2)]
+    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
+
+
+def test_loss_curve_png(tmp_path, llama):
+    trainer, _, _, _ = train(tmp_path, llama, [], loss_curve=True)
+    png = Path(trainer.args.output_dir) / "loss_curve.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_config():
+    with pytest.raises(ValueError):
+        XTokenConfig(output_dir="x", teacher_weighting="softmax")
+    with pytest.raises(ValueError):
+        Teacher("t", None, None, "p_kl")   # cross-tokenizer loss without W
+
+
+# ---- teacher cache ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["kl", "p_kl"])
+def test_cache_matches_live(tmp_path, llama, qwen, W, loss):
+    teacher = (Teacher("llama3b", tiny_llama(seed=3), llama, "kl") if loss == "kl"
+               else qwen_teacher(qwen, W, loss))
+    ds = dataset(6)
+    live_col = DistillCollator(llama, [teacher], max_length=64)
+    cache = TeacherCache.build(teacher, ds, live_col, batch_size=4, path=tmp_path / "cache.npy")
+    assert len(cache) == 6 and cache.vocab_size == teacher.model.config.vocab_size
+    cached = Teacher(teacher.name, teacher.model, teacher.tokenizer, teacher.loss, teacher.projection,
+                     cache=TeacherCache.load(tmp_path / "cache.npy"))
+    trainer = XTokenTrainer(model=tiny_llama(), args=config(tmp_path, dynamic_kd_scale=False),
+                            teachers=[teacher], train_dataset=ds, processing_class=llama)
+    rows = [ds[i] for i in (5, 0, 3)]
+    with torch.no_grad():
+        live = trainer.compute_loss(trainer.model, live_col(rows))
+        batch = DistillCollator(llama, [cached], max_length=64)(rows)
+        assert batch["teachers"][teacher.name]["logprobs"].dtype == torch.float16
+        trainer.teachers = [cached]
+        from_cache = trainer.compute_loss(trainer.model, batch)
+    kd_live, kd_cache = trainer._metrics["kd"]
+    assert kd_live > 0
+    assert kd_cache == pytest.approx(kd_live, rel=2e-3, abs=1e-4)
+    assert float(from_cache) == pytest.approx(float(live), rel=2e-3)
+
+
+def test_cache_refuses_other_tokenization(tmp_path, llama):
+    teacher = Teacher("llama3b", tiny_llama(seed=3), llama, "kl")
+    ds = dataset(4)
+    cache = TeacherCache.build(teacher, ds, DistillCollator(llama, [teacher], max_length=64))
+    teacher.cache = cache
+    with pytest.raises(ValueError, match="cache row"):
+        DistillCollator(llama, [teacher], max_length=8)([ds[0]])
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def test_resume_gives_same_next_loss(tmp_path, llama, qwen, W):
+    def run(out, max_steps, resume=None):
+        teacher = qwen_teacher(qwen, W)
+        trainer = XTokenTrainer(model=tiny_llama(), args=config(out, max_steps=max_steps, save_strategy="steps",
+                                                                 save_steps=2),
+                                teachers=[teacher], train_dataset=dataset(8), processing_class=llama)
+        trainer.train(resume_from_checkpoint=resume)
+        return {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}
+
+    full = run(tmp_path / "a", 3)
+    run(tmp_path / "b", 2)
+    ckpt = tmp_path / "b" / "out" / "checkpoint-2"
+    from safetensors import safe_open
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and set(keys) <= set(tiny_llama().state_dict()), "only the student is saved"
+    resumed = run(tmp_path / "b", 3, resume=str(ckpt))
+    assert resumed[3] == pytest.approx(full[3], rel=1e-5)
+
+
+# ---- DDP ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ddp_two_ranks_agree(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ddp_two_steps.py"), str(tmp_path), "p_kl"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)
+    assert ranks[0]["checksum"] != pytest.approx(checksum(tiny_llama()), rel=1e-9), "DDP must train"
+    assert ranks[0]["teacher_checksum"] == pytest.approx(checksum(tiny_qwen()), rel=1e-12)
+    assert all(math.isfinite(x) for r in ranks for x in r["losses"])
