@@ -16,7 +16,6 @@ Special tokens have no bytes; they match by role (bos, end_of_text, end_of_turn,
 """
 from __future__ import annotations
 
-import json
 import re
 from functools import lru_cache
 
@@ -43,10 +42,14 @@ def _byte_decoder() -> dict[str, int]:
     return {c: b for b, c in _bytes_to_unicode().items()}
 
 
+def _component_json(component) -> str:
+    return component.__getstate__().decode() if component is not None else ""
+
+
 def vocab_kind(tok) -> str:
     """'byte_level' (GPT-2 byte map), 'sentencepiece' ('▁' spaces, <0xHH> bytes) or 'text'."""
-    cfg = json.loads(tok.backend_tokenizer.to_str())
-    dec = json.dumps(cfg.get("decoder")) + json.dumps(cfg.get("pre_tokenizer"))
+    backend = tok.backend_tokenizer
+    dec = _component_json(backend.decoder) + _component_json(backend.pre_tokenizer)
     if "ByteLevel" in dec:
         return "byte_level"
     if "Metaspace" in dec or "ByteFallback" in dec or "\u2581" in dec:
@@ -63,26 +66,46 @@ def _special_ids(tok) -> set[int]:
 
 
 def token_bytes(tok) -> list[bytes | None]:
-    """Raw bytes of every id in ``range(len(tok))``-ish id space; None for special tokens and holes.
+    """Raw bytes of every id; None for special tokens and for unused ids (holes).
 
-    The list is indexed by id and has ``max_id + 1`` entries.
+    The list is indexed by id and has ``max_id + 1`` entries. Memoized on the tokenizer object
+    (tokenizers are treated as immutable once loaded).
     """
+    cached = getattr(tok, "_xtoken_token_bytes", None)
+    if cached is not None:
+        return cached
+    out = _token_bytes(tok)
+    try:
+        tok._xtoken_token_bytes = out
+    except AttributeError:  # pragma: no cover - exotic tokenizer classes
+        pass
+    return out
+
+
+@lru_cache(maxsize=1)
+def _byte_level_table() -> dict[int, int]:
+    """str.translate table: GPT-2 byte-map character -> the latin-1 character of its byte."""
+    return {ord(c): b for c, b in _byte_decoder().items()}
+
+
+def _token_bytes(tok) -> list[bytes | None]:
     vocab = tok.get_vocab()
     size = max(vocab.values()) + 1
     out: list[bytes | None] = [None] * size
     specials = _special_ids(tok)
     kind = vocab_kind(tok)
     added = {i: a.content for i, a in tok.added_tokens_decoder.items()}
-    bdec = _byte_decoder()
+    table = _byte_level_table()
     for piece, i in vocab.items():
         if i in specials:
             continue
         if i in added:                      # added, non-special tokens (Qwen's <think>): literal text
             out[i] = added[i].encode("utf-8")
         elif kind == "byte_level":
+            mapped = piece.translate(table)
             try:
-                out[i] = bytes(bdec[c] for c in piece)
-            except KeyError:                # a non-byte-map entry (rare): take it as text
+                out[i] = mapped.encode("latin-1")
+            except UnicodeEncodeError:      # a non-byte-map entry (rare): take it as text
                 out[i] = piece.encode("utf-8")
         elif kind == "sentencepiece":
             m = _BYTE_FALLBACK.match(piece)

@@ -283,12 +283,19 @@ def _not_found_message(name: str, offline: bool, err: Exception | None = None) -
 
 
 def tokenizer_fingerprint(tok) -> str:
-    """A short hash of a tokenizer's id -> token table (what W's rows and columns mean)."""
-    vocab = tok.get_vocab()
-    h = hashlib.sha256()
-    for token, i in sorted(vocab.items(), key=lambda kv: kv[1]):
-        h.update(f"{i}\t{token}\n".encode("utf-8", "surrogatepass"))
-    return h.hexdigest()[:16]
+    """A short hash of a tokenizer's id -> token table (what W's rows and columns mean).
+
+    Memoized on the tokenizer object (tokenizers are treated as immutable once loaded)."""
+    cached = getattr(tok, "_xtoken_fingerprint", None)
+    if cached is not None:
+        return cached
+    by_id = sorted((i, token) for token, i in tok.get_vocab().items())
+    digest = hashlib.sha256("\n".join(f"{i}\t{t}" for i, t in by_id).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    try:
+        tok._xtoken_fingerprint = digest
+    except AttributeError:  # pragma: no cover
+        pass
+    return digest
 
 
 def model_vocab_size(tok) -> int:
