@@ -1,0 +1,34 @@
+# Two entry points (see README): `make reproduce` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# notebooks whose committed outputs are re-executed and compared by nbval in `make test`
+NBVAL_NOTEBOOKS := notebooks/01_projection_matrix.ipynb notebooks/02_numeral_audit.ipynb
+
+.PHONY: setup reproduce smoke test notebooks-check bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## the embedded default reproduction: notebooks 01-05 at mini scale, results/ regenerated
+reproduce: $(STAMP)
+	$(BIN)/python -m xtoken reproduce --scale mini
+
+smoke: $(STAMP)
+	$(BIN)/python -m xtoken reproduce --scale smoke
+
+## unit tests + notebook regression (nbval on the committed notebooks)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests $(NBVAL_NOTEBOOKS) --nbval --nbval-sanitize-with notebooks/nbval_sanitize.cfg
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs
