@@ -1,0 +1,310 @@
+"""Losses (xtoken.losses): brute force on a tiny vocabulary, gradcheck, Proposition 1, real W, TRL parity."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from xtoken.align import Alignment, align
+from xtoken.losses import (_prepared, dynamic_kd_scale, gold_loss, h_kl_loss, hybrid_divergence, kl_loss,
+                           p_kl_divergence, p_kl_loss, project_to_teacher, uld_loss)
+from xtoken.projection import EMPTY, EXACT, MULTI, Projection, build_projection
+
+# ---- a tiny W: student a, b, ab, c, <empty>; teacher a, b, c, d ---------------------------------
+G = 0.1
+W_AB = tuple(float(np.float32(x)) for x in (0.9 / 0.99, 0.09 / 0.99))   # 'ab' -> 'a','b' (W stores float32)
+
+
+def tiny_projection():
+    idx = torch.tensor([[0, -1], [1, -1], [0, 1], [2, -1], [-1, -1]])
+    w = torch.tensor([[1.0, 0], [1.0, 0], [W_AB[0], W_AB[1]], [1.0, 0], [0, 0]])
+    kind = torch.tensor([EXACT, EXACT, MULTI, EXACT, EMPTY], dtype=torch.uint8)
+    return Projection(idx, w, kind, 4, {"beta": 0.9, "gamma": G})
+
+
+W_DENSE = np.zeros((5, 4))
+W_DENSE[0, 0] = W_DENSE[1, 1] = W_DENSE[3, 2] = 1
+W_DENSE[2, 0], W_DENSE[2, 1] = W_AB
+
+
+def manual_alignment(s_ids, t_ids, s_spans, t_spans):
+    """An Alignment built by hand: positions not in a span are unpaired."""
+    s_cov = {p for a, b in s_spans for p in range(a, b)}
+    t_cov = {p for a, b in t_spans for p in range(a, b)}
+    return Alignment(np.array(s_spans, dtype=np.int64), np.array(t_spans, dtype=np.int64),
+                     np.array([p for p in range(len(s_ids)) if p not in s_cov], dtype=np.int64),
+                     np.array([p for p in range(len(t_ids)) if p not in t_cov], dtype=np.int64),
+                     np.array(s_ids), np.array(t_ids), (0, len(s_ids)), (0, len(t_ids)),
+                     np.zeros(len(s_spans), dtype=bool))
+
+
+# chunks of length 1-3 on each side; position 0 unpaired (no predicting logit)
+S_IDS, T_IDS = [4, 2, 3, 0, 1, 3, 0], [3, 0, 1, 2, 0, 1, 2, 1]
+S_SPANS, T_SPANS = [(1, 2), (2, 4), (4, 7)], [(1, 3), (3, 5), (5, 8)]
+
+
+def tiny_inputs(dtype=torch.float64, seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(batch, len(S_IDS), 5 + 1, generator=g, dtype=dtype)      # one padded column
+    t = torch.randn(batch, len(T_IDS), 4 + 2, generator=g, dtype=dtype)      # two padded columns
+    aligns = [manual_alignment(S_IDS, T_IDS, S_SPANS, T_SPANS)] * batch
+    return s, t, aligns
+
+
+def softmax(x, T):
+    e = np.exp(x / T - (x / T).max())
+    return e / e.sum()
+
+
+def brute_chunks(s, t, T, merge):
+    """Chunk distributions by explicit loops over the definitions (C1), (C2)."""
+    out = []
+    for b in range(s.shape[0]):
+        for (a, e), (c, d) in zip(S_SPANS, T_SPANS):
+            p = [softmax(s[b, j - 1, :5], T) for j in range(a, e)]
+            q_s = p[0] * np.prod([p[i][S_IDS[a + i]] for i in range(1, e - a)])
+            pt = [softmax(t[b, j - 1, :4], T) for j in range(c, d)]
+            if merge == "w":
+                om = np.array([0.9 * G ** i for i in range(d - c)])
+                q_t = sum(w * x for w, x in zip(om / om.sum(), pt))
+            else:   # chain
+                q_t = pt[0] * np.prod([pt[i][T_IDS[c + i]] for i in range(1, d - c)])
+            out.append((q_s, q_t))
+    return out
+
+
+def gen_kl(q, r):
+    """(D), with the documented clamp of zero right-hand entries at EPS = 1e-12."""
+    return sum(qi * math.log(qi / max(ri, 1e-12)) for qi, ri in zip(q, r) if qi > 0) - sum(q) + sum(r)
+
+
+def brute_l1(a, b):
+    a, b = sorted(a, reverse=True), sorted(b, reverse=True)
+    n = max(len(a), len(b))
+    a, b = a + [0] * (n - len(a)), b + [0] * (n - len(b))
+    return sum(abs(x - y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_p_kl_brute_force(T, direction):
+    s, t, aligns = tiny_inputs()
+    loss, m = p_kl_loss(s, t, aligns, tiny_projection(), temperature=T, direction=direction,
+                        student_vocab_size=5, teacher_vocab_size=4)
+    ref = []
+    for q_s, q_t in brute_chunks(s.numpy(), t.numpy(), T, "w"):
+        r = q_s @ W_DENSE
+        ref.append(gen_kl(q_t, r) if direction == "forward" else gen_kl(r, q_t))
+    assert loss.item() == pytest.approx(np.mean(ref), rel=1e-10)
+    assert m["n_chunks"] == 6
+    empty = np.mean([q_s[4] for q_s, _ in brute_chunks(s.numpy(), t.numpy(), T, "w")])
+    assert m["mass_lost_empty_rows"] == pytest.approx(empty, rel=1e-10)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_gold_and_h_kl_brute_force(direction):
+    s, t, aligns = tiny_inputs(seed=1)
+    kw = dict(temperature=1.5, direction=direction, student_vocab_size=5, teacher_vocab_size=4)
+    gold, _ = gold_loss(s, t, aligns, tiny_projection(), **kw)
+    hkl, _ = h_kl_loss(s, t, aligns, tiny_projection(), **kw)
+    ref_gold, ref_hkl = [], []
+
+    def kl_terms(pairs):
+        if direction == "forward":
+            return sum(x * math.log(x / y) for x, y in pairs)
+        return sum(y * math.log(y / x) for x, y in pairs)
+
+    for q_s, q_t in brute_chunks(s.numpy(), t.numpy(), 1.5, "chain"):
+        # GOLD: C = {(a,a), (b,b), (c,c)}; uncommon student {ab, <empty>}, teacher {d}
+        ref_gold.append(kl_terms([(q_t[0], q_s[0]), (q_t[1], q_s[1]), (q_t[2], q_s[3])])
+                        + brute_l1([q_s[2], q_s[4]], [q_t[3]]))
+        # H-KL: 'a' and 'ab' share top-1 'a' -> group sum; uncommon student {<empty>}, teacher {d}
+        ref_hkl.append(kl_terms([(q_t[0], q_s[0] + q_s[2]), (q_t[1], q_s[1]), (q_t[2], q_s[3])])
+                       + brute_l1([q_s[4]], [q_t[3]]))
+    assert gold.item() == pytest.approx(np.mean(ref_gold), rel=1e-10)
+    assert hkl.item() == pytest.approx(np.mean(ref_hkl), rel=1e-10)
+
+
+def test_uld_brute_force():
+    s, t, aligns = tiny_inputs(seed=2)
+    loss, _ = uld_loss(s, t, aligns, student_vocab_size=5, teacher_vocab_size=4)
+    ref = [brute_l1(list(q_s), list(q_t)) for q_s, q_t in brute_chunks(s.numpy(), t.numpy(), 1.0, "chain")]
+    assert loss.item() == pytest.approx(np.mean(ref), rel=1e-10)
+
+
+def test_kl_loss_brute_force_and_mask():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 3, 6, generator=g, dtype=torch.float64), torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    for direction in ("forward", "reverse"):
+        loss, m = kl_loss(s, t, mask, temperature=2.0, direction=direction, vocab_size=5)
+        ref = []
+        for b, p in mask.nonzero().tolist():
+            ps, pt = softmax(s[b, p, :5].numpy(), 2.0), softmax(t[b, p, :5].numpy(), 2.0)
+            ref.append(gen_kl(pt, ps) if direction == "forward" else gen_kl(ps, pt))
+        assert loss.item() == pytest.approx(np.mean(ref), rel=1e-10) and m["n_positions"] == 4
+
+
+def test_w_consistent_merge_gives_zero_for_perfect_pair():
+    """Student delta on 'ab' (2 teacher tokens 'a','b'), teacher deltas on 'a' then 'b': P-KL = 0.
+    Taking the teacher's first position only (merge='first') leaves a positive loss."""
+    s = torch.full((1, 3, 5), -60.0, dtype=torch.float64)
+    t = torch.full((1, 4, 4), -60.0, dtype=torch.float64)
+    s[0, 0, 2] = 0            # logit 0 predicts student token 1 = 'ab'
+    t[0, 0, 0] = 0            # teacher logit 0 predicts 'a', logit 1 predicts 'b'
+    t[0, 1, 1] = 0
+    a = manual_alignment([4, 2, 3], [3, 0, 1, 2], [(1, 2)], [(1, 3)])
+    loss, _ = p_kl_loss(s, t, [a], tiny_projection())
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
+    first, _ = p_kl_loss(s, t, [a], tiny_projection(), merge="first")
+    assert first.item() > 0.05
+
+
+@pytest.mark.parametrize("name", ["p_kl_w", "p_kl_chain", "p_kl_mean", "p_kl_rev", "gold", "gold_rev", "h_kl",
+                                  "h_kl_rev", "uld", "kl", "kl_rev"])
+def test_gradcheck(name):
+    s, t, aligns = tiny_inputs(batch=1, seed=4)
+    s.requires_grad_(True)
+    proj = tiny_projection()
+    kw = dict(temperature=1.3, chunk_size=2)        # several blocks: the eager per-block gradient path
+    other = s.detach().clone()                      # gradcheck perturbs s in place: the teacher must not alias it
+    fns = {
+        "p_kl_w": lambda x: p_kl_loss(x, t, aligns, proj, **kw)[0],
+        "p_kl_chain": lambda x: p_kl_loss(x, t, aligns, proj, merge="chain", **kw)[0],
+        "p_kl_mean": lambda x: p_kl_loss(x, t, aligns, proj, merge="mean", **kw)[0],
+        "p_kl_rev": lambda x: p_kl_loss(x, t, aligns, proj, direction="reverse", **kw)[0],
+        "gold": lambda x: gold_loss(x, t, aligns, proj, **kw)[0],
+        "gold_rev": lambda x: gold_loss(x, t, aligns, proj, direction="reverse", **kw)[0],
+        "h_kl": lambda x: h_kl_loss(x, t, aligns, proj, **kw)[0],
+        "h_kl_rev": lambda x: h_kl_loss(x, t, aligns, proj, direction="reverse", **kw)[0],
+        "uld": lambda x: uld_loss(x, t, aligns, **kw)[0],
+        "kl": lambda x: kl_loss(x, other[:, :, [1, 0, 2, 3, 5, 4]] * 0.7, temperature=1.3, chunk_size=3)[0],
+        "kl_rev": lambda x: kl_loss(x, other * 0.5, direction="reverse", chunk_size=3)[0],
+    }
+    assert torch.autograd.gradcheck(fns[name], (s,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_blocks_do_not_change_value_or_gradient():
+    s, t, aligns = tiny_inputs(batch=3, seed=5)
+    outs = []
+    for cs in (1, 4, 1000):
+        x = s.clone().requires_grad_(True)
+        loss, _ = p_kl_loss(x, t, aligns, tiny_projection(), chunk_size=cs)
+        loss.backward()
+        outs.append((loss.item(), x.grad.clone()))
+    for v, g in outs[1:]:
+        assert v == pytest.approx(outs[0][0], rel=1e-12) and torch.allclose(g, outs[0][1])
+
+
+def test_dynamic_kd_scale():
+    ce = torch.tensor(2.0, requires_grad=True)
+    kd = torch.tensor(0.05, requires_grad=True)
+    out = dynamic_kd_scale(ce, kd)
+    out.backward()
+    assert out.item() == pytest.approx(2.0) and ce.grad is None and kd.grad.item() == pytest.approx(40.0)
+
+
+# ---- real W ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def w_llama_qwen(llama, qwen):
+    return build_projection(llama, qwen)
+
+
+def test_projected_mass_is_one_minus_empty_rows(w_llama_qwen):
+    W = w_llama_qwen
+    p = torch.softmax(torch.randn(2, W.student_vocab_size, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    prep = _prepared(W, "pkl", W.student_vocab_size, W.teacher_vocab_size, "cpu")
+    r = project_to_teacher(p, prep["rows"], prep["cols"], prep["w"], W.teacher_vocab_size)
+    empty = p[:, W.row_kind == EMPTY].sum(-1)
+    assert (W.row_kind == EMPTY).any()
+    assert torch.allclose(r.sum(-1), 1 - empty, atol=1e-5)
+    assert (r >= 0).all()
+
+
+def _numeral_subset(llama, qwen, W):
+    lv, qv = llama.get_vocab(), qwen.get_vocab()
+    words = ["the", "Ġthe", "Ġcat", "+", "=", "Ġ"]
+    s_tokens = [str(i) for i in range(1000)] + words
+    t_tokens = [str(i) for i in range(10)] + words
+    s_ids = [lv[x] for x in s_tokens if x in lv]
+    t_ids = [qv[x] for x in t_tokens if x in qv]
+    return W.restrict(s_ids, t_ids), [x for x in s_tokens if x in lv], [x for x in t_tokens if x in qv]
+
+
+def test_proposition_1(llama, qwen, w_llama_qwen):
+    """GOLD's common term pushes every uncommon logit down by exactly p_S[j] M_C(T); P-KL does not."""
+    Wr, s_tok, t_tok = _numeral_subset(llama, qwen, w_llama_qwen)
+    v_s, v_t = Wr.student_vocab_size, Wr.teacher_vocab_size
+    assert v_s >= 1000 and v_t >= 10
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, v_s, generator=g, dtype=torch.float64, requires_grad=True)
+    t_logits = torch.randn(1, v_t, generator=g, dtype=torch.float64)
+    t_logits[0, t_tok.index("2")] += 4
+    t_logits[0, t_tok.index("0")] += 2
+    q_t = torch.softmax(t_logits, -1)
+
+    prep = _prepared(Wr, "gold", v_s, v_t, "cpu")
+    uncommon = prep["s_uncommon"]
+    multi_digit = torch.tensor([i for i, x in enumerate(s_tok) if x.isdigit() and len(x) > 1])
+    assert set(multi_digit.tolist()) <= set(uncommon.tolist())      # Table 8: no multi-digit numeral in C
+    d, *_ = hybrid_divergence(torch.log_softmax(z, -1), q_t, prep, uld_weight=0.0)
+    (grad,) = torch.autograd.grad(d.sum(), z)
+    p = torch.softmax(z, -1).detach()
+    m_c = q_t[0, prep["t_common"]].sum()
+    ratio = grad[0, uncommon] / (p[0, uncommon] * m_c)
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-10)
+    assert (grad[0, uncommon] > 0).all()
+
+    prep_p = _prepared(Wr, "pkl", v_s, v_t, "cpu")
+    d, *_ = p_kl_divergence(torch.log_softmax(z, -1), q_t, prep_p)
+    (grad,) = torch.autograd.grad(d.sum(), z)
+    pushed_up = grad[0, multi_digit] < 0
+    assert pushed_up.any() and not pushed_up.all()
+    assert grad[0, s_tok.index("20")] < 0          # '20' -> '2','0': the teacher's favourites
+
+
+def test_p_kl_with_real_alignment_and_padded_teacher_vocab(llama, qwen, w_llama_qwen):
+    """End to end on real tokenizers: Qwen's 267 padded logit columns carry no probability."""
+    text = "In 2024 we sold 1,234 apples."
+    s_ids, t_ids = llama(text)["input_ids"], qwen(text)["input_ids"]
+    a = align(s_ids, t_ids, llama, qwen)
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(1, len(s_ids), 128256, generator=g)
+    t = torch.randn(1, len(t_ids), 151936, generator=g)
+    base, m = p_kl_loss(s, t, [a], w_llama_qwen, teacher_vocab_size=len(qwen))
+    t[:, :, len(qwen):] = 1e4                  # padded columns: must be ignored
+    again, _ = p_kl_loss(s, t, [a], w_llama_qwen, teacher_vocab_size=len(qwen))
+    assert again.item() == pytest.approx(base.item(), rel=1e-6)
+    assert m["n_chunks"] == a.predictable.sum() and 0 < m["teacher_chunk_mass"] <= 1
+
+
+# ---- parity with TRL 1.16.0's GOLD hybrid loss ------------------------------------------------------
+
+def test_gold_matches_trl_on_one_to_one_alignment(llama, qwen, w_llama_qwen, tmp_path):
+    """Where the definitions agree (1:1 alignment, string-identical tokens, forward KL on the matched set
+    with full-softmax probabilities, unit weights, sorted L1 on the rest), the values agree."""
+    trl_gold = pytest.importorskip("trl.experimental.gold.gold_trainer")
+    from trl.experimental.gold.gold_config import GOLDConfig
+    text = "The cat sat on the mat and the dog ran in the park"
+    s_ids, t_ids = llama(text, add_special_tokens=False)["input_ids"], qwen(text)["input_ids"]
+    assert llama.convert_ids_to_tokens(s_ids) == qwen.convert_ids_to_tokens(t_ids)
+    cfg = GOLDConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", use_uld_loss=True,
+                     use_extended_uld=False, uld_use_hybrid_loss=True, uld_hybrid_matched_weight=1.0,
+                     uld_hybrid_unmatched_weight=1.0, beta=0.0, uld_token_merge_strategy="bayesian",
+                     uld_skip_student_eos=False, uld_skip_teacher_eos=False)
+    uld = trl_gold.ULDLoss(cfg, student_tokenizer=llama, teacher_tokenizer=qwen)
+    n = len(s_ids)
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(1, n, 128256, generator=g)
+    t = torch.randn(1, n, 151936, generator=g)
+    t[:, :, len(qwen):] = -float("inf")        # Qwen's padded columns
+    # specials: TRL matches by token string (Llama/Qwen specials differ), we by role; make them negligible
+    s[:, :, 128000:] = -40
+    t[:, :, 151643:len(qwen)] = -40
+    labels = torch.tensor([[-100] + s_ids[1:]])
+    ref = uld(s, t, labels, labels, torch.tensor([s_ids]), torch.tensor([t_ids]))
+    a = manual_alignment(s_ids, t_ids, [(i, i + 1) for i in range(n)], [(i, i + 1) for i in range(n)])
+    ours, m = gold_loss(s, t, [a], w_llama_qwen, teacher_vocab_size=len(qwen))
+    assert m["n_chunks"] == n - 1
+    assert ours.item() == pytest.approx(ref.item(), rel=2e-4)

@@ -1,0 +1,427 @@
+"""Distillation losses: same-tokenizer KL, ULD, GOLD (baseline), X-Token's P-KL and H-KL (Sec. 3.3-3.5).
+
+Plain tensors in, `(loss, metrics)` out. Every cross-tokenizer loss works on *chunk pairs* from
+`xtoken.align` (spans of both tokenizations that decode to the same bytes) and on chunk-level
+distributions built from the per-position distributions of the tokens in a chunk.
+
+Notation. Logit row p predicts token p+1 (`Alignment.token_table`). p_j is the softmax of the logits
+predicting token j, at temperature tau: p_j = softmax(z_{j-1} / tau). A chunk spans tokens a..b-1 on one
+side; n = b - a.
+
+Chunk-level distributions
+-------------------------
+chain rule along the observed path (student side; both sides of GOLD, H-KL and ULD):
+
+    q(v) = p_a(v) * prod_{j=a+1}^{b-1} p_j(y_j)                                          (C1)
+
+  the probability that the chunk starts with v and continues as observed. Its mass
+  m = prod_{j>a} p_j(y_j) <= 1 is kept, not renormalized: the loss sees the continuation
+  probability. Computed in log space: log q = log p_a + sum_j log p_j(y_j).
+
+W-consistent merge (teacher side of P-KL, the default):
+
+    q_T = sum_{i<n} omega_i p_T^{(i)},   omega_i = beta gamma^i / sum_{i'<n} beta gamma^{i'}     (C2)
+
+  with W's own decay (beta, gamma) = (0.9, 0.1) from `Projection.meta`. W spreads a student token
+  over its teacher spelling with exactly these weights, so a perfect pair (student delta on '201',
+  teacher deltas on '2', '0', '1') has q_T = W^T q_S and zero loss. Taking the teacher's first
+  position only (merge="first") makes the optimum favour repeated-digit tokens: '999' puts all
+  its projected mass on '9' (0.9 + 0.09 + 0.009), so it best matches a teacher sure of '9'; a
+  trial here measured 65% of P-KL answers being such tokens.
+
+  merge="mean" is the official code's mean-pooling, log q_T = (1/n) sum_i log p_T^{(i)}, given for
+  comparison only: averaged log-probabilities exponentiate to an unnormalized vector with no
+  probabilistic meaning (its mass is not the probability of anything, and it can be far below 1
+  even when every position is confident), so it is not the default. merge="chain" applies (C1).
+
+Divergences
+-----------
+On sub-distributions (mass <= 1) the generalized KL
+
+    D(q || r) = sum_v q(v) log(q(v) / r(v)) - sum_v q(v) + sum_v r(v)                      (D)
+
+is non-negative and zero iff q = r. direction="forward" is D(teacher || student), "reverse" is
+D(student || teacher). Zero-probability entries on the right are clamped at `EPS` (their
+term is then constant, with zero gradient); `metrics` reports the teacher mass concerned.
+
+Losses (each returns the mean over predictable chunk pairs of the batch):
+
+  P-KL (X-Token eq. for P-KL)   D(q_T || W^T q_S), no partition. (W^T q)[t] = sum_s W[s,t] q[s] is a
+                                gather-scatter over W's sparse rows, never a dense V_S x V_T matrix.
+  GOLD (baseline)               C = strict 1-to-1 pairs (`Projection.exact_pairs`);
+                                common term  sum_{(s,t) in C} q_T[t] (log q_T[t] - log q_S[s]) with
+                                q_S from the full softmax (no renormalization on C);
+                                + ULD on the rest: sorted L1 between the uncommon student and uncommon
+                                teacher probabilities, each sorted descending, zero-padded.
+  H-KL                          the same with C = {(s, top1(s))}: every non-empty student row is paired
+                                with its largest W entry. Several student tokens can share a teacher
+                                id t ('2', '20', '201' all have top-1 '2' under Qwen); the teacher mass
+                                q_T[t] is then compared with the group's summed student mass
+                                g[t] = sum_{s: top1(s)=t} q_S[s]:   q_T[t] log(q_T[t] / g[t]).
+                                This equals splitting q_T[t] among the group in proportion to the
+                                student's own probabilities (sum_s q_T[t] (q_S[s]/g) log(q_T[t] (q_S[s]/g) / q_S[s])),
+                                so the student is free to choose how the group shares the mass.
+  ULD                           sorted L1 between the full chunk distributions.
+  KL (same tokenizer)           D(p_T || p_S) per position, positions 1:1.
+
+Proposition 1 (GOLD's blind spot): the common term's gradient on an uncommon student logit j is
+p_S[j] * M_C(T) >= 0, M_C(T) = sum_{t in C} q_T[t]; uncommon tokens (Llama's multi-digit numerals
+under Qwen) are always pushed down. P-KL has no such sign constraint (tests/test_losses.py).
+
+Temperature divides every logit on every path. No tau^2 factor is applied.
+
+Memory: chunks are processed in blocks of `chunk_size`; each block's loss is differentiated at once
+(`torch.autograd.grad`) and its gradient written into one buffer shaped like the student logits, so
+peak extra memory is one block's work, whatever the batch size. log_softmax runs in the logits' dtype
+on a block's rows; padded vocabulary columns (Qwen3: 151,669 tokens, 151,936 logits) are sliced off,
+i.e. have zero probability.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["kl_loss", "uld_loss", "gold_loss", "p_kl_loss", "h_kl_loss", "dynamic_kd_scale",
+           "chain_rule_log_q", "teacher_merge", "project_to_teacher", "generalized_kl", "sorted_l1",
+           "p_kl_divergence", "hybrid_divergence", "EPS"]
+
+EPS = 1e-12
+
+
+# ---- chunk-level distributions ------------------------------------------------------------------
+
+def chain_rule_log_q(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, offset: torch.Tensor,
+                     n_chunks: int) -> torch.Tensor:
+    """(C1) in log space. logp [n_tokens, V] per token of the chunks (chunk-major order);
+    chunk/ids/offset [n_tokens]. Returns log q [n_chunks, V]."""
+    first = logp[offset == 0]                                             # log p_a(v)
+    later = offset > 0
+    cont = logp[later].gather(1, ids[later].unsqueeze(1)).squeeze(1)      # log p_j(y_j), j > a
+    log_mass = torch.zeros(n_chunks, dtype=logp.dtype, device=logp.device).index_add(0, chunk[later], cont)
+    return first + log_mass.unsqueeze(1)
+
+
+def teacher_merge(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, offset: torch.Tensor,
+                  n_chunks: int, merge: str = "w", gamma: float = 0.1) -> torch.Tensor:
+    """Teacher chunk distribution q_T [n_chunks, V] (not log): merge = "w" (C2), "chain" (C1),
+    "first" (first position only), "mean" (official mean-pooling of log-probs)."""
+    if merge == "chain":
+        return chain_rule_log_q(logp, chunk, ids, offset, n_chunks).exp()
+    if merge == "first":
+        return logp[offset == 0].exp()
+    lens = torch.zeros(n_chunks, dtype=torch.long, device=logp.device).index_add(0, chunk, torch.ones_like(chunk))
+    n = lens[chunk].to(logp.dtype)
+    if merge == "mean":
+        mean = torch.zeros(n_chunks, logp.shape[1], dtype=logp.dtype, device=logp.device)
+        return mean.index_add(0, chunk, logp / n.unsqueeze(1)).exp()
+    if merge != "w":
+        raise ValueError(f"merge must be 'w', 'chain', 'first' or 'mean', not {merge!r}")
+    # omega_i = gamma^i / sum_{i<n} gamma^i  (beta cancels)
+    omega = gamma ** offset.to(logp.dtype) * (1 - gamma) / (1 - gamma ** n)
+    q = torch.zeros(n_chunks, logp.shape[1], dtype=logp.dtype, device=logp.device)
+    return q.index_add(0, chunk, logp.exp() * omega.unsqueeze(1))
+
+
+def project_to_teacher(q_s: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor,
+                       teacher_width: int) -> torch.Tensor:
+    """(W^T q)[t] = sum_s W[s, t] q[s] for each row of q_s [n, V_S]: gather q at W's non-zero entries
+    (rows, cols, w: flat, from `_prepared`) and scatter-add into teacher columns. No dense W."""
+    out = torch.zeros(q_s.shape[0], teacher_width, dtype=q_s.dtype, device=q_s.device)
+    return out.index_add(1, cols, q_s[:, rows] * w.to(q_s.dtype))
+
+
+def generalized_kl(q: torch.Tensor, r: torch.Tensor, log_q: torch.Tensor | None = None,
+                   log_r: torch.Tensor | None = None) -> torch.Tensor:
+    """(D) per row: sum q log(q/r) - sum q + sum r; 0 log 0 = 0; r clamped at EPS under the log."""
+    log_q = torch.log(q.clamp_min(EPS)) if log_q is None else log_q
+    log_r = torch.log(r.clamp_min(EPS)) if log_r is None else log_r
+    term = torch.where(q > 0, q * (log_q - log_r), torch.zeros_like(q))
+    return term.sum(-1) - q.sum(-1) + r.sum(-1)
+
+
+def sorted_l1(a: torch.Tensor, b: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
+    """ULD: sum_i |a_(i) - b_(i)| per row, both sorted descending and zero-padded to one length.
+
+    top_k: compare only the k largest of each side, plus |remaining mass of a - remaining mass of b|
+    (a lower bound on the exact value, equal to it when one side's tail is zero or the tails are
+    ordered entry by entry). None: exact, full sort.
+    """
+    k_max = max(a.shape[-1], b.shape[-1])
+    if top_k is None or top_k >= min(a.shape[-1], b.shape[-1]):
+        sa = a.sort(-1, descending=True).values
+        sb = b.sort(-1, descending=True).values
+        sa = F.pad(sa, (0, k_max - sa.shape[-1]))
+        sb = F.pad(sb, (0, k_max - sb.shape[-1]))
+        return (sa - sb).abs().sum(-1)
+    ta = a.topk(top_k, -1).values
+    tb = b.topk(top_k, -1).values
+    rest = (a.sum(-1) - ta.sum(-1)) - (b.sum(-1) - tb.sum(-1))
+    return (ta - tb).abs().sum(-1) + rest.abs()
+
+
+def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direction: str = "forward"):
+    """P-KL per chunk: D(q_T || W^T q_S) (forward) or D(W^T q_S || q_T) (reverse); also returns r = W^T q_S."""
+    q_s = log_q_s.exp()
+    r = project_to_teacher(q_s, prep["rows"], prep["cols"], prep["w"], q_t.shape[1])
+    d = generalized_kl(q_t, r) if direction == "forward" else generalized_kl(r, q_t)
+    return d, r, q_s
+
+
+def hybrid_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direction: str = "forward",
+                      common_weight: float = 1.0, uld_weight: float = 1.0, uld_top_k: int | None = None):
+    """GOLD / H-KL per chunk: common-set KL + ULD sorted L1 on the uncommon rest.
+
+    prep: from `_prepared` with the pairing (strict for GOLD, top-1 for H-KL)."""
+    q_s = log_q_s.exp()
+    s_c, t_c, group = prep["s_common"], prep["t_common"], prep["group"]
+    q_t_c = q_t[:, t_c]                                                   # teacher mass on C, per teacher id
+    if prep["singleton"]:                                                 # strict 1-to-1: exact logs
+        log_g = log_q_s[:, s_c[prep["group_first"]]]
+        g = log_g.exp()
+    else:                                                                 # shared teacher ids: summed group mass
+        g = torch.zeros_like(q_t_c).index_add(1, group, q_s[:, s_c])
+        log_g = torch.log(g.clamp_min(EPS))
+    if direction == "forward":
+        common = generalized_kl(q_t_c, g, log_r=log_g) + q_t_c.sum(-1) - g.sum(-1)   # plain KL terms on C
+    else:
+        common = generalized_kl(g, q_t_c, log_q=log_g) + g.sum(-1) - q_t_c.sum(-1)
+    uld = sorted_l1(q_s[:, prep["s_uncommon"]], q_t[:, prep["t_uncommon"]], uld_top_k)
+    return common_weight * common + uld_weight * uld, q_s, g, q_t_c
+
+
+# ---- W preparation (cached per Projection object) -----------------------------------------------
+
+_PREP: dict = {}
+
+
+def _prepared(proj, kind: str, student_width: int, teacher_width: int, device) -> dict:
+    """Flat non-zero entries of W and the common-set pairing, restricted to the real vocab columns."""
+    key = (id(proj), kind, student_width, teacher_width, str(device))
+    hit = _PREP.get(key)
+    if hit is not None and hit[0] is proj:
+        return hit[1]
+    idx, w = proj.indices[:student_width], proj.weights[:student_width]
+    keep = (idx >= 0) & (idx < teacher_width) & (w > 0)
+    rows = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)[keep]
+    prep = {"rows": rows.to(device), "cols": idx[keep].to(device), "w": w[keep].to(device)}
+    from .projection import EMPTY
+    image = torch.zeros(teacher_width, dtype=torch.bool)
+    image[prep["cols"].cpu()] = True
+    prep["image"] = image.to(device)                                      # teacher ids some student row reaches
+    prep["empty"] = (proj.row_kind[:student_width] == EMPTY).nonzero().squeeze(1).to(device)
+    if kind in ("gold", "hkl"):
+        pair = proj.exact_pairs() if kind == "gold" else proj.top1()
+        pair = pair[:student_width]
+        pair = torch.where(pair < teacher_width, pair, torch.full_like(pair, -1))
+        s_common = (pair >= 0).nonzero().squeeze(1)
+        t_ids, group = torch.unique(pair[s_common], return_inverse=True)   # group: s -> index into t_common
+        first = torch.full((len(t_ids),), -1, dtype=torch.long)
+        first.scatter_reduce_(0, group, torch.arange(len(s_common)), reduce="amin", include_self=False)
+        t_mask = torch.ones(teacher_width, dtype=torch.bool)
+        t_mask[t_ids] = False
+        prep.update(s_common=s_common.to(device), t_common=t_ids.to(device), group=group.to(device),
+                    group_first=first.to(device), singleton=len(t_ids) == len(s_common),
+                    s_uncommon=(pair < 0).nonzero().squeeze(1).to(device),
+                    t_uncommon=t_mask.nonzero().squeeze(1).to(device), pair=pair.to(device))
+    _PREP[key] = (proj, prep)
+    return prep
+
+
+# ---- batching: chunk tables, blocks, eager per-block gradients ----------------------------------
+
+def _chunk_plan(alignments, device):
+    """Flat token tables over the predictable chunks of all rows: student and teacher sides."""
+    sides = {}
+    for side in ("student", "teacher"):
+        parts, base = [], 0
+        for b, a in enumerate(alignments):
+            chunk, pos, ids, off = a.token_table(side)
+            parts.append((np.full(len(pos), b), pos, ids, off, chunk + base))
+            base += int(a.predictable.sum())
+        cat = [np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, dtype=np.int64) for i in range(5)]
+        sides[side] = [torch.as_tensor(x.astype(np.int64), device=device) for x in cat]
+    return sides, base
+
+
+def _block(table, lo: int, hi: int):
+    """Token rows of chunks [lo, hi) (tables are chunk-major, so a contiguous slice)."""
+    batch, pos, ids, off, chunk = table
+    i, j = torch.searchsorted(chunk, torch.tensor([lo, hi], device=chunk.device)).tolist()
+    return batch[i:j], pos[i:j], ids[i:j], off[i:j], chunk[i:j] - lo
+
+
+class _EagerBlockGrad(torch.autograd.Function):
+    """Returns a loss computed block by block whose gradient w.r.t. the student logits was already
+    accumulated during the forward pass (each block differentiated and freed at once)."""
+
+    @staticmethod
+    def forward(ctx, student_logits, total, grad):
+        ctx.save_for_backward(grad)
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None
+
+
+def _run_blocks(student_logits, n_items: int, chunk_size: int, block_fn):
+    """Sum over blocks of block_fn(lo, hi, leaf) -> (loss_sum, rows_index, leaf); gradient buffered."""
+    needs_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    grad = torch.zeros_like(student_logits) if needs_grad else torch.zeros(0, dtype=student_logits.dtype)
+    total = torch.zeros((), dtype=torch.float64)
+    for lo in range(0, n_items, chunk_size):
+        hi = min(lo + chunk_size, n_items)
+        with torch.enable_grad():
+            loss_sum, (b, p), leaf = block_fn(lo, hi, needs_grad)
+            if needs_grad and loss_sum.requires_grad:
+                (g,) = torch.autograd.grad(loss_sum, leaf)
+                grad.index_put_((b, p), g.to(grad.dtype), accumulate=True)
+        total += loss_sum.detach().double().cpu()
+    total = total.to(student_logits.dtype)
+    if needs_grad:
+        return _EagerBlockGrad.apply(student_logits, total, grad)
+    return total
+
+
+def _rows(logits, b, p, width: int, temperature: float, grad: bool):
+    """A block's logit rows, padded columns sliced off, as a fresh leaf; and their log-softmax."""
+    leaf = logits.detach()[b, p]
+    if grad:
+        leaf.requires_grad_(True)
+    return leaf, torch.log_softmax(leaf[:, :width] / temperature, dim=-1)
+
+
+def _mean(total, n):
+    return total / max(n, 1)
+
+
+# ---- the losses ---------------------------------------------------------------------------------
+
+def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projection=None, *, temperature=1.0,
+                     direction="forward", merge=None, chunk_size=64, student_vocab_size=None,
+                     teacher_vocab_size=None, student_id_map=None, teacher_id_map=None, common_weight=1.0,
+                     uld_weight=1.0, uld_top_k=None):
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be 'forward' or 'reverse', not {direction!r}")
+    device = student_logits.device
+    v_s = student_vocab_size or student_logits.shape[-1]
+    v_t = teacher_vocab_size or teacher_logits.shape[-1]
+    if projection is not None:
+        v_s = min(v_s, projection.student_vocab_size)
+        v_t = min(v_t, projection.teacher_vocab_size)
+        prep = _prepared(projection, kind, v_s, v_t, device)
+        gamma = float(projection.meta.get("gamma", 0.1))
+    else:
+        prep, gamma = None, 0.1
+    merge = merge or ("w" if kind == "pkl" else "chain")
+    sides, n_chunks = _chunk_plan(alignments, device)
+    s_map = None if student_id_map is None else torch.as_tensor(student_id_map, device=device)
+    t_map = None if teacher_id_map is None else torch.as_tensor(teacher_id_map, device=device)
+    stats = {"teacher_common_mass": 0.0, "student_common_mass": 0.0, "top1_agreement": 0.0,
+             "mass_lost_empty_rows": 0.0, "student_chunk_mass": 0.0, "teacher_chunk_mass": 0.0}
+
+    def block_fn(lo, hi, grad):
+        n = hi - lo
+        sb, sp, sid, soff, sch = _block(sides["student"], lo, hi)
+        tb, tp, tid, toff, tch = _block(sides["teacher"], lo, hi)
+        sid = sid if s_map is None else s_map[sid]
+        tid = tid if t_map is None else t_map[tid]
+        leaf, logp_s = _rows(student_logits, sb, sp, v_s, temperature, grad)
+        with torch.no_grad():
+            logp_t = torch.log_softmax(teacher_logits.detach()[tb, tp][:, :v_t] / temperature, dim=-1)
+            q_t = teacher_merge(logp_t, tch, tid, toff, n, merge, gamma)
+        log_q_s = chain_rule_log_q(logp_s, sch, sid, soff, n)
+        if kind == "pkl":
+            d, r, q_s = p_kl_divergence(log_q_s, q_t, prep, direction)
+            with torch.no_grad():
+                stats["mass_lost_empty_rows"] += q_s[:, prep["empty"]].sum().item()
+                stats["top1_agreement"] += (r.argmax(-1) == q_t.argmax(-1)).sum().item()
+                stats["student_common_mass"] += r.sum().item()           # mass W carries to the teacher side
+                stats["teacher_common_mass"] += q_t[:, prep["image"]].sum().item()   # teacher mass W can reach
+        elif kind in ("gold", "hkl"):
+            d, q_s, g, q_t_c = hybrid_divergence(log_q_s, q_t, prep, direction, common_weight, uld_weight, uld_top_k)
+            with torch.no_grad():
+                stats["teacher_common_mass"] += q_t_c.sum().item()
+                stats["student_common_mass"] += g.sum().item()
+                stats["mass_lost_empty_rows"] += q_s[:, prep["empty"]].sum().item()
+                stats["top1_agreement"] += (prep["pair"][q_s.argmax(-1)] == q_t.argmax(-1)).sum().item()
+        else:                                                             # uld
+            q_s = log_q_s.exp()
+            d = sorted_l1(q_s, q_t, uld_top_k)
+        with torch.no_grad():
+            stats["student_chunk_mass"] += q_s.sum().item()
+            stats["teacher_chunk_mass"] += q_t.sum().item()
+        return d.sum(), (sb, sp), leaf
+
+    total = _run_blocks(student_logits, n_chunks, chunk_size, block_fn)
+    metrics = {k: v / max(n_chunks, 1) for k, v in stats.items()}
+    metrics.update(n_chunks=float(n_chunks),
+                   unpaired_student=float(sum(len(a.student_unpaired) for a in alignments)),
+                   unpaired_teacher=float(sum(len(a.teacher_unpaired) for a in alignments)))
+    loss = _mean(total, n_chunks)
+    metrics["loss"] = float(loss)
+    return loss, metrics
+
+
+def p_kl_loss(student_logits, teacher_logits, alignments, projection, **kw):
+    """P-KL: mean over chunk pairs of D(q_T || W^T q_S) (module docstring). kw: temperature, direction,
+    merge ("w" default, "chain", "first", "mean"), chunk_size, *_vocab_size, *_id_map."""
+    return _cross_tokenizer("pkl", student_logits, teacher_logits, alignments, projection, **kw)
+
+
+def gold_loss(student_logits, teacher_logits, alignments, projection, **kw):
+    """GOLD baseline: KL on strict 1-to-1 pairs + ULD sorted L1 on the rest. kw as p_kl_loss plus
+    common_weight, uld_weight, uld_top_k."""
+    return _cross_tokenizer("gold", student_logits, teacher_logits, alignments, projection, **kw)
+
+
+def h_kl_loss(student_logits, teacher_logits, alignments, projection, **kw):
+    """H-KL: GOLD's hybrid with C = {(s, top1_W(s))}; shared teacher ids compare group sums."""
+    return _cross_tokenizer("hkl", student_logits, teacher_logits, alignments, projection, **kw)
+
+
+def uld_loss(student_logits, teacher_logits, alignments, **kw):
+    """ULD: mean over chunk pairs of the sorted L1 between chain-rule chunk distributions."""
+    return _cross_tokenizer("uld", student_logits, teacher_logits, alignments, None, **kw)
+
+
+def kl_loss(student_logits, teacher_logits, mask=None, *, temperature=1.0, direction="forward",
+            chunk_size=256, vocab_size=None):
+    """Same tokenizer: mean over positions of KL(p_T || p_S) (forward) or KL(p_S || p_T) (reverse).
+
+    Logits [B, L, V'] on both sides, positions 1:1; mask [B, L] selects positions (default all);
+    columns beyond `vocab_size` (default: the narrower side) are padding.
+    """
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be 'forward' or 'reverse', not {direction!r}")
+    v = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
+    B, L = student_logits.shape[:2]
+    keep = torch.ones(B, L, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+    b_all, p_all = keep.nonzero(as_tuple=True)
+    b_all, p_all = b_all.to(student_logits.device), p_all.to(student_logits.device)
+    stats = {"top1_agreement": 0.0}
+
+    def block_fn(lo, hi, grad):
+        b, p = b_all[lo:hi], p_all[lo:hi]
+        leaf, logp_s = _rows(student_logits, b, p, v, temperature, grad)
+        with torch.no_grad():
+            logp_t = torch.log_softmax(teacher_logits.detach()[b, p][:, :v] / temperature, dim=-1)
+            stats["top1_agreement"] += (logp_s.argmax(-1) == logp_t.argmax(-1)).sum().item()
+        if direction == "forward":
+            d = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+        else:
+            d = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+        return d.sum(), (b, p), leaf
+
+    n = len(b_all)
+    loss = _mean(_run_blocks(student_logits, n, chunk_size, block_fn), n)
+    return loss, {"loss": float(loss), "n_positions": float(n), "top1_agreement": stats["top1_agreement"] / max(n, 1),
+                  "teacher_common_mass": 1.0, "student_common_mass": 1.0, "mass_lost_empty_rows": 0.0}
+
+
+def dynamic_kd_scale(ce: torch.Tensor, kd: torch.Tensor) -> torch.Tensor:
+    """KD rescaled to CE's magnitude: kd * stopgrad(ce / kd) (value equals ce; gradient is kd's,
+    scaled by ce/kd). Used as total = ce + dynamic_kd_scale(ce, kd)."""
+    return kd * (ce / kd.clamp_min(1e-12)).detach()
