@@ -361,7 +361,7 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
                    unpaired_student=float(sum(len(a.student_unpaired) for a in alignments)),
                    unpaired_teacher=float(sum(len(a.teacher_unpaired) for a in alignments)))
     loss = _mean(total, n_chunks)
-    metrics["loss"] = float(loss)
+    metrics["loss"] = float(loss.detach())
     return loss, metrics
 
 
@@ -417,7 +417,7 @@ def kl_loss(student_logits, teacher_logits, mask=None, *, temperature=1.0, direc
 
     n = len(b_all)
     loss = _mean(_run_blocks(student_logits, n, chunk_size, block_fn), n)
-    return loss, {"loss": float(loss), "n_positions": float(n), "top1_agreement": stats["top1_agreement"] / max(n, 1),
+    return loss, {"loss": float(loss.detach()), "n_positions": float(n), "top1_agreement": stats["top1_agreement"] / max(n, 1),
                   "teacher_common_mass": 1.0, "student_common_mass": 1.0, "mass_lost_empty_rows": 0.0}
 
 
