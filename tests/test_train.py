@@ -184,13 +184,13 @@ def test_resume_gives_same_next_loss(tmp_path, llama, qwen, W):
     def run(out, max_steps, resume=None):
         teacher = qwen_teacher(qwen, W)
         trainer = XTokenTrainer(model=tiny_llama(), args=config(out, max_steps=max_steps, save_strategy="steps",
-                                                                 save_steps=2),
+                                                                 save_steps=2, lr_scheduler_type="constant"),
                                 teachers=[teacher], train_dataset=dataset(8), processing_class=llama)
         trainer.train(resume_from_checkpoint=resume)
         return {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}
 
-    full = run(tmp_path / "a", 3)
-    run(tmp_path / "b", 2)
+    full = run(tmp_path / "a", 3)     # constant lr: the first 2 steps of both runs are the same
+    assert run(tmp_path / "b", 2)[2] == full[2]
     ckpt = tmp_path / "b" / "out" / "checkpoint-2"
     from safetensors import safe_open
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:

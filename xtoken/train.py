@@ -290,31 +290,32 @@ class TeacherCache:
 
 # ---- losses: the one dispatch -------------------------------------------------------------------
 
-def _kl(student_logits, teacher_logits, mask, temperature: float):
-    """Same-tokenizer KL(teacher || student) per position (temporary until xtoken.losses exists)."""
-    s = torch.log_softmax(student_logits.float() / temperature, -1)
-    t = torch.log_softmax(teacher_logits.float() / temperature, -1)
-    per_pos = (t.exp() * (t - s)).sum(-1)
-    m = mask.to(per_pos.dtype)
-    loss = (per_pos * m).sum() / m.sum().clamp(min=1) * temperature ** 2
-    top1 = ((s.argmax(-1) == t.argmax(-1)).float() * m).sum() / m.sum().clamp(min=1)
-    return loss, {"top1_agreement": top1.detach()}
-
-
 def teacher_kd_loss(teacher: Teacher, student_logits: torch.Tensor, student_mask: torch.Tensor,
                     teacher_logits: torch.Tensor, teacher_mask: torch.Tensor, alignments,
-                    temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """KD loss of one teacher on one batch; the only place that knows the losses' signatures.
+                    temperature: float = 1.0, chunk_size: int | None = None) -> tuple[torch.Tensor, dict]:
+    """KD loss of one teacher on one batch; the only place that knows `xtoken.losses`' signatures.
 
-    ``student_logits`` [B, L, V_S] with grad; ``teacher_logits`` [B, L_m, V_m] (logits or
-    log-probs, no grad). Returns (scalar loss, metrics dict of scalars).
+    ``student_logits`` [B, L, V_S] with grad; ``teacher_logits`` [B, L_m, V_m] (logits, or cached
+    log-probs: the same after log_softmax), no grad; ``alignments`` from the collator (None for kl).
+    Returns (scalar loss, metrics dict of floats).
     """
+    from . import losses
+
+    kw = {"temperature": temperature}
+    if chunk_size:
+        kw["chunk_size"] = chunk_size
     if teacher.loss == "kl":
         if teacher_logits.shape[1] != student_logits.shape[1]:
             raise ValueError(f"teacher {teacher.name!r} uses loss 'kl' but its sequence length differs from the "
                              "student's: 'kl' needs the student's tokenizer")
-        return _kl(student_logits, teacher_logits, student_mask.bool() & teacher_mask.bool(), temperature)
-    raise NotImplementedError(f"loss {teacher.loss!r} needs xtoken.losses")
+        mask = (student_mask.bool() & teacher_mask.bool()).to(student_logits.device)
+        return losses.kl_loss(student_logits, teacher_logits, mask, **kw)
+    if alignments is None:
+        raise ValueError(f"teacher {teacher.name!r}: loss {teacher.loss!r} needs chunk alignments from the collator")
+    if teacher.loss == "uld":
+        return losses.uld_loss(student_logits, teacher_logits, alignments, **kw)
+    fn = {"p_kl": losses.p_kl_loss, "h_kl": losses.h_kl_loss, "gold": losses.gold_loss}[teacher.loss]
+    return fn(student_logits, teacher_logits, alignments, teacher.projection, **kw)
 
 
 # ---- the trainer --------------------------------------------------------------------------------
@@ -412,7 +413,7 @@ class XTokenTrainer(Trainer):
                 t_logits = self._teacher_logits(t, entry)
                 kd_m, m_metrics = teacher_kd_loss(t, logits, inputs["attention_mask"], t_logits,
                                                   entry["attention_mask"], entry.get("alignments"),
-                                                  self.args.temperature)
+                                                  self.args.temperature, self.args.loss_chunk_size)
                 kd_terms.append(kd_m)
                 if self.args.teacher_weighting != "static":
                     stats[t.name] = self._teacher_stats(t_logits, entry["input_ids"], entry["attention_mask"])
@@ -423,12 +424,13 @@ class XTokenTrainer(Trainer):
             kd = sum(a * l for a, l in zip(alpha, kd_terms))
             metrics["kd"] = kd.detach()
             if self.args.dynamic_kd_scale:
-                scale = (ce.detach() / kd.detach().clamp(min=1e-8))
-                metrics["kd_scale"] = scale
-                kd = kd * scale
+                from .losses import dynamic_kd_scale
+                metrics["kd_scale"] = ce.detach() / kd.detach().clamp(min=1e-12)
+                kd = dynamic_kd_scale(ce, kd)
             loss = loss + self.args.kd_weight * kd
-        for k, v in metrics.items():
-            self._metrics[k].append(float(v))
+        if model.training:   # evaluation losses are not mixed into the training logs
+            for k, v in metrics.items():
+                self._metrics[k].append(float(v))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
