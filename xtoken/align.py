@@ -156,10 +156,7 @@ def _text_walk(s_bytes, s_ends, t_bytes, t_ends, window: int, agree_bytes: int):
     si = ti = 0          # next text token on each side; both sit at a token boundary
     sb = tb = 0          # their byte offsets
     while si < ns and ti < nt:
-        # length of the byte run on which both sides agree from (sb, tb)
-        n = min(len(s_bytes) - sb, len(t_bytes) - tb)
-        diff = np.flatnonzero(s_bytes[sb:sb + n] != t_bytes[tb:tb + n])
-        agree = int(diff[0]) if len(diff) else n
+        agree = _agreement(s_bytes, sb, t_bytes, tb)
         # token ends inside the agreed run, relative to its start; chunks close where both sides end
         s_hi = int(np.searchsorted(s_ends, sb + agree, side="right"))
         t_hi = int(np.searchsorted(t_ends, tb + agree, side="right"))
@@ -190,6 +187,20 @@ def _text_walk(s_bytes, s_ends, t_bytes, t_ends, window: int, agree_bytes: int):
     return cs, ct, np.concatenate(un_s).astype(np.int64), np.concatenate(un_t).astype(np.int64)
 
 
+def _agreement(s_bytes, sb, t_bytes, tb) -> int:
+    """Length of the byte run on which both sides agree from (sb, tb). Compares in doubling windows,
+    so finding a nearby mismatch costs O(distance), not O(rest of the sequence)."""
+    n = min(len(s_bytes) - sb, len(t_bytes) - tb)
+    lo, size = 0, 256
+    while lo < n:
+        hi = min(lo + size, n)
+        diff = np.flatnonzero(s_bytes[sb + lo:sb + hi] != t_bytes[tb + lo:tb + hi])
+        if len(diff):
+            return lo + int(diff[0])
+        lo, size = hi, size * 4
+    return n
+
+
 def _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes):
     """Nearest pair of token starts (i >= si, j >= ti, not both equal) after which the bytes agree.
 
@@ -199,10 +210,18 @@ def _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes):
     skip. None if no pair in
     the window qualifies.
     """
+    for w in sorted({min(4, window), window}):            # a small window first: most mismatches are local
+        found = _resync_in(s_bytes, s_begin, si, t_bytes, t_begin, ti, w, agree_bytes)
+        if found is not None:
+            return found
+    return None
+
+
+def _resync_in(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes):
     ci = np.arange(si, min(si + window + 1, len(s_begin)))
     cj = np.arange(ti, min(ti + window + 1, len(t_begin)))
-    s_first = np.diff(np.append(s_begin, len(s_bytes)))[ci]      # byte length of the token at i
-    t_first = np.diff(np.append(t_begin, len(t_bytes)))[cj]
+    s_first = np.append(s_begin[ci[1:]], s_begin[ci[-1] + 1] if ci[-1] + 1 < len(s_begin) else len(s_bytes)) - s_begin[ci]
+    t_first = np.append(t_begin[cj[1:]], t_begin[cj[-1] + 1] if cj[-1] + 1 < len(t_begin) else len(t_bytes)) - t_begin[cj]
 
     def windows(data, begins, pad):
         idx = np.minimum(begins[:, None] + np.arange(agree_bytes)[None, :], len(data) + agree_bytes - 1)
