@@ -117,11 +117,17 @@ def test_multi_teacher_kl_plus_pkl(tmp_path, llama, qwen, W):
     assert r["kd"] == pytest.approx(0.5 * r["kd_llama3b"] + 0.5 * r["kd_qwen"], rel=1e-4)
 
 
-@pytest.mark.parametrize("scheme", ["ce", "entropy", "max_prob"])
-def test_adaptive_weights_run(tmp_path, llama, qwen, W, scheme):
+@pytest.mark.parametrize("scheme,per", [("ce", "batch"), ("entropy", "sample"), ("max_prob", "batch")])
+def test_adaptive_weights(tmp_path, llama, qwen, W, scheme, per):
     teachers = [Teacher("llama3b", tiny_llama(seed=3), llama, "kl"), qwen_teacher(qwen, W, "p_kl")]
-    _, logs, changed, _ = train(tmp_path, llama, teachers, max_steps=1, teacher_weighting=scheme)
-    assert changed and math.isfinite(logs[0]["loss"])
+    _, logs, changed, _ = train(tmp_path, llama, teachers, max_steps=1, teacher_weighting=scheme,
+                                weighting_per=per, dynamic_kd_scale=False)
+    r = logs[0]
+    assert changed and math.isfinite(r["loss"])
+    a, b = r["alpha_llama3b"], r["alpha_qwen"]
+    assert a + b == pytest.approx(1.0, abs=1e-5) and 0 < a < 1
+    if per == "batch":   # one weight per teacher: KD is exactly their weighted sum
+        assert r["kd"] == pytest.approx(a * r["kd_llama3b"] + b * r["kd_qwen"], rel=1e-4)
 
 
 def test_same_seed_same_losses(tmp_path, llama, qwen, W):

@@ -383,45 +383,64 @@ class XTokenTrainer(Trainer):
                                             ignore_index=-100, reduction="sum")
         return total / n
 
-    def _teacher_stats(self, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict:
-        """Per-sample confidence of a teacher on its own tokens: CE, entropy, max prob ([B] each)."""
-        logp = torch.log_softmax(logits.float(), -1)[:, :-1]
-        m = (mask[:, 1:] * mask[:, :-1]).float()
-        n = m.sum(1).clamp(min=1)
-        ce = -(logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * m).sum(1) / n
-        ent = -(logp.exp() * logp).sum(-1)
-        return {"ce": ce, "entropy": (ent * m).sum(1) / n, "max_prob": (logp.max(-1).values.exp() * m).sum(1) / n}
+    def _kd_per_sample(self, teacher: Teacher, logits, mask, t_logits, entry) -> tuple[torch.Tensor, dict]:
+        """[B] KD losses, one per sample (for per-sample teacher weights): the dispatch on each row."""
+        alignments = entry.get("alignments")
+        rows, metrics = [], defaultdict(list)
+        for b in range(logits.shape[0]):
+            loss_b, m_b = teacher_kd_loss(teacher, logits[b:b + 1], mask[b:b + 1], t_logits[b:b + 1],
+                                          entry["attention_mask"][b:b + 1],
+                                          None if alignments is None else alignments[b:b + 1],
+                                          self.args.temperature, self.args.loss_chunk_size)
+            rows.append(loss_b)
+            for k, v in m_b.items():
+                metrics[k].append(float(v))
+        return torch.stack(rows), {k: float(np.mean(v)) for k, v in metrics.items()}
 
-    def _weights(self, stats: dict[str, dict]) -> torch.Tensor:
-        """alpha_m for each teacher: static (Teacher.weight) or confidence-adaptive."""
-        static = torch.tensor([t.weight for t in self.teachers], dtype=torch.float32)
-        if self.args.teacher_weighting == "static" or len(self.teachers) < 2:
-            return static
-        raise NotImplementedError("adaptive teacher weighting needs xtoken.multi_teacher")
+    def kd_loss(self, inputs: dict, logits: torch.Tensor, metrics: dict) -> torch.Tensor:
+        """sum_m alpha_m KD_m over the teachers (xtoken.multi_teacher), filling ``metrics``.
+
+        alpha: ``teacher_weighting="static"`` -> the Teacher.weight values normalized to sum 1; else
+        confidence-adaptive from each teacher's statistics on its own tokens (CE, entropy, max prob),
+        per batch, or per sample (``weighting_per="sample"``: each KD_m is then computed per sample).
+        """
+        from .multi_teacher import aggregate, teacher_stats, teacher_weights
+
+        scheme, per = self.args.teacher_weighting, self.args.weighting_per
+        per_sample = scheme != "static" and per == "sample"
+        kd_terms, stats = [], []
+        for t in self.teachers:
+            entry = inputs["teachers"][t.name]
+            t_logits = self._teacher_logits(t, entry)
+            if per_sample:
+                kd_m, m_metrics = self._kd_per_sample(t, logits, inputs["attention_mask"], t_logits, entry)
+            else:
+                kd_m, m_metrics = teacher_kd_loss(t, logits, inputs["attention_mask"], t_logits,
+                                                  entry["attention_mask"], entry.get("alignments"),
+                                                  self.args.temperature, self.args.loss_chunk_size)
+            kd_terms.append(kd_m)
+            if scheme != "static":
+                t_labels = entry["input_ids"].masked_fill(entry["attention_mask"] == 0, -100)
+                stats.append(teacher_stats(t_logits, t_labels, entry["attention_mask"]))
+            metrics[f"kd_{t.name}"] = kd_m.detach().mean()
+            metrics.update({f"{t.name}/{k}": v for k, v in m_metrics.items()})
+        if scheme == "static":
+            alpha = teacher_weights("static", alphas=[t.weight for t in self.teachers])
+        else:
+            alpha = teacher_weights(scheme, stats, per=per)
+            for t, a in zip(self.teachers, alpha):
+                metrics[f"alpha_{t.name}"] = a.mean()
+        return aggregate(kd_terms, alpha.to(logits.device))
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        """ce_weight * CE + kd_weight * (dynamic scale) * sum_m alpha_m KD_m, metrics logged."""
+        """ce_weight * CE + kd_weight * KD, KD rescaled to CE's value when dynamic_kd_scale; metrics logged."""
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         logits = outputs.logits
         ce = self._ce(logits, inputs["labels"])
         metrics = {"ce": ce.detach()}
         loss = self.args.ce_weight * ce
         if self.teachers:
-            kd_terms, stats = [], {}
-            for t in self.teachers:
-                entry = inputs["teachers"][t.name]
-                t_logits = self._teacher_logits(t, entry)
-                kd_m, m_metrics = teacher_kd_loss(t, logits, inputs["attention_mask"], t_logits,
-                                                  entry["attention_mask"], entry.get("alignments"),
-                                                  self.args.temperature, self.args.loss_chunk_size)
-                kd_terms.append(kd_m)
-                if self.args.teacher_weighting != "static":
-                    stats[t.name] = self._teacher_stats(t_logits, entry["input_ids"], entry["attention_mask"])
-                metrics[f"kd_{t.name}"] = kd_m.detach()
-                for k, v in m_metrics.items():
-                    metrics[f"{t.name}/{k}"] = v.detach() if torch.is_tensor(v) else v
-            alpha = self._weights(stats).to(ce.device)
-            kd = sum(a * l for a, l in zip(alpha, kd_terms))
+            kd = self.kd_loss(inputs, logits, metrics)
             metrics["kd"] = kd.detach()
             if self.args.dynamic_kd_scale:
                 from .losses import dynamic_kd_scale
