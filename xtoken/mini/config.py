@@ -60,6 +60,8 @@ class MiniConfig:
     student_batch: int = 16
     student_lr: float = 1e-3
     warmup_ratio: float = 0.05
+    kd_weight: float = 1.0             # loss = CE + kd_weight * KD (static; fixed before any KD result)
+    dynamic_kd_scale: bool = False     # the paper's KD*stopgrad(CE/KD); off: it swamped CE in REFERENCE §5
     teacher_mix: dict = field(default_factory=dict)   # teacher name -> {"arithmetic": w, "knowledge": w}
     # ---- grid --------------------------------------------------------------------------------
     seeds: tuple = (0, 1, 2)

@@ -246,7 +246,7 @@ def make_corpus(cfg, tokenizers: dict | None = None, keep: dict | None = None):
 def all_texts(dd) -> list[str]:
     out = []
     for split in dd.values():
-        out += list(split["text"]) + [q for q in split["question"] if q]
+        out += list(split["text"]) + [q + "\n" for q in split["question"] if q]   # prompts as lm-eval sends them
     return out
 
 

@@ -1,0 +1,119 @@
+"""The miniature: corpus determinism and Arrow round trip, restricted tokenizers, vocabulary check,
+and the smoke preset end to end (teacher training through XTokenTrainer + lm-eval)."""
+import hashlib
+import random
+
+import pyarrow as pa
+import pytest
+import torch
+
+from xtoken.mini.config import MiniConfig
+from xtoken.mini.corpus import CorpusOutOfVocab, check_vocab, load_corpus, make_corpus, save_corpus
+from xtoken.mini.models import keep_ids_for, numeral_strings, restrict_tokenizer
+
+
+def _table_hash(ds) -> str:
+    sink = pa.BufferOutputStream()
+    table = ds.data.table
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def smoke_corpus():
+    return make_corpus(MiniConfig.preset("smoke"))
+
+
+def test_corpus_deterministic(smoke_corpus):
+    again = make_corpus(MiniConfig.preset("smoke"))
+    other = make_corpus(MiniConfig.preset("smoke", seed=1))
+    for split in ("train", "test"):
+        assert _table_hash(smoke_corpus[split]) == _table_hash(again[split])
+        assert _table_hash(smoke_corpus[split]) != _table_hash(other[split])
+
+
+def test_corpus_shape(smoke_corpus):
+    cfg = MiniConfig.preset("smoke")
+    train, test = smoke_corpus["train"], smoke_corpus["test"]
+    assert list(train["idx"]) == list(range(len(train)))
+    assert set(train["skill"]) == {"arithmetic", "knowledge"}
+    for skill in ("arithmetic", "knowledge"):
+        rows = [r for r in test if r["skill"] == skill]
+        assert 0 < len(rows) <= cfg.n_test
+        for r in rows:   # the answer is the one after '#### ', and the prompt is the text's prefix
+            assert r["text"].startswith(r["question"] + "\n")
+            assert r["text"].rstrip("\n").endswith("#### " + r["answer"])
+    # no arithmetic test question appears in training
+    train_q = {q for q, s in zip(train["question"], train["skill"]) if s == "arithmetic"}
+    assert not train_q & {q for q, s in zip(test["question"], test["skill"]) if s == "arithmetic"}
+    # arithmetic answers are worked out correctly: the last '= N.' step (or the copied number) is N
+    for r in train:
+        if r["skill"] == "arithmetic" and r["kind"] in ("increment", "decrement", "count"):
+            last = [ln for ln in r["text"].splitlines() if "=" in ln][-1]
+            a, op, b, _, c = last.rstrip(".").split()
+            assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c) == int(r["answer"])
+
+
+def test_arrow_round_trip(smoke_corpus, tmp_path):
+    save_corpus(smoke_corpus, tmp_path)
+    back = load_corpus(tmp_path)
+    for split in ("train", "test"):
+        assert back[split].to_dict() == smoke_corpus[split].to_dict()
+        assert _table_hash(back[split]) == _table_hash(smoke_corpus[split])
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen", "phi"])
+def test_restricted_tokenizer_round_trip(name, request, smoke_corpus):
+    tok = request.getfixturevalue(name)
+    texts = list(smoke_corpus["train"]["text"])
+    keep = keep_ids_for(texts, tok)
+    local, l2f = restrict_tokenizer(tok, keep)
+    assert l2f.tolist() == keep and len(local) == len(tok)
+    probe = texts[:50] + numeral_strings()[::37] + ["Hello, world! 2024 and 99.5\n\n", "日本語 tab\tend"]
+    for x in probe:
+        full = tok(x).input_ids
+        loc = local(x).input_ids
+        assert len(loc) == len(full)
+        if all(i in set(keep) for i in full):
+            assert l2f[torch.tensor(loc)].tolist() == full
+            assert max(loc) < len(keep)
+        assert local.decode(loc) == tok.decode(full)
+    assert local.eos_token == tok.eos_token and local.bos_token == tok.bos_token
+    assert local.eos_token_id == keep.index(tok.eos_token_id)
+
+
+def test_restricted_tokenizer_shuffled_keep(llama):
+    keep = random.Random(0).sample(range(1000), 50) + [llama.bos_token_id, llama.eos_token_id]
+    local, l2f = restrict_tokenizer(llama, keep)
+    assert local.convert_ids_to_tokens(list(range(52))) == llama.convert_ids_to_tokens(keep)
+    with pytest.raises(ValueError):
+        restrict_tokenizer(llama, [1, 1])
+
+
+def test_corpus_within_kept_ids(smoke_corpus, llama, qwen, phi):
+    toks = {"llama": llama, "qwen3": qwen, "phi": phi}
+    train_texts = list(smoke_corpus["train"]["text"])
+    keep = {k: set(keep_ids_for(train_texts, t)) for k, t in toks.items()}
+    check_vocab(smoke_corpus, toks, keep)          # test split included: raises if a test word is unseen
+    bad = make_corpus(MiniConfig.preset("smoke"))
+    bad["train"] = bad["train"].add_item({"idx": -1, "skill": "knowledge", "kind": "x", "question": "",
+                                          "text": "Zyzzyva quokka", "answer": ""})
+    with pytest.raises(CorpusOutOfVocab):
+        check_vocab(bad, toks, keep)
+
+
+def test_smoke_teacher_trains_and_evaluates(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from xtoken.mini import experiment as E
+    cfg = MiniConfig.preset("smoke")
+    info = E.build_corpus(cfg, tmp_path)
+    assert info["vocab_sizes"]["qwen3"] < info["vocab_sizes"]["llama"]
+    df = E.train_teachers(cfg, tmp_path, names=["qwen3"], workers=1)
+    row = df.iloc[0]
+    assert row["teacher"] == "qwen3" and row["vocab"] == info["vocab_sizes"]["qwen3"]
+    for skill in ("arithmetic", "knowledge"):
+        assert 0.0 <= row[skill] <= 1.0
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "teachers" / "qwen3"))
+    assert type(model).__name__ == "Qwen3ForCausalLM"
+    assert model.get_output_embeddings().weight.shape[0] == info["vocab_sizes"]["qwen3"]

@@ -1,0 +1,476 @@
+"""The miniature experiment: every function the notebooks call (no logic lives in notebooks).
+
+    cfg = MiniConfig.preset("mini")
+    paths = build_corpus(cfg, out)                    # corpus (Arrow), lm-eval JSONL, restricted vocabularies
+    teachers = train_teachers(cfg, out)               # llama ("3B"), qwen3, phi: DataFrame of accuracies
+    base = train_base_student(cfg, out)               # the "no distillation" row
+    build_teacher_caches(cfg, out)                    # teacher log-probs over the training split, once
+    df = run_grid(cfg, SINGLE_TEACHER_SETTINGS, cfg.seeds, out)   # one row per (setting, seed)
+    results_table(df)                                 # mean and std over seeds
+    df2 = run_grid(cfg, multi_teacher_settings(), cfg.seeds, out) # multi-teacher: just more settings
+
+Every training run goes through `xtoken.train.XTokenTrainer` (teachers and the base student with no
+teachers = CE only). Every grid run starts from the same base checkpoint, with identical data,
+steps and seeds; runs are spread over ``cfg.workers`` processes with one torch thread each.
+Each run writes ``runs/<setting>/seed<k>/result.json`` (config, final losses, eval scores per
+skill, diagnostics, wall time).
+
+Diagnostics (the mechanism, Proposition 1):
+  numeral_mass   the student's probability mass on multi-digit numeral tokens at positions whose
+                 next token is a numeral, on a fixed probe batch, logged every ``cfg.diag_every`` steps
+  digit_split    the fraction of multi-digit numbers the student generates digit by digit
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import MiniConfig
+from .corpus import SKILLS, all_texts, load_corpus, make_corpus, save_corpus, write_task_files
+from .models import FAMILY_TOKENIZER, LocalVocab, build_model, keep_ids_for, load_model, save_model
+
+__all__ = ["build_corpus", "load_vocabs", "train_model", "train_teachers", "train_base_student",
+           "evaluate_model", "build_teacher_caches", "Setting", "SINGLE_TEACHER_SETTINGS",
+           "multi_teacher_settings", "run_grid", "run_single_teacher_grid", "results_table",
+           "numeral_mass", "digit_split_fraction", "NumeralMassCallback", "TEACHERS", "time_budget"]
+
+TEACHERS = ("llama", "qwen3", "phi")
+TEACHER_LABEL = {"llama": "Llama-3.2-3B (tiny)", "qwen3": "Qwen3-4B (tiny)", "phi": "Phi-4-mini (tiny)"}
+
+
+def _threads():
+    torch.set_num_threads(1)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# ---- corpus and vocabularies ---------------------------------------------------------------------
+
+def build_corpus(cfg: MiniConfig, out_dir) -> dict:
+    """Corpus -> ``out/corpus`` (Arrow), ``out/tasks/*.jsonl``, ``out/vocab/<family>/``, ``out/config.json``.
+
+    The restricted vocabularies are the ids of the *training* texts (+ numerals 0..999, specials); the
+    vocabulary check then covers the test split as well, so a test word unseen in training raises.
+    """
+    from xtoken import load_tokenizer
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dd = make_corpus(cfg)
+    train_texts = list(dd["train"]["text"])
+    full = {name: load_tokenizer(name) for name in ("llama", "qwen3", "phi")}
+    keep = {name: keep_ids_for(train_texts, tok) for name, tok in full.items()}
+    from .corpus import check_vocab
+    check_vocab(dd, full, {k: set(v) for k, v in keep.items()})
+    save_corpus(dd, out)
+    tasks = write_task_files(dd, out)
+    sizes = {}
+    for name, tok in full.items():
+        v = LocalVocab(name, tok, keep[name])
+        d = out / "vocab" / name
+        d.mkdir(parents=True, exist_ok=True)
+        v.tok.save_pretrained(str(d))
+        (d / "xtoken_vocab.json").write_text(json.dumps(v.to_json()))
+        sizes[name] = v.size
+    (out / "config.json").write_text(cfg.to_json())
+    return {"corpus": str(out / "corpus"), "tasks": tasks, "vocab_sizes": sizes,
+            "n_train": len(dd["train"]), "n_test": len(dd["test"])}
+
+
+def load_vocabs(out_dir) -> dict:
+    """{family: LocalVocab} rebuilt from ``out/vocab`` (full tokenizer + saved local_to_full)."""
+    from xtoken import load_tokenizer
+    out = {}
+    for name in ("llama", "qwen3", "phi"):
+        info = json.loads((Path(out_dir) / "vocab" / name / "xtoken_vocab.json").read_text())
+        out[name] = LocalVocab(name, load_tokenizer(name), info["local_to_full"])
+    return out
+
+
+def _mixed(dataset, mix: dict | None, seed: int):
+    """Rows of ``dataset`` kept per skill with probability mix[skill] (default: all)."""
+    if not mix:
+        return dataset
+    import random
+    rng = random.Random(seed)
+    keep = [i for i, s in enumerate(dataset["skill"]) if rng.random() < float(mix.get(s, 1.0))]
+    return dataset.select(keep)
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+def train_model(model, tok, dataset, out_dir, *, steps, batch, lr, seed, max_length, teachers=(),
+                warmup_ratio=0.05, callbacks=(), kd_weight=1.0, dynamic_kd_scale=False,
+                teacher_weighting="static", log_every=None) -> dict:
+    """Train ``model`` with `XTokenTrainer` for ``steps`` steps; returns log history and wall time."""
+    from xtoken.train import XTokenConfig, XTokenTrainer
+    _threads()
+    args = XTokenConfig(
+        output_dir=str(out_dir), max_steps=int(steps), per_device_train_batch_size=int(batch),
+        learning_rate=float(lr), lr_scheduler_type="cosine", warmup_steps=int(round(warmup_ratio * steps)), weight_decay=0.0,
+        seed=int(seed), data_seed=int(seed), save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+        logging_steps=log_every or max(1, steps // 10), disable_tqdm=True, loss_curve=False,
+        max_length=max_length, kd_weight=kd_weight, dynamic_kd_scale=dynamic_kd_scale,
+        teacher_weighting=teacher_weighting, report_to="none")
+    trainer = XTokenTrainer(model=model, args=args, teachers=list(teachers), train_dataset=dataset,
+                            processing_class=tok, callbacks=list(callbacks))
+    t0 = time.time()
+    trainer.train()
+    wall = time.time() - t0
+    hist = [r for r in trainer.state.log_history if "loss" in r]
+    return {"wall_s": wall, "log_history": hist, "final": hist[-1] if hist else {}}
+
+
+def evaluate_model(model_dir, out_dir, cfg: MiniConfig, limit=None) -> dict:
+    """lm-eval exact match per skill {skill: value} on the held-out test split."""
+    from xtoken.evaluate import evaluate
+    t0 = time.time()
+    df = evaluate(model_dir, [f"xtoken_mini_{s}" for s in SKILLS], data_dir=Path(out_dir) / "tasks",
+                  batch_size=cfg.eval_batch_size, max_gen_toks=cfg.max_gen_toks, limit=limit)
+    scores = {r.task.replace("xtoken_mini_", ""): r.value for r in df.itertuples()}
+    scores["eval_wall_s"] = time.time() - t0
+    return scores
+
+
+def _train_one_teacher(args):
+    cfg_d, out_dir, name = args
+    _threads()
+    cfg = MiniConfig.from_dict(cfg_d)
+    out = Path(out_dir)
+    vocab = load_vocabs(out)[FAMILY_TOKENIZER[name]]
+    ds = _mixed(load_corpus(out)["train"], cfg.teacher_mix.get(name), cfg.seed)
+    model = build_model(name, cfg.teacher_size(name), vocab.size, vocab.tok, seed=cfg.seed + 100)
+    d = out / "teachers" / name
+    info = train_model(model, vocab.tok, ds, d / "trainer", steps=cfg.teacher_steps, batch=cfg.teacher_batch,
+                       lr=cfg.teacher_lr, seed=cfg.seed, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio)
+    save_model(model, vocab, d, extra={"role": "teacher", "family": name})
+    scores = evaluate_model(d, out, cfg)
+    row = {"teacher": name, "label": TEACHER_LABEL[name], "params": sum(p.numel() for p in model.parameters()),
+           "vocab": vocab.size, **{s: scores[s] for s in SKILLS}, "train_wall_s": info["wall_s"],
+           "eval_wall_s": scores["eval_wall_s"], "final_loss": info["final"].get("loss")}
+    (d / "result.json").write_text(json.dumps(dict(row, log_history=info["log_history"]), indent=1))
+    return row
+
+
+def _pool_map(fn, jobs, workers):
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(j) for j in jobs]
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_threads) as pool:
+        return list(pool.imap(fn, jobs))
+
+
+def train_teachers(cfg: MiniConfig, out_dir, names=TEACHERS, workers=None):
+    """Train (CE only) and evaluate each teacher; DataFrame with per-skill exact match and wall time."""
+    import pandas as pd
+    rows = _pool_map(_train_one_teacher, [(cfg.to_dict(), str(out_dir), n) for n in names],
+                     workers or cfg.workers)
+    return pd.DataFrame(rows)
+
+
+def train_base_student(cfg: MiniConfig, out_dir) -> dict:
+    """The "no distillation" student: a short CE pre-training of the tiny Llama student; evaluated."""
+    _threads()
+    out = Path(out_dir)
+    vocab = load_vocabs(out)["llama"]
+    ds = load_corpus(out)["train"]
+    model = build_model("student", cfg.student, vocab.size, vocab.tok, seed=cfg.seed + 7)
+    d = out / "base_student"
+    info = train_model(model, vocab.tok, ds, d / "trainer", steps=cfg.base_steps, batch=cfg.student_batch,
+                       lr=cfg.base_lr, seed=cfg.seed, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio)
+    save_model(model, vocab, d, extra={"role": "base_student"})
+    scores = evaluate_model(d, out, cfg)
+    res = {"setting": "base", **{s: scores[s] for s in SKILLS}, "train_wall_s": info["wall_s"],
+           "eval_wall_s": scores["eval_wall_s"], "numeral_mass": numeral_mass(model, vocab.tok, _probe(out, cfg))}
+    (d / "result.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+# ---- diagnostics -------------------------------------------------------------------------------------
+
+def _probe(out_dir, cfg: MiniConfig, n: int = 64) -> list[str]:
+    """A fixed probe batch: the first ``n`` arithmetic test texts (full solutions)."""
+    test = load_corpus(out_dir)["test"]
+    return [t for t, s in zip(test["text"], test["skill"]) if s == "arithmetic"][:n]
+
+
+@torch.no_grad()
+def numeral_mass(model, tok, texts, vocab_size=None) -> float:
+    """Mean student probability mass on multi-digit numeral tokens at positions whose next token is a
+    numeral (Proposition 1: GOLD pushes this towards 0 when multi-digit numerals are uncommon)."""
+    v = vocab_size or model.get_output_embeddings().weight.shape[0]
+    strings = [tok.decode([i]) for i in range(v)]
+    is_num = torch.tensor([s.strip().isdigit() for s in strings])
+    is_multi = torch.tensor([s.strip().isdigit() and len(s.strip()) >= 2 for s in strings])
+    enc = tok(texts, return_tensors="pt", padding=True)
+    was = model.training
+    model.eval()
+    logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, :-1]
+    model.train(was)
+    nxt = enc.input_ids[:, 1:]
+    pos = is_num[nxt.clamp(max=v - 1)] & (enc.attention_mask[:, 1:] == 1)
+    p = torch.softmax(logits.float(), -1)
+    mass = (p * is_multi.to(p.dtype)).sum(-1)
+    return float(mass[pos].mean()) if pos.any() else float("nan")
+
+
+@torch.no_grad()
+def digit_split_fraction(model, tok, prompts, max_new_tokens=32, batch=32) -> dict:
+    """Generate greedily for ``prompts``; among generated numbers with >= 2 digits, the fraction
+    written with more tokens than digits-groups, i.e. digit by digit (e.g. '3','4','7')."""
+    v = model.get_output_embeddings().weight.shape[0]
+    strings = [tok.decode([i]) for i in range(v)]
+    digits = [s.strip() if s.strip().isdigit() and s == s.strip() else None for s in strings]
+    side = tok.padding_side
+    tok.padding_side = "left"
+    split = total = 0
+    model.eval()
+    try:
+        for a in range(0, len(prompts), batch):
+            enc = tok(prompts[a:a + batch], return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+            for row in out[:, enc.input_ids.shape[1]:].tolist():
+                run = []
+                for i in row + [-1]:
+                    d = digits[i] if 0 <= i < v else None
+                    if d is not None:
+                        run.append(d)
+                        continue
+                    if run and len("".join(run)) >= 2:
+                        total += 1
+                        split += len(run) > 1
+                    run = []
+    finally:
+        tok.padding_side = side
+    return {"digit_split": split / total if total else float("nan"), "numbers": total}
+
+
+def NumeralMassCallback(tok, texts, every: int):
+    """A TrainerCallback logging `numeral_mass` every ``every`` steps into ``self.history``."""
+    from transformers import TrainerCallback
+
+    class _CB(TrainerCallback):
+        def __init__(self):
+            self.history = []
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step % every == 0 or state.global_step == 1:
+                self.history.append((state.global_step, numeral_mass(model, tok, texts)))
+    return _CB()
+
+
+# ---- the grid ----------------------------------------------------------------------------------------
+
+@dataclass
+class Setting:
+    """One grid setting: a list of (teacher, loss, weight) and how the teachers' terms are weighted.
+
+    ``teachers=[]`` is CE only (continued pre-training). Same-tokenizer teachers (llama) use ``kl``;
+    cross-tokenizer ones ``gold`` | ``p_kl`` | ``h_kl`` | ``uld`` through the restricted W.
+    """
+    name: str
+    teachers: list = field(default_factory=list)     # [(teacher name, loss, weight), ...]
+    weighting: str = "static"                         # static | ce | entropy | max_prob
+    label: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "teachers": [list(t) for t in self.teachers], "weighting": self.weighting,
+                "label": self.label or self.name}
+
+    @classmethod
+    def from_dict(cls, d) -> "Setting":
+        return cls(d["name"], [tuple(t) for t in d["teachers"]], d.get("weighting", "static"), d.get("label", ""))
+
+
+SINGLE_TEACHER_SETTINGS = [
+    Setting("ce_only", [], label="continued pre-training, CE only"),
+    Setting("kd_llama", [("llama", "kl", 1.0)], label="same-tokenizer KD (Llama-3B)"),
+    Setting("gold_qwen3", [("qwen3", "gold", 1.0)], label="GOLD (Qwen3)"),
+    Setting("pkl_qwen3", [("qwen3", "p_kl", 1.0)], label="X-Token P-KL (Qwen3)"),
+    Setting("hkl_qwen3", [("qwen3", "h_kl", 1.0)], label="X-Token H-KL (Qwen3)"),
+    Setting("gold_phi", [("phi", "gold", 1.0)], label="GOLD (Phi-mini)"),
+    Setting("pkl_phi", [("phi", "p_kl", 1.0)], label="X-Token P-KL (Phi-mini)"),
+    Setting("hkl_phi", [("phi", "h_kl", 1.0)], label="X-Token H-KL (Phi-mini)"),
+]
+
+
+def multi_teacher_settings(weightings=("static", "ce", "entropy", "max_prob")) -> list:
+    """The multi-teacher grid: pairs of teachers x weighting schemes (static = 0.5 / 0.5).
+
+    Phi (H-KL) + Llama (KL) is the paper's best; Phi + Qwen3 (two reasoning-heavy teachers) the
+    paper's worse pair; Qwen3 (P-KL) + Llama (KL) completes the triangle; all three together last.
+    """
+    pairs = {
+        "phi_hkl+llama_kl": [("phi", "h_kl", 0.5), ("llama", "kl", 0.5)],
+        "phi_hkl+qwen3_pkl": [("phi", "h_kl", 0.5), ("qwen3", "p_kl", 0.5)],
+        "qwen3_pkl+llama_kl": [("qwen3", "p_kl", 0.5), ("llama", "kl", 0.5)],
+        "phi_hkl+qwen3_pkl+llama_kl": [("phi", "h_kl", 1 / 3), ("qwen3", "p_kl", 1 / 3), ("llama", "kl", 1 / 3)],
+        "phi_gold+qwen3_gold": [("phi", "gold", 0.5), ("qwen3", "gold", 0.5)],
+    }
+    return [Setting(f"{name}@{w}", teachers, weighting=w, label=f"{name} ({w} weights)")
+            for name, teachers in pairs.items() for w in weightings]
+
+
+def _projection_path(out_dir, teacher: str) -> Path:
+    return Path(out_dir) / "projections" / f"llama_to_{teacher}.safetensors"
+
+
+def build_teacher_caches(cfg: MiniConfig, out_dir, names=TEACHERS) -> dict:
+    """Once: the restricted W of each cross-tokenizer pair and each teacher's log-probs over the
+    training split (`xtoken.train.TeacherCache`, memory-mapped under ``out/cache``). Returns timings."""
+    from xtoken.projection import build_projection
+    from xtoken.train import DistillCollator, Teacher, TeacherCache
+    _threads()
+    out = Path(out_dir)
+    vocabs = load_vocabs(out)
+    ds = load_corpus(out)["train"]
+    student = vocabs["llama"]
+    timings = {}
+    for name in names:
+        t0 = time.time()
+        v = vocabs[FAMILY_TOKENIZER[name]]
+        if name != "llama":
+            p = _projection_path(out, name)
+            if not p.exists():
+                w = build_projection(student.full_tok, v.full_tok).restrict(student.local_to_full, v.local_to_full)
+                w.save(p)
+        model = load_model(out / "teachers" / name)[0]
+        teacher = Teacher(name, model, v.tok, loss="kl" if name == "llama" else "uld",
+                          projection=None if name == "llama" else _load_w(out, name))
+        (out / "cache").mkdir(parents=True, exist_ok=True)
+        TeacherCache.build(teacher, ds, DistillCollator(student.tok, [teacher], cfg.max_length),
+                           batch_size=64, path=out / "cache" / f"{name}.npy")
+        timings[name] = time.time() - t0
+    return timings
+
+
+def _load_w(out_dir, teacher):
+    from xtoken.projection import Projection
+    return Projection.load(_projection_path(out_dir, teacher))
+
+
+_WORKER: dict = {}
+
+
+def _worker_state(out_dir):
+    """Per-process cache of what every run reads (vocabularies, corpus, teachers, W, caches)."""
+    key = str(out_dir)
+    if _WORKER.get("key") != key:
+        from xtoken.train import TeacherCache
+        out = Path(out_dir)
+        vocabs = load_vocabs(out)
+        corpus = load_corpus(out)
+        teachers = {}
+        for name in TEACHERS:
+            d = out / "teachers" / name
+            if (d / "config.json").exists() and (out / "cache" / f"{name}.npy").exists():
+                teachers[name] = {"model": load_model(d)[0], "tok": vocabs[FAMILY_TOKENIZER[name]].tok,
+                                  "cache": TeacherCache.load(out / "cache" / f"{name}.npy"),
+                                  "w": _load_w(out, name) if name != "llama" else None}
+        _WORKER.clear()
+        _WORKER.update(key=key, vocabs=vocabs, corpus=corpus, teachers=teachers)
+    return _WORKER
+
+
+def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=True) -> dict:
+    """One grid run: base student -> ``cfg.student_steps`` steps of ``setting`` -> result.json."""
+    from xtoken.train import Teacher
+    _threads()
+    out = Path(out_dir)
+    st = _worker_state(out)
+    student = st["vocabs"]["llama"]
+    ds = st["corpus"]["train"]
+    model = load_model(out / "base_student")[0]
+    teachers = []
+    for name, loss, weight in setting.teachers:
+        t = st["teachers"][name]
+        teachers.append(Teacher(name, t["model"], t["tok"], loss=loss, projection=t["w"], weight=float(weight),
+                                cache=t["cache"]))
+    probe = _probe(out, cfg)
+    cb = NumeralMassCallback(student.tok, probe, cfg.diag_every)
+    d = out / "runs" / setting.name / f"seed{seed}"
+    t0 = time.time()
+    info = train_model(model, student.tok, ds, d / "trainer", steps=cfg.student_steps, batch=cfg.student_batch,
+                       lr=cfg.student_lr, seed=seed, max_length=cfg.max_length, teachers=teachers,
+                       warmup_ratio=cfg.warmup_ratio, callbacks=[cb], kd_weight=cfg.kd_weight,
+                       dynamic_kd_scale=cfg.dynamic_kd_scale, teacher_weighting=setting.weighting,
+                       log_every=cfg.diag_every)
+    train_wall = time.time() - t0
+    save_model(model, student, d, extra={"role": "student", "setting": setting.to_dict(), "seed": seed})
+    res = {"setting": setting.name, "label": setting.label or setting.name, "seed": seed,
+           "setting_spec": setting.to_dict(), "config": cfg.to_dict(),
+           "final": info["final"], "log_history": info["log_history"], "train_wall_s": train_wall,
+           "numeral_mass_history": cb.history, "numeral_mass": cb.history[-1][1] if cb.history else None}
+    prompts = [q + "\n" for q, s in zip(st["corpus"]["test"]["question"], st["corpus"]["test"]["skill"])
+               if s == "arithmetic"][:64]
+    res.update(digit_split_fraction(model, student.tok, prompts, max_new_tokens=cfg.max_gen_toks))
+    if evaluate:
+        res.update(evaluate_model(d, out, cfg))
+    res["wall_s"] = time.time() - t0
+    (d / "result.json").write_text(json.dumps(res, indent=1, default=float))
+    return res
+
+
+def _run_job(job):
+    cfg_d, out_dir, setting_d, seed = job
+    return run_one(MiniConfig.from_dict(cfg_d), out_dir, Setting.from_dict(setting_d), seed)
+
+
+def run_grid(cfg: MiniConfig, settings, seeds=None, out_dir=".", *, workers=None, skip_done=True):
+    """Every (setting, seed) from the same base checkpoint, spread over ``workers`` 1-thread processes.
+
+    Returns a DataFrame, one row per run (setting, label, seed, arithmetic, knowledge, numeral_mass,
+    digit_split, final ce / kd, wall times). Finished runs (result.json present) are read back.
+    """
+    import pandas as pd
+    seeds = list(cfg.seeds if seeds is None else seeds)
+    out = Path(out_dir)
+    jobs, done = [], []
+    for s in settings:
+        s = s if isinstance(s, Setting) else Setting.from_dict(s)
+        for seed in seeds:
+            f = out / "runs" / s.name / f"seed{seed}" / "result.json"
+            if skip_done and f.exists():
+                done.append(json.loads(f.read_text()))
+            else:
+                jobs.append((cfg.to_dict(), str(out), s.to_dict(), seed))
+    done += _pool_map(_run_job, jobs, workers or cfg.workers)
+    keep = ["setting", "label", "seed", "arithmetic", "knowledge", "numeral_mass", "digit_split",
+            "train_wall_s", "eval_wall_s", "wall_s"]
+    rows = []
+    for r in done:
+        row = {k: r.get(k) for k in keep}
+        row.update({f"final_{k}": v for k, v in r.get("final", {}).items()
+                    if k == "ce" or k.startswith("kd")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_single_teacher_grid(cfg: MiniConfig, settings=None, seeds=None, out_dir=".", **kw):
+    """The single-teacher table: CE-only, same-tokenizer KD, GOLD / P-KL / H-KL x (Qwen3, Phi)."""
+    return run_grid(cfg, settings or SINGLE_TEACHER_SETTINGS, seeds, out_dir, **kw)
+
+
+def results_table(df, metrics=("arithmetic", "knowledge", "numeral_mass", "digit_split")):
+    """Mean and std over seeds per setting (rows in the order settings first appear)."""
+    order = list(dict.fromkeys(df["setting"]))
+    g = df.groupby("setting")[list(metrics)].agg(["mean", "std"])
+    g["n_seeds"] = df.groupby("setting")["seed"].nunique()
+    return g.loc[order]
+
+
+def time_budget(cfg: MiniConfig, *, teacher_s: float, base_s: float, cache_s: float, run_s: float,
+                n_runs: int, corpus_s: float = 25.0) -> dict:
+    """Projected wall time of a reproduction from measured per-item times (seconds)."""
+    w = max(1, cfg.workers)
+    teachers = teacher_s * -(-len(TEACHERS) // w)
+    runs = run_s * n_runs / w
+    total = corpus_s + teachers + base_s + cache_s + runs
+    return {"corpus_s": corpus_s, "teachers_s": teachers, "base_s": base_s, "cache_s": cache_s,
+            "runs_s": runs, "total_s": total, "total_min": total / 60}
