@@ -1,10 +1,15 @@
 """Two XTokenTrainer steps under DDP on the CPU (gloo); run by tests/test_train.py through torchrun.
 
-    torchrun --nproc_per_node 2 tests/ddp_two_steps.py OUT_DIR [LOSS]
+    torchrun --nproc_per_node 2 tests/ddp_two_steps.py OUT_DIR ASSETS_DIR [LOSS]
 
-Each rank writes OUT_DIR/rank{r}.json with its losses and a checksum of the student's parameters
-after the two steps; the test checks the ranks agree (DDP averaged the gradients). Also holds the
-tiny real HF models the tests share (full real vocabularies, hidden size 32).
+ASSETS_DIR holds what `save_assets` wrote: the two small-vocabulary tokenizers and W. Each rank
+writes OUT_DIR/rank{r}.json with its losses and a checksum of the student's parameters after the two
+steps; the test checks the ranks agree (DDP averaged the gradients).
+
+Also holds what the tests share: tiny real HF models (hidden 32, one layer) over *small vocabularies*:
+the real Llama-3 / Qwen3 tokenizers renumbered (`xtoken.mini.models.restrict_tokenizer`) so that the
+ids of the test texts are 0..n-1 (~50 ids each), and W built on the full vocabularies then restricted.
+A full 128k-row output layer works too but makes every step ~10x slower.
 """
 from __future__ import annotations
 
@@ -22,18 +27,34 @@ TEXTS = [
 ]
 
 
+def small_vocab(tok, texts=TEXTS):
+    """(renumbered tokenizer, local_to_full): the ids of ``texts`` plus bos/eos/pad become 0..n-1."""
+    from xtoken.mini.models import restrict_tokenizer
+    keep = {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None}
+    for row in tok(list(texts))["input_ids"]:
+        keep.update(row)
+    return restrict_tokenizer(tok, sorted(keep))
+
+
+def save_assets(out_dir, s_tok, t_tok, W) -> None:
+    """What the torchrun ranks load instead of rebuilding: both tokenizers and W."""
+    s_tok.save_pretrained(os.path.join(out_dir, "student_tok"))
+    t_tok.save_pretrained(os.path.join(out_dir, "teacher_tok"))
+    W.save(os.path.join(out_dir, "W.safetensors"))
+
+
 def tiny_llama(vocab_size: int = 128256, hidden: int = 32, layers: int = 1, seed: int = 0):
-    """A random LlamaForCausalLM over the real Llama-3 vocabulary, hidden 32."""
+    """A random LlamaForCausalLM, hidden 32, one layer."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                      head_dim=hidden // 2, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001)
+                      head_dim=hidden // 2, tie_word_embeddings=True)
     return LlamaForCausalLM(cfg)
 
 
 def tiny_qwen(vocab_size: int = 151936, hidden: int = 32, layers: int = 1, seed: int = 1):
-    """A random Qwen3ForCausalLM over the real Qwen3 vocabulary (padded to 151,936 logits), hidden 32."""
+    """A random Qwen3ForCausalLM, hidden 32, one layer (151,936 logits: the real Qwen3 padding)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(seed)
     cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -52,20 +73,21 @@ def checksum(model) -> float:
     return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
 
 
-def main(out_dir: str, loss: str = "p_kl") -> None:
+def main(out_dir: str, assets: str, loss: str = "p_kl") -> None:
     torch.set_num_threads(1)
-    from xtoken import load_tokenizer
-    from xtoken.projection import build_projection
+    from transformers import AutoTokenizer
+    from xtoken.projection import Projection
     from xtoken.train import Teacher, XTokenConfig, XTokenTrainer
 
     rank = int(os.environ.get("RANK", 0))
-    s_tok = load_tokenizer("meta-llama/Llama-3.2-1B")
-    student = tiny_llama()
+    s_tok = AutoTokenizer.from_pretrained(os.path.join(assets, "student_tok"))
+    W = Projection.load(os.path.join(assets, "W.safetensors"))
+    student = tiny_llama(W.student_vocab_size)
     if loss == "kl":
-        teacher = Teacher("llama", tiny_llama(seed=2), s_tok, "kl")
+        teacher = Teacher("llama", tiny_llama(W.student_vocab_size, seed=2), s_tok, "kl")
     else:
-        t_tok = load_tokenizer("Qwen/Qwen3-4B")
-        teacher = Teacher("qwen", tiny_qwen(), t_tok, loss, projection=build_projection(s_tok, t_tok))
+        t_tok = AutoTokenizer.from_pretrained(os.path.join(assets, "teacher_tok"))
+        teacher = Teacher("qwen", tiny_qwen(W.teacher_vocab_size), t_tok, loss, projection=W)
     args = XTokenConfig(output_dir=out_dir, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                         logging_steps=1, use_cpu=True, ddp_backend="gloo", save_strategy="no",
                         disable_tqdm=True, loss_curve=False, seed=0, max_length=64)

@@ -1,7 +1,9 @@
 """XTokenTrainer end to end on tiny real HF models (Llama student, Qwen3 / Llama teachers).
 
-The models keep the real full vocabularies (so real tokenizers and the real W apply unchanged)
-with hidden size 32 and one layer: a training step takes well under a second on one CPU thread.
+Real tokenizers renumbered to small vocabularies (the ids of the test texts, ~50 each; see
+`ddp_two_steps.small_vocab`), W built on the full vocabularies and restricted, models of hidden
+size 32 and one layer: a training step takes milliseconds on one CPU thread. The collator test
+uses the full tokenizers.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_two_steps import checksum, dataset, tiny_llama, tiny_qwen
+import ddp_two_steps
+from ddp_two_steps import checksum, dataset, save_assets, small_vocab
 from xtoken.train import DistillCollator, Teacher, TeacherCache, XTokenConfig, XTokenTrainer
 
 torch.set_num_threads(1)
@@ -23,9 +26,45 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def W(llama, qwen):
+def full_W(llama, qwen):
     from xtoken.projection import build_projection
     return build_projection(llama, qwen)
+
+
+VOCAB = {}   # model output sizes, set by the `small` fixture
+
+
+@pytest.fixture(scope="module")
+def small(llama, qwen, full_W):
+    """(student tokenizer, teacher tokenizer, W) over the small renumbered vocabularies."""
+    s_tok, s_l2f = small_vocab(llama)
+    t_tok, t_l2f = small_vocab(qwen)
+    W = full_W.restrict(s_l2f, t_l2f)
+    VOCAB.update(student=W.student_vocab_size, teacher=W.teacher_vocab_size)
+    return s_tok, t_tok, W
+
+
+@pytest.fixture
+def stok(small):
+    return small[0]
+
+
+@pytest.fixture
+def ttok(small):
+    return small[1]
+
+
+@pytest.fixture
+def W(small):
+    return small[2]
+
+
+def tiny_llama(seed=0):
+    return ddp_two_steps.tiny_llama(vocab_size=VOCAB["student"], seed=seed)
+
+
+def tiny_qwen(seed=1):
+    return ddp_two_steps.tiny_qwen(vocab_size=VOCAB["teacher"], seed=seed)
 
 
 def config(tmp_path, **kw) -> XTokenConfig:
@@ -36,16 +75,16 @@ def config(tmp_path, **kw) -> XTokenConfig:
     return XTokenConfig(**base)
 
 
-def qwen_teacher(qwen, W, loss="p_kl", name="qwen", **kw) -> Teacher:
-    return Teacher(name, tiny_qwen(), qwen, loss, projection=None if loss == "kl" else W, **kw)
+def qwen_teacher(ttok, W, loss="p_kl", name="qwen", **kw) -> Teacher:
+    return Teacher(name, tiny_qwen(), ttok, loss, projection=None if loss == "kl" else W, **kw)
 
 
-def train(tmp_path, llama, teachers, n=8, **kw):
+def train(tmp_path, stok, teachers, n=8, **kw):
     student = tiny_llama()
     before = [p.detach().clone() for p in student.parameters()]
     t_before = [checksum(t.model) for t in teachers]
     trainer = XTokenTrainer(model=student, args=config(tmp_path, **kw), teachers=teachers,
-                            train_dataset=dataset(n), processing_class=llama)
+                            train_dataset=dataset(n), processing_class=stok)
     trainer.train()
     logs = [r for r in trainer.state.log_history if "loss" in r]
     changed = any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
@@ -55,8 +94,8 @@ def train(tmp_path, llama, teachers, n=8, **kw):
 
 # ---- the collator -------------------------------------------------------------------------------
 
-def test_collator_labels_and_same_text(llama, qwen, W):
-    teacher = qwen_teacher(qwen, W)
+def test_collator_labels_and_same_text(llama, qwen, full_W):
+    teacher = Teacher("qwen", None, qwen, "p_kl", projection=full_W)   # the collator never runs the model
     col = DistillCollator(llama, [teacher], max_length=12)
     rows = [dataset(4)[0], {"text": "Add 12 and 999.", "idx": 7}, dataset(4)[2]]
     batch = col(rows)
@@ -76,20 +115,20 @@ def test_collator_labels_and_same_text(llama, qwen, W):
 
 # ---- training steps -----------------------------------------------------------------------------
 
-def test_ce_only(tmp_path, llama):
-    _, logs, changed, _ = train(tmp_path, llama, [])
+def test_ce_only(tmp_path, stok):
+    _, logs, changed, _ = train(tmp_path, stok, [])
     assert changed and len(logs) == 2
     assert all(math.isfinite(r["loss"]) and r["loss"] == pytest.approx(r["ce"]) for r in logs)
     assert "kd" not in logs[0]
 
 
 @pytest.mark.parametrize("loss", ["kl", "gold", "p_kl", "h_kl", "uld"])
-def test_two_steps_each_loss(tmp_path, llama, qwen, W, loss):
+def test_two_steps_each_loss(tmp_path, stok, ttok, W, loss):
     if loss == "kl":   # same-tokenizer teacher
-        teacher = Teacher("llama3b", tiny_llama(seed=3), llama, "kl")
+        teacher = Teacher("llama3b", tiny_llama(seed=3), stok, "kl")
     else:
-        teacher = qwen_teacher(qwen, W, loss)
-    _, logs, changed, teacher_same = train(tmp_path, llama, [teacher])
+        teacher = qwen_teacher(ttok, W, loss)
+    _, logs, changed, teacher_same = train(tmp_path, stok, [teacher])
     assert changed, "the student must be updated"
     assert teacher_same, "the teacher must stay frozen"
     assert not any(p.requires_grad for p in teacher.model.parameters())
@@ -100,27 +139,27 @@ def test_two_steps_each_loss(tmp_path, llama, qwen, W, loss):
     assert logs[0]["loss"] == pytest.approx(2 * logs[0]["ce"], rel=1e-4)
 
 
-def test_static_weights(tmp_path, llama):
-    teacher = Teacher("llama3b", tiny_llama(seed=3), llama, "kl")
-    _, logs, _, _ = train(tmp_path, llama, [teacher], dynamic_kd_scale=False, kd_weight=0.5, ce_weight=2.0)
+def test_static_weights(tmp_path, stok):
+    teacher = Teacher("llama3b", tiny_llama(seed=3), stok, "kl")
+    _, logs, _, _ = train(tmp_path, stok, [teacher], dynamic_kd_scale=False, kd_weight=0.5, ce_weight=2.0)
     r = logs[0]
     assert "kd_scale" not in r
     assert r["loss"] == pytest.approx(2.0 * r["ce"] + 0.5 * r["kd"], rel=1e-4)
 
 
-def test_multi_teacher_kl_plus_pkl(tmp_path, llama, qwen, W):
-    teachers = [Teacher("llama3b", tiny_llama(seed=3), llama, "kl", weight=0.5),
-                qwen_teacher(qwen, W, "p_kl", weight=0.5)]
-    _, logs, changed, teacher_same = train(tmp_path, llama, teachers, dynamic_kd_scale=False)
+def test_multi_teacher_kl_plus_pkl(tmp_path, stok, ttok, W):
+    teachers = [Teacher("llama3b", tiny_llama(seed=3), stok, "kl", weight=0.5),
+                qwen_teacher(ttok, W, "p_kl", weight=0.5)]
+    _, logs, changed, teacher_same = train(tmp_path, stok, teachers, dynamic_kd_scale=False)
     assert changed and teacher_same
     r = logs[0]
     assert r["kd"] == pytest.approx(0.5 * r["kd_llama3b"] + 0.5 * r["kd_qwen"], rel=1e-4)
 
 
 @pytest.mark.parametrize("scheme,per", [("ce", "batch"), ("entropy", "sample"), ("max_prob", "batch")])
-def test_adaptive_weights(tmp_path, llama, qwen, W, scheme, per):
-    teachers = [Teacher("llama3b", tiny_llama(seed=3), llama, "kl"), qwen_teacher(qwen, W, "p_kl")]
-    _, logs, changed, _ = train(tmp_path, llama, teachers, max_steps=1, teacher_weighting=scheme,
+def test_adaptive_weights(tmp_path, stok, ttok, W, scheme, per):
+    teachers = [Teacher("llama3b", tiny_llama(seed=3), stok, "kl"), qwen_teacher(ttok, W, "p_kl")]
+    _, logs, changed, _ = train(tmp_path, stok, teachers, max_steps=1, teacher_weighting=scheme,
                                 weighting_per=per, dynamic_kd_scale=False)
     r = logs[0]
     assert changed and math.isfinite(r["loss"])
@@ -130,13 +169,13 @@ def test_adaptive_weights(tmp_path, llama, qwen, W, scheme, per):
         assert r["kd"] == pytest.approx(a * r["kd_llama3b"] + b * r["kd_qwen"], rel=1e-4)
 
 
-def test_same_seed_same_losses(tmp_path, llama, qwen, W):
-    runs = [train(tmp_path / str(i), llama, [qwen_teacher(qwen, W)])[1] for i in range(2)]
+def test_same_seed_same_losses(tmp_path, stok, ttok, W):
+    runs = [train(tmp_path / str(i), stok, [qwen_teacher(ttok, W)])[1] for i in range(2)]
     assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
 
 
-def test_loss_curve_png(tmp_path, llama):
-    trainer, _, _, _ = train(tmp_path, llama, [], loss_curve=True)
+def test_loss_curve_png(tmp_path, stok):
+    trainer, _, _, _ = train(tmp_path, stok, [], loss_curve=True)
     png = Path(trainer.args.output_dir) / "loss_curve.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
 
@@ -151,21 +190,21 @@ def test_bad_config():
 # ---- teacher cache ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("loss", ["kl", "p_kl"])
-def test_cache_matches_live(tmp_path, llama, qwen, W, loss):
-    teacher = (Teacher("llama3b", tiny_llama(seed=3), llama, "kl") if loss == "kl"
-               else qwen_teacher(qwen, W, loss))
+def test_cache_matches_live(tmp_path, stok, ttok, W, loss):
+    teacher = (Teacher("llama3b", tiny_llama(seed=3), stok, "kl") if loss == "kl"
+               else qwen_teacher(ttok, W, loss))
     ds = dataset(6)
-    live_col = DistillCollator(llama, [teacher], max_length=64)
+    live_col = DistillCollator(stok, [teacher], max_length=64)
     cache = TeacherCache.build(teacher, ds, live_col, batch_size=4, path=tmp_path / "cache.npy")
     assert len(cache) == 6 and cache.vocab_size == teacher.model.config.vocab_size
     cached = Teacher(teacher.name, teacher.model, teacher.tokenizer, teacher.loss, teacher.projection,
                      cache=TeacherCache.load(tmp_path / "cache.npy"))
     trainer = XTokenTrainer(model=tiny_llama(), args=config(tmp_path, dynamic_kd_scale=False),
-                            teachers=[teacher], train_dataset=ds, processing_class=llama)
+                            teachers=[teacher], train_dataset=ds, processing_class=stok)
     rows = [ds[i] for i in (5, 0, 3)]
     with torch.no_grad():
         live = trainer.compute_loss(trainer.model, live_col(rows))
-        batch = DistillCollator(llama, [cached], max_length=64)(rows)
+        batch = DistillCollator(stok, [cached], max_length=64)(rows)
         assert batch["teachers"][teacher.name]["logprobs"].dtype == torch.float16
         trainer.teachers = [cached]
         from_cache = trainer.compute_loss(trainer.model, batch)
@@ -175,23 +214,23 @@ def test_cache_matches_live(tmp_path, llama, qwen, W, loss):
     assert float(from_cache) == pytest.approx(float(live), rel=2e-3)
 
 
-def test_cache_refuses_other_tokenization(tmp_path, llama):
-    teacher = Teacher("llama3b", tiny_llama(seed=3), llama, "kl")
+def test_cache_refuses_other_tokenization(tmp_path, stok):
+    teacher = Teacher("llama3b", tiny_llama(seed=3), stok, "kl")
     ds = dataset(4)
-    cache = TeacherCache.build(teacher, ds, DistillCollator(llama, [teacher], max_length=64))
+    cache = TeacherCache.build(teacher, ds, DistillCollator(stok, [teacher], max_length=64))
     teacher.cache = cache
     with pytest.raises(ValueError, match="cache row"):
-        DistillCollator(llama, [teacher], max_length=8)([ds[0]])
+        DistillCollator(stok, [teacher], max_length=8)([ds[0]])
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
 
-def test_resume_gives_same_next_loss(tmp_path, llama, qwen, W):
+def test_resume_gives_same_next_loss(tmp_path, stok, ttok, W):
     def run(out, max_steps, resume=None):
-        teacher = qwen_teacher(qwen, W)
+        teacher = qwen_teacher(ttok, W)
         trainer = XTokenTrainer(model=tiny_llama(), args=config(out, max_steps=max_steps, save_strategy="steps",
                                                                  save_steps=2, lr_scheduler_type="constant"),
-                                teachers=[teacher], train_dataset=dataset(8), processing_class=llama)
+                                teachers=[teacher], train_dataset=dataset(8), processing_class=stok)
         trainer.train(resume_from_checkpoint=resume)
         return {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}
 
@@ -209,11 +248,12 @@ def test_resume_gives_same_next_loss(tmp_path, llama, qwen, W):
 # ---- DDP ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_ddp_two_ranks_agree(tmp_path):
+def test_ddp_two_ranks_agree(tmp_path, small):
+    save_assets(tmp_path, *small)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ddp_two_steps.py"), str(tmp_path), "p_kl"]
+           str(REPO / "tests" / "ddp_two_steps.py"), str(tmp_path), str(tmp_path), "p_kl"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
