@@ -51,10 +51,10 @@ class MiniConfig:
     teacher_phi: ModelSize = field(default_factory=lambda: ModelSize(128, 4, 4))     # "Phi-4-mini"
     max_length: int = 160              # tokens per training sequence (longest tokenization fits)
     # ---- training ----------------------------------------------------------------------------
-    teacher_steps: int = 1500
+    teacher_steps: int = 1200
     teacher_batch: int = 32
     teacher_lr: float = 3e-3
-    base_steps: int = 300              # the base student ("no distillation" row): short CE pre-training
+    base_steps: int = 800              # the base student ("no distillation" row): short CE pre-training
     base_lr: float = 3e-3
     student_steps: int = 600           # every grid run (CE-only and KD alike)
     student_batch: int = 16

@@ -1,0 +1,79 @@
+"""xtoken.evaluate: lm-eval on a tiny saved model, fully offline, against a known answer key.
+
+A 1-layer Llama over a restricted vocabulary memorises four question -> '#### answer' texts; lm-eval's
+exact match must then be 1.0 on the true key and 0.0 on a wrong key, and its generations must equal
+HF greedy generation on the same prompts.
+"""
+import json
+
+import pytest
+import torch
+
+from xtoken.evaluate import MINI_TASKS, evaluate, load_lm, task_configs
+from xtoken.mini.config import ModelSize
+from xtoken.mini.models import LocalVocab, build_model, keep_ids_for, save_model
+
+ITEMS = [("How many coins does Mia have?", "347"), ("How many pens does Leo have?", "12"),
+         ("What is the capital of Vaslo?", "Rinix"), ("How old is Ixdre Lomi?", "58")]
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory, llama):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("eval")
+    texts = [f"{q}\n#### {a}\n\n" for q, a in ITEMS]
+    vocab = LocalVocab("llama", llama, keep_ids_for(texts, llama))
+    model = build_model("student", ModelSize(32, 1, 2), vocab.size, vocab.tok, seed=0)
+    enc = vocab.tok(texts, return_tensors="pt", padding=True)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    save_model(model, vocab, d / "model")
+    for key, answers in (("right", [a for _, a in ITEMS]), ("wrong", ["1", "2", "Zosha", "3"])):
+        (d / key).mkdir()
+        for task in ("arithmetic", "knowledge"):
+            with open(d / key / f"{task}_test.jsonl", "w") as f:
+                for (q, _), a in zip(ITEMS, answers):
+                    f.write(json.dumps({"question": q, "answer": a}) + "\n")
+    return d, float(loss.detach())
+
+
+def test_exact_match_against_answer_key(memorised):
+    d, loss = memorised
+    lm = load_lm(d / "model", batch_size=4)
+    right = evaluate(d / "model", MINI_TASKS, data_dir=d / "right", lm=lm)
+    wrong = evaluate(d / "model", MINI_TASKS, data_dir=d / "wrong", lm=lm)
+    assert list(right.columns) == ["task", "filter", "metric", "value", "stderr", "n"]
+    assert sorted(right["task"]) == sorted(MINI_TASKS)
+    assert (right["metric"] == "exact_match").all() and (right["n"] == len(ITEMS)).all()
+    assert right["value"].tolist() == [1.0, 1.0]
+    assert wrong["value"].tolist() == [0.0, 0.0]
+    limited = evaluate(d / "model", ["xtoken_mini_knowledge"], data_dir=d / "right", lm=lm, limit=2)
+    assert limited["n"].tolist() == [2]
+
+
+def test_generations_match_hf_greedy(memorised):
+    from xtoken.mini.models import load_model
+    d, _ = memorised
+    df, raw = evaluate(d / "model", ["xtoken_mini_arithmetic"], data_dir=d / "right", batch_size=4,
+                       log_samples=True, return_raw=True)
+    model, tok, _, _ = load_model(d / "model")
+    for s in raw["samples"]["xtoken_mini_arithmetic"]:
+        prompt = s["arguments"][0][0]
+        enc = tok(prompt, return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id)
+        text = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        assert s["resps"][0][0] == text.split("\n\n")[0]
+
+
+def test_task_configs_need_data(tmp_path):
+    with pytest.raises(ValueError):
+        task_configs(["xtoken_mini_arithmetic"])
+    with pytest.raises(FileNotFoundError):
+        task_configs(["xtoken_mini_arithmetic"], data_dir=tmp_path)
+    assert task_configs(["gsm8k"]) == ["gsm8k"]   # lm-eval's own tasks pass through by name
