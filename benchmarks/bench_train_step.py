@@ -149,7 +149,7 @@ def bench_mini(args) -> dict:
                       for i in range(0, n_rows, args.batch)]
 
     with tempfile.TemporaryDirectory() as tmp:
-        kw = dict(dynamic_kd_scale=True, max_length=args.max_length)
+        kw = dict(dynamic_kd_scale=True, max_length=args.max_length, loss_chunk_size=args.loss_chunk_size)
         results = {}
         for rep in range(args.repeats):   # interleave the three so drift from other load hits all alike
             for name, teachers, bs in (("ce", [], batches), ("kd_live", [teacher], batches),
@@ -160,7 +160,7 @@ def bench_mini(args) -> dict:
             results.setdefault("teacher_forward", []).append(time_teacher_forward(teacher, batches, "cpu"))
     t = {k: min(v) for k, v in results.items()}
     out = {
-        "mode": "mini", "loss": args.loss, "batch": args.batch, "student_tokens_per_seq": seq,
+        "mode": "mini", "loss": args.loss, "batch": args.batch, "loss_chunk_size": args.loss_chunk_size, "student_tokens_per_seq": seq,
         "teacher_tokens_per_seq": tseq, "student_vocab": len(s_l2f), "teacher_vocab": len(t_l2f),
         "step_ms": {k: v * 1e3 for k, v in t.items()},
         "tokens_per_s": {k: tokens / t[k] for k in ("ce", "kd_live", "kd_cached")},
@@ -269,6 +269,8 @@ def main(argv=None):
     p.add_argument("--gpu-paper-shapes", action="store_true", help="paper-scale configs (CUDA), reduced on CPU")
     p.add_argument("--loss", default="p_kl", choices=["p_kl", "h_kl", "gold", "uld"], help="mini mode KD loss")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--loss-chunk-size", type=int, default=None,
+                   help="XTokenConfig.loss_chunk_size (chunks per loss block; default: the losses' own)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--chars", type=int, default=200, help="mini mode: characters per sample (joined items)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
