@@ -95,10 +95,9 @@ def chain_rule_log_q(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor,
                      n_chunks: int) -> torch.Tensor:
     """(C1) in log space. logp [n_tokens, V] per token of the chunks (chunk-major order);
     chunk/ids/offset [n_tokens]. Returns log q [n_chunks, V]."""
-    first = logp[offset == 0]                                             # log p_a(v)
-    later = offset > 0
-    cont = logp[later].gather(1, ids[later].unsqueeze(1)).squeeze(1)      # log p_j(y_j), j > a
-    log_mass = torch.zeros(n_chunks, dtype=logp.dtype, device=logp.device).index_add(0, chunk[later], cont)
+    first = logp.index_select(0, (offset == 0).nonzero().squeeze(1))     # log p_a(v)
+    cont = logp.gather(1, ids.unsqueeze(1)).squeeze(1) * (offset > 0)     # log p_j(y_j), j > a
+    log_mass = torch.zeros(n_chunks, dtype=logp.dtype, device=logp.device).index_add(0, chunk, cont)
     return first + log_mass.unsqueeze(1)
 
 
@@ -109,7 +108,7 @@ def teacher_merge(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, of
     if merge == "chain":
         return chain_rule_log_q(logp, chunk, ids, offset, n_chunks).exp()
     if merge == "first":
-        return logp[offset == 0].exp()
+        return logp.index_select(0, (offset == 0).nonzero().squeeze(1)).exp()
     lens = torch.zeros(n_chunks, dtype=torch.long, device=logp.device).index_add(0, chunk, torch.ones_like(chunk))
     n = lens[chunk].to(logp.dtype)
     if merge == "mean":
@@ -128,7 +127,7 @@ def project_to_teacher(q_s: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
     """(W^T q)[t] = sum_s W[s, t] q[s] for each row of q_s [n, V_S]: gather q at W's non-zero entries
     (rows, cols, w: flat, from `_prepared`) and scatter-add into teacher columns. No dense W."""
     out = torch.zeros(q_s.shape[0], teacher_width, dtype=q_s.dtype, device=q_s.device)
-    return out.index_add(1, cols, q_s[:, rows] * w.to(q_s.dtype))
+    return out.index_add(1, cols, q_s.index_select(1, rows) * w.to(q_s.dtype))
 
 
 def generalized_kl(q: torch.Tensor, r: torch.Tensor, log_q: torch.Tensor | None = None,
@@ -160,12 +159,51 @@ def sorted_l1(a: torch.Tensor, b: torch.Tensor, top_k: int | None = None) -> tor
     return (ta - tb).abs().sum(-1) + rest.abs()
 
 
+class _ProjectedKL(torch.autograd.Function):
+    """Per row: D(q_T || W^T q) (forward) or D(W^T q || q_T) (reverse), from log q [n, V_S].
+
+    Hand-written backward (fewer full-width passes than autograd's): with r = W^T q,
+      forward:  dD/dr = 1 - q_T / r,   reverse: dD/dr = log r - log q_T,
+      dD/dlog q[s] = q[s] * sum_k W[s, t_k] dD/dr[t_k]   (a gather over W's entries, then a scatter-add).
+    r is clamped at EPS under the logs (where r < EPS the log term has zero gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, log_q_s, q_t, rows, cols, w, reverse: bool):
+        q_s = log_q_s.exp()
+        r = torch.zeros(q_s.shape[0], q_t.shape[1], dtype=q_s.dtype, device=q_s.device)
+        r.index_add_(1, cols, q_s.index_select(1, rows).mul_(w))
+        log_r = r.clamp_min(EPS).log_()
+        if reverse:
+            log_qt = q_t.clamp_min(EPS).log()
+            d = (r * (log_r - log_qt)).sum(-1) - r.sum(-1) + q_t.sum(-1)
+            ctx.save_for_backward(q_s, log_r, log_qt, rows, cols, w)
+        else:
+            d = torch.xlogy(q_t, q_t).sum(-1) - (q_t * log_r).sum(-1) - q_t.sum(-1) + r.sum(-1)
+            ctx.save_for_backward(q_s, r, q_t, rows, cols, w)
+        ctx.reverse = reverse
+        ctx.mark_non_differentiable(r)
+        return d, r
+
+    @staticmethod
+    def backward(ctx, g, _g_r):
+        if ctx.reverse:
+            q_s, log_r, log_qt, rows, cols, w = ctx.saved_tensors
+            d_r = log_r.index_select(1, cols).sub_(log_qt.index_select(1, cols))   # only W's columns are needed
+        else:
+            q_s, r, q_t, rows, cols, w = ctx.saved_tensors
+            r_c = r.index_select(1, cols)
+            d_r = q_t.index_select(1, cols).div_(r_c.clamp_min(EPS)).neg_().add_(1)
+            d_r.masked_fill_(r_c < EPS, 1.0)                              # clamped: only the +sum(r) term
+        u = torch.zeros_like(q_s).index_add_(1, rows, d_r.mul_(w))
+        return u.mul_(q_s).mul_(g.unsqueeze(1)), None, None, None, None, None
+
+
 def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direction: str = "forward"):
     """P-KL per chunk: D(q_T || W^T q_S) (forward) or D(W^T q_S || q_T) (reverse); also returns r = W^T q_S."""
-    q_s = log_q_s.exp()
-    r = project_to_teacher(q_s, prep["rows"], prep["cols"], prep["w"], q_t.shape[1])
-    d = generalized_kl(q_t, r) if direction == "forward" else generalized_kl(r, q_t)
-    return d, r, q_s
+    d, r = _ProjectedKL.apply(log_q_s, q_t, prep["rows"], prep["cols"], prep["w"].to(log_q_s.dtype),
+                              direction == "reverse")
+    return d, r, None
 
 
 def hybrid_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direction: str = "forward",
@@ -175,18 +213,18 @@ def hybrid_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, dire
     prep: from `_prepared` with the pairing (strict for GOLD, top-1 for H-KL)."""
     q_s = log_q_s.exp()
     s_c, t_c, group = prep["s_common"], prep["t_common"], prep["group"]
-    q_t_c = q_t[:, t_c]                                                   # teacher mass on C, per teacher id
+    q_t_c = q_t.index_select(1, t_c)                                                   # teacher mass on C, per teacher id
     if prep["singleton"]:                                                 # strict 1-to-1: exact logs
-        log_g = log_q_s[:, s_c[prep["group_first"]]]
+        log_g = log_q_s.index_select(1, s_c.index_select(0, prep["group_first"]))
         g = log_g.exp()
     else:                                                                 # shared teacher ids: summed group mass
-        g = torch.zeros_like(q_t_c).index_add(1, group, q_s[:, s_c])
+        g = torch.zeros_like(q_t_c).index_add(1, group, q_s.index_select(1, s_c))
         log_g = torch.log(g.clamp_min(EPS))
     if direction == "forward":
         common = generalized_kl(q_t_c, g, log_r=log_g) + q_t_c.sum(-1) - g.sum(-1)   # plain KL terms on C
     else:
         common = generalized_kl(g, q_t_c, log_q=log_g) + g.sum(-1) - q_t_c.sum(-1)
-    uld = sorted_l1(q_s[:, prep["s_uncommon"]], q_t[:, prep["t_uncommon"]], uld_top_k)
+    uld = sorted_l1(q_s.index_select(1, prep["s_uncommon"]), q_t.index_select(1, prep["t_uncommon"]), uld_top_k)
     return common_weight * common + uld_weight * uld, q_s, g, q_t_c
 
 
@@ -263,6 +301,8 @@ class _EagerBlockGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
+        if g.numel() == 1 and float(g) == 1.0:                           # the common case: no extra copy
+            return grad, None, None
         return grad * g.to(grad.dtype), None, None
 
 
@@ -277,7 +317,7 @@ def _run_blocks(student_logits, n_items: int, chunk_size: int, block_fn):
             loss_sum, (b, p), leaf = block_fn(lo, hi, needs_grad)
             if needs_grad and loss_sum.requires_grad:
                 (g,) = torch.autograd.grad(loss_sum, leaf)
-                grad.index_put_((b, p), g.to(grad.dtype), accumulate=True)
+                grad.view(-1, grad.shape[-1]).index_add_(0, b * grad.shape[1] + p, g.to(grad.dtype))
         total += loss_sum.detach().double().cpu()
     total = total.to(student_logits.dtype)
     if needs_grad:
@@ -287,10 +327,12 @@ def _run_blocks(student_logits, n_items: int, chunk_size: int, block_fn):
 
 def _rows(logits, b, p, width: int, temperature: float, grad: bool):
     """A block's logit rows, padded columns sliced off, as a fresh leaf; and their log-softmax."""
-    leaf = logits.detach()[b, p]
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    leaf = flat.index_select(0, b * logits.shape[1] + p)
     if grad:
         leaf.requires_grad_(True)
-    return leaf, torch.log_softmax(leaf[:, :width] / temperature, dim=-1)
+    x = leaf[:, :width]
+    return leaf, torch.log_softmax(x if temperature == 1 else x / temperature, dim=-1)
 
 
 def _mean(total, n):
@@ -330,16 +372,18 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
         tid = tid if t_map is None else t_map[tid]
         leaf, logp_s = _rows(student_logits, sb, sp, v_s, temperature, grad)
         with torch.no_grad():
-            logp_t = torch.log_softmax(teacher_logits.detach()[tb, tp][:, :v_t] / temperature, dim=-1)
+            t_rows = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).index_select(0, tb * teacher_logits.shape[1] + tp)
+            logp_t = torch.log_softmax(t_rows[:, :v_t] / temperature, dim=-1)
             q_t = teacher_merge(logp_t, tch, tid, toff, n, merge, gamma)
         log_q_s = chain_rule_log_q(logp_s, sch, sid, soff, n)
         if kind == "pkl":
-            d, r, q_s = p_kl_divergence(log_q_s, q_t, prep, direction)
+            d, r, _ = p_kl_divergence(log_q_s, q_t, prep, direction)
             with torch.no_grad():
+                q_s = log_q_s.detach().exp()
                 stats["mass_lost_empty_rows"] += q_s[:, prep["empty"]].sum().item()
                 stats["top1_agreement"] += (r.argmax(-1) == q_t.argmax(-1)).sum().item()
                 stats["student_common_mass"] += r.sum().item()           # mass W carries to the teacher side
-                stats["teacher_common_mass"] += q_t[:, prep["image"]].sum().item()   # teacher mass W can reach
+                stats["teacher_common_mass"] += (q_t @ prep["image"].to(q_t.dtype)).sum().item()   # teacher mass W can reach
         elif kind in ("gold", "hkl"):
             d, q_s, g, q_t_c = hybrid_divergence(log_q_s, q_t, prep, direction, common_weight, uld_weight, uld_top_k)
             with torch.no_grad():
@@ -407,7 +451,8 @@ def kl_loss(student_logits, teacher_logits, mask=None, *, temperature=1.0, direc
         b, p = b_all[lo:hi], p_all[lo:hi]
         leaf, logp_s = _rows(student_logits, b, p, v, temperature, grad)
         with torch.no_grad():
-            logp_t = torch.log_softmax(teacher_logits.detach()[b, p][:, :v] / temperature, dim=-1)
+            t_rows = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).index_select(0, b * L + p)
+            logp_t = torch.log_softmax(t_rows[:, :v] / temperature, dim=-1)
             stats["top1_agreement"] += (logp_s.argmax(-1) == logp_t.argmax(-1)).sum().item()
         if direction == "forward":
             d = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
