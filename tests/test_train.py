@@ -187,6 +187,21 @@ def test_bad_config():
         Teacher("t", None, None, "p_kl")   # cross-tokenizer loss without W
 
 
+@pytest.mark.parametrize("kw", [dict(bf16=True), dict(gradient_accumulation_steps=2), dict(dataloader_num_workers=1)],
+                         ids=["bf16", "grad_accum", "workers"])
+def test_trainer_machinery(tmp_path, stok, ttok, W, kw):
+    """Mixed precision, accumulation and collation in worker processes come from HF Trainer unchanged."""
+    teacher = qwen_teacher(ttok, W, "h_kl")
+    _, logs, changed, teacher_same = train(tmp_path, stok, [teacher], **kw)
+    assert changed and len(logs) == 2
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["kd"]) for r in logs)
+    if kw.get("bf16"):   # the teacher is cast to the training dtype (so its checksum moves), still frozen
+        assert next(teacher.model.parameters()).dtype == torch.bfloat16
+        assert not any(p.requires_grad for p in teacher.model.parameters())
+    else:
+        assert teacher_same
+
+
 # ---- teacher cache ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("loss", ["kl", "p_kl"])

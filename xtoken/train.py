@@ -301,6 +301,9 @@ def teacher_kd_loss(teacher: Teacher, student_logits: torch.Tensor, student_mask
     """
     from . import losses
 
+    # like HF's own causal-LM loss: the loss math runs in float32 whatever the models' dtype (bf16 / fp16
+    # logits lose the small probabilities KD compares; teacher and student may also differ in dtype)
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
     kw = {"temperature": temperature}
     if chunk_size:
         kw["chunk_size"] = chunk_size
