@@ -84,9 +84,9 @@ def run_one(name: str, n: int, chunk_size: int) -> dict:
                 cum += nb
             return torch.tensor([out])
         s_lab, t_lab = torch.tensor([[-100] + s_ids[1:]]), torch.tensor([t_ids])
-        s_off, t_off = offsets(llama, s_ids), offsets(qwen, t_ids)[0]
+        s_off, t_off = offsets(llama, s_ids), offsets(qwen, t_ids)
         fn = lambda: trl(student, teacher, s_lab, t_lab, torch.tensor([s_ids]), torch.tensor([t_ids]),
-                         student_byte_offsets=s_off, teacher_byte_offsets=[t_off.tolist()])
+                         student_byte_offsets=s_off, teacher_byte_offsets=t_off)
     else:
         fn = {"kl": lambda: kl_loss(student, teacher, chunk_size=chunk_size)[0],
               "p_kl": lambda: p_kl_loss(student, teacher, [a], W, **kw)[0],

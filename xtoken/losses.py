@@ -116,10 +116,12 @@ def teacher_merge(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, of
         return mean.index_add(0, chunk, logp / n.unsqueeze(1)).exp()
     if merge != "w":
         raise ValueError(f"merge must be 'w', 'chain', 'first' or 'mean', not {merge!r}")
+    if len(chunk) == n_chunks:                                            # every chunk one token: omega = 1
+        return logp.exp()
     # omega_i = gamma^i / sum_{i<n} gamma^i  (beta cancels)
     omega = gamma ** offset.to(logp.dtype) * (1 - gamma) / (1 - gamma ** n)
     q = torch.zeros(n_chunks, logp.shape[1], dtype=logp.dtype, device=logp.device)
-    return q.index_add(0, chunk, logp.exp() * omega.unsqueeze(1))
+    return q.index_add_(0, chunk, logp.exp().mul_(omega.unsqueeze(1)))
 
 
 def project_to_teacher(q_s: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor,
@@ -177,25 +179,22 @@ class _ProjectedKL(torch.autograd.Function):
         if reverse:
             log_qt = q_t.clamp_min(EPS).log()
             d = (r * (log_r - log_qt)).sum(-1) - r.sum(-1) + q_t.sum(-1)
-            ctx.save_for_backward(q_s, log_r, log_qt, rows, cols, w)
+            d_r = log_r.sub_(log_qt)                                      # dD/dr = log r - log q_T
         else:
             d = torch.xlogy(q_t, q_t).sum(-1) - (q_t * log_r).sum(-1) - q_t.sum(-1) + r.sum(-1)
-            ctx.save_for_backward(q_s, r, q_t, rows, cols, w)
+            d_r = q_t / r.clamp_min(EPS)                                  # dD/dr = 1 - q_T / r (the 1 added below)
+            d_r.masked_fill_(r < EPS, 0.0)                                # clamped: only the +sum(r) term
+        ctx.save_for_backward(q_s, d_r, rows, cols, w)
         ctx.reverse = reverse
         ctx.mark_non_differentiable(r)
         return d, r
 
     @staticmethod
     def backward(ctx, g, _g_r):
-        if ctx.reverse:
-            q_s, log_r, log_qt, rows, cols, w = ctx.saved_tensors
-            d_r = log_r.index_select(1, cols).sub_(log_qt.index_select(1, cols))   # only W's columns are needed
-        else:
-            q_s, r, q_t, rows, cols, w = ctx.saved_tensors
-            r_c = r.index_select(1, cols)
-            d_r = q_t.index_select(1, cols).div_(r_c.clamp_min(EPS)).neg_().add_(1)
-            d_r.masked_fill_(r_c < EPS, 1.0)                              # clamped: only the +sum(r) term
-        u = torch.zeros_like(q_s).index_add_(1, rows, d_r.mul_(w))
+        q_s, d_r, rows, cols, w = ctx.saved_tensors
+        d_r = d_r.index_select(1, cols)                                   # only W's columns are needed
+        d_r = d_r.mul_(w) if ctx.reverse else torch.addcmul(w, d_r, w, value=-1.0)   # w * dD/dr
+        u = torch.zeros_like(q_s).index_add_(1, rows, d_r)
         return u.mul_(q_s).mul_(g.unsqueeze(1)), None, None, None, None, None
 
 
