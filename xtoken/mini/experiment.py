@@ -72,10 +72,7 @@ def build_corpus(cfg: MiniConfig, out_dir) -> dict:
     sizes = {}
     for name, tok in full.items():
         v = LocalVocab(name, tok, keep[name])
-        d = out / "vocab" / name
-        d.mkdir(parents=True, exist_ok=True)
-        v.tok.save_pretrained(str(d))
-        (d / "xtoken_vocab.json").write_text(json.dumps(v.to_json()))
+        v.save(out / "vocab" / name)
         sizes[name] = v.size
     (out / "config.json").write_text(cfg.to_json())
     return {"corpus": str(out / "corpus"), "tasks": tasks, "vocab_sizes": sizes,
@@ -83,13 +80,8 @@ def build_corpus(cfg: MiniConfig, out_dir) -> dict:
 
 
 def load_vocabs(out_dir) -> dict:
-    """{family: LocalVocab} rebuilt from ``out/vocab`` (full tokenizer + saved local_to_full)."""
-    from xtoken import load_tokenizer
-    out = {}
-    for name in ("llama", "qwen3", "phi"):
-        info = json.loads((Path(out_dir) / "vocab" / name / "xtoken_vocab.json").read_text())
-        out[name] = LocalVocab(name, load_tokenizer(name), info["local_to_full"])
-    return out
+    """{family: LocalVocab} read from ``out/vocab`` (the full tokenizers load only when W is built)."""
+    return {name: LocalVocab.load(Path(out_dir) / "vocab" / name) for name in ("llama", "qwen3", "phi")}
 
 
 def _mixed(dataset, mix: dict | None, seed: int):
@@ -427,6 +419,8 @@ def run_grid(cfg: MiniConfig, settings, seeds=None, out_dir=".", *, workers=None
 
     Returns a DataFrame, one row per run (setting, label, seed, arithmetic, knowledge, numeral_mass,
     digit_split, final ce / kd, wall times). Finished runs (result.json present) are read back.
+    Workers are spawned processes: from a script, call this under ``if __name__ == "__main__":``
+    (notebooks need nothing).
     """
     import pandas as pd
     seeds = list(cfg.seeds if seeds is None else seeds)

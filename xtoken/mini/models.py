@@ -102,17 +102,43 @@ def restrict_tokenizer(tok, keep_ids):
 
 
 class LocalVocab:
-    """A family's restricted tokenizer: ``tok`` (local ids), ``full_tok`` and ``local_to_full``."""
+    """A family's restricted tokenizer: ``tok`` (local ids), ``local_to_full`` and (lazily) ``full_tok``."""
 
-    def __init__(self, name, full_tok, keep_ids):
+    def __init__(self, name, full_tok, keep_ids, *, local_tok=None):
         self.name = name
-        self.full_tok = full_tok
-        self.tok, self.local_to_full = restrict_tokenizer(full_tok, keep_ids)
-        self.size = len(keep_ids)
+        self._full_tok = full_tok
+        if local_tok is None:
+            self.tok, self.local_to_full = restrict_tokenizer(full_tok, keep_ids)
+        else:
+            self.tok, self.local_to_full = local_tok, torch.as_tensor(list(keep_ids), dtype=torch.long)
+        self.size = len(self.local_to_full)
+
+    @property
+    def full_tok(self):
+        if self._full_tok is None:
+            from xtoken import load_tokenizer
+            self._full_tok = load_tokenizer(self.name)
+        return self._full_tok
 
     def to_json(self) -> dict:
-        return {"family_tokenizer": self.name, "full_tokenizer": self.full_tok.name_or_path,
+        from xtoken.tokenizers import resolve_name
+        return {"family_tokenizer": self.name, "full_tokenizer": resolve_name(self.name),
                 "local_to_full": self.local_to_full.tolist()}
+
+    def save(self, d) -> Path:
+        d = Path(d)
+        d.mkdir(parents=True, exist_ok=True)
+        self.tok.save_pretrained(str(d))
+        (d / VOCAB_FILE).write_text(json.dumps(self.to_json()))
+        return d
+
+    @classmethod
+    def load(cls, d) -> "LocalVocab":
+        """Read a saved restricted tokenizer (fast: no re-restriction; the full one loads on demand)."""
+        from transformers import AutoTokenizer
+        d = Path(d)
+        info = json.loads((d / VOCAB_FILE).read_text())
+        return cls(info["family_tokenizer"], None, info["local_to_full"], local_tok=AutoTokenizer.from_pretrained(str(d)))
 
 
 def build_model(family: str, size, vocab_size: int, tok, *, seed: int = 0, max_positions: int = 512):
