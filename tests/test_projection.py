@@ -182,3 +182,12 @@ def test_sentencepiece_with_byte_fallback_both_directions(llama, qwen, tmp_path)
     assert [t for t, *_ in back.row("Ġz")] == ["▁", "<0x7A>"]
     # ' world' needs more than max_span=4 SP pieces: an empty row, counted as too_long
     assert back.row("Ġworld") == [] and back.meta["counts"]["too_long"] > 0
+
+
+@pytest.mark.parametrize("teacher,fixture", [("Qwen3-4B", "w_qwen"), ("Phi-4-mini-instruct", "w_phi")])
+def test_committed_w_files_rebuild_to_the_same_bytes(teacher, fixture, request, tmp_path):
+    """results/W_*.safetensors (notebook 01) are exactly what build_projection produces today."""
+    from pathlib import Path
+    committed = Path(__file__).parent.parent / "results" / f"W_Llama-3.2-1B_to_{teacher}.safetensors"
+    rebuilt = request.getfixturevalue(fixture).save(tmp_path / "w.safetensors")
+    assert committed.read_bytes() == rebuilt.read_bytes()
