@@ -141,3 +141,166 @@ def save_figure(fig, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": None})
     return path
+
+
+# ---- notebooks 03-05: distillation tables beside the paper's ------------------------------------
+
+# The paper's Table 1/2 (Llama-3.2-1B student), REFERENCE.md section 1: (GSM8k, average of 5 benchmarks).
+PAPER_TABLE1 = {
+    "base": ("no distillation (Llama-1B base)", 5.69, 33.96),
+    "ce_only": ("continued pre-training, CE only", 10.25, 36.63),
+    "kd_llama": ("same-tokenizer KD (Llama-3B)", 12.89, 38.40),
+    "gold_qwen3": ("GOLD (Qwen3-4B)", 2.56, 35.03),
+    "pkl_qwen3": ("X-Token P-KL (Qwen3-4B)", 15.54, 38.85),
+    "hkl_phi": ("X-Token H-KL (Phi-4-mini)", 19.11, 39.18),
+    "phi_hkl+llama_kl@static": ("multi-teacher Phi-mini (H-KL) + Llama-3B (KL), static", 20.39, 40.48),
+}
+# Paired deltas the paper headlines, as (name, setting A, setting B, the paper's A - B on the average).
+PAPER_DELTAS = [
+    ("P-KL vs GOLD, Qwen3", "pkl_qwen3", "gold_qwen3", 3.82),
+    ("H-KL vs GOLD, Phi-mini", "hkl_phi", "gold_phi", 0.52),
+    ("P-KL vs H-KL, Qwen3", "pkl_qwen3", "hkl_qwen3", 3.55),
+    ("H-KL vs P-KL, Phi-mini", "hkl_phi", "pkl_phi", 1.68),
+]
+
+
+def load_run_results(work_dir, settings=None) -> list[dict]:
+    """Every runs/<setting>/seed*/result.json under a miniature's work dir (optionally some settings)."""
+    out = []
+    for f in sorted(Path(work_dir).glob("runs/*/seed*/result.json")):
+        r = json.loads(f.read_text())
+        if settings is None or r["setting"] in settings:
+            out.append(r)
+    return out
+
+
+def with_average(df: pd.DataFrame, skills=("arithmetic", "knowledge")) -> pd.DataFrame:
+    """Scores in percent and their average over the skills (the miniature's 'avg' column)."""
+    df = df.copy()
+    for s in skills:
+        df[s] = 100 * df[s].astype(float)
+    df["average"] = df[list(skills)].mean(axis=1)
+    return df
+
+
+def distillation_table(df: pd.DataFrame, base: dict | None = None) -> pd.DataFrame:
+    """Mean ± std over seeds per setting (exact match in %), the paper's numbers beside."""
+    df = with_average(df)
+    rows = []
+    if base is not None:
+        b = with_average(pd.DataFrame([base]))
+        rows.append({"setting": "base", "label": "base student (no distillation)", "seeds": 1,
+                     **{f"{m}": f"{b[m].iloc[0]:.1f}" for m in ("arithmetic", "knowledge", "average")},
+                     "numeral mass": f"{base.get('numeral_mass', float('nan')):.3f}", "digit-split": "-"})
+    for setting in dict.fromkeys(df.setting):
+        g = df[df.setting == setting]
+        fmt = lambda col, k=1, scale=1: f"{scale * g[col].mean():.{k}f} ± {scale * g[col].std(ddof=1) if len(g) > 1 else 0:.{k}f}"  # noqa: E731
+        rows.append({"setting": setting, "label": g.label.iloc[0], "seeds": len(g),
+                     "arithmetic": fmt("arithmetic"), "knowledge": fmt("knowledge"), "average": fmt("average"),
+                     "numeral mass": fmt("numeral_mass", 3), "digit-split": fmt("digit_split", 2)})
+    out = pd.DataFrame(rows)
+    out["paper GSM8k"] = [PAPER_TABLE1.get(s, ("", None, None))[1] for s in out.setting]
+    out["paper avg"] = [PAPER_TABLE1.get(s, ("", None, None))[2] for s in out.setting]
+    return out
+
+
+def headline_deltas(df: pd.DataFrame, deltas=PAPER_DELTAS) -> pd.DataFrame:
+    """The paper's paired comparisons, ours (seed-paired mean ± std of A - B) beside the paper's."""
+    df = with_average(df)
+    rows = []
+    for name, a, b, paper in deltas:
+        A = df[df.setting == a].set_index("seed")
+        B = df[df.setting == b].set_index("seed")
+        seeds = A.index.intersection(B.index)
+        if len(seeds) == 0:
+            continue
+        row = {"comparison": name, "seeds": len(seeds), "paper Δavg": paper}
+        for m in ("arithmetic", "knowledge", "average"):
+            d = A.loc[seeds, m] - B.loc[seeds, m]
+            row[f"Δ{m} (ours)"] = f"{d.mean():+.1f} ± {d.std(ddof=1) if len(d) > 1 else 0:.1f}"
+        row["same sign as paper"] = bool(((A.loc[seeds, "average"] - B.loc[seeds, "average"]).mean() > 0) == (paper > 0))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_grid(df: pd.DataFrame, metrics=("arithmetic", "knowledge"), title="", base: dict | None = None):
+    """Grouped bars (mean over seeds) with error bars (std) per setting and metric; base as a line."""
+    df = with_average(df)
+    order = list(dict.fromkeys(df.setting))
+    labels = [df[df.setting == s].label.iloc[0] for s in order]
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(order) + 2), 4))
+    width = 0.8 / len(metrics)
+    for j, m in enumerate(metrics):
+        mean = [df[df.setting == s][m].mean() for s in order]
+        std = [df[df.setting == s][m].std(ddof=1) if (df.setting == s).sum() > 1 else 0 for s in order]
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(order))]
+        ax.bar(xs, mean, width=width, yerr=std, capsize=3, label=m)
+        if base is not None and m in base:
+            ax.axhline(100 * base[m], color=f"C{j}", ls=":", lw=1)
+    ax.set_xticks(range(len(order)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("exact match (%)")
+    ax.set_title(title + ("  (dotted: base student)" if base is not None else ""))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_numeral_mass(results: list[dict], settings=None, title="Student mass on multi-digit numerals"):
+    """Mean (over seeds) numeral-mass curve per setting across training: Proposition 1 made visible."""
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    by = {}
+    for r in results:
+        if (settings is None or r["setting"] in settings) and r.get("numeral_mass_history"):
+            by.setdefault((r["setting"], r.get("label", r["setting"])), []).append(r["numeral_mass_history"])
+    for (setting, label), hists in by.items():
+        steps = [s for s, _ in hists[0]]
+        vals = np.array([[v for _, v in h[:len(steps)]] for h in hists if len(h) >= len(steps)])
+        ax.plot(steps, vals.mean(0), label=label)
+        if len(vals) > 1:
+            ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mass on multi-digit numerals\nat numeral positions")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def multi_teacher_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Pairs x weighting schemes: mean ± std exact match per skill and the average."""
+    df = with_average(df)
+    df = df.assign(pair=df.setting.str.split("@").str[0], weighting=df.setting.str.split("@").str[1].fillna("-"))
+    g = df.groupby(["pair", "weighting"], sort=False)[["arithmetic", "knowledge", "average"]]
+    mean, std = g.mean(), g.std(ddof=1).fillna(0)
+    out = mean.round(1).astype(str) + " ± " + std.round(1).astype(str)
+    out["seeds"] = g.size()
+    return out.reset_index()
+
+
+def plot_multi_teacher(df: pd.DataFrame, singles: pd.DataFrame | None = None):
+    """Average exact match per pair and weighting scheme (bars with std), single teachers for reference."""
+    df = with_average(df)
+    df = df.assign(pair=df.setting.str.split("@").str[0], weighting=df.setting.str.split("@").str[1])
+    pairs, schemes = list(dict.fromkeys(df.pair)), list(dict.fromkeys(df.weighting))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=False)
+    for ax, metric in zip(axes, ("arithmetic", "knowledge")):
+        width = 0.8 / len(schemes)
+        for j, w in enumerate(schemes):
+            sub = df[df.weighting == w]
+            mean = [sub[sub.pair == p][metric].mean() for p in pairs]
+            std = [sub[sub.pair == p][metric].std(ddof=1) for p in pairs]
+            ax.bar([i + (j - (len(schemes) - 1) / 2) * width for i in range(len(pairs))], mean, width=width,
+                   yerr=std, capsize=2, label=w)
+        if singles is not None:
+            s = with_average(singles)
+            for k, setting in enumerate(("hkl_phi", "pkl_qwen3", "kd_llama")):
+                v = s[s.setting == setting][metric].mean()
+                if v == v:
+                    ax.axhline(v, color=f"C{5 + k}", ls="--", lw=1, label=f"single: {setting}")
+        ax.set_xticks(range(len(pairs)), [p.replace("+", "\n+ ") for p in pairs], fontsize=7)
+        ax.set_title(f"{metric} exact match (%)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
