@@ -187,6 +187,11 @@ def test_bad_config():
         Teacher("t", None, None, "p_kl")   # cross-tokenizer loss without W
 
 
+def test_kl_teacher_needs_student_tokenizer(stok, ttok):
+    with pytest.raises(ValueError, match="not the student's"):
+        DistillCollator(stok, [Teacher("q", None, ttok, "kl")])
+
+
 @pytest.mark.parametrize("kw", [dict(bf16=True), dict(gradient_accumulation_steps=2), dict(dataloader_num_workers=1)],
                          ids=["bf16", "grad_accum", "workers"])
 def test_trainer_machinery(tmp_path, stok, ttok, W, kw):

@@ -155,6 +155,12 @@ class DistillCollator:
         self.teachers = list(teachers)
         self.max_length = max_length
         self.teacher_max_length = teacher_max_length or 2 * max_length
+        for t in self.teachers:   # 'kl' compares positions 1:1, so it reuses the student's ids
+            if t.loss == "kl" and t.tokenizer is not student_tokenizer:
+                from .tokenizers import tokenizer_fingerprint
+                if tokenizer_fingerprint(t.tokenizer) != tokenizer_fingerprint(student_tokenizer):
+                    raise ValueError(f"teacher {t.name!r} uses loss 'kl' but its tokenizer is not the student's; "
+                                     "use a cross-tokenizer loss (p_kl, h_kl, gold, uld) with a projection")
 
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], dict[str, list[list[int]]]]:
         """Student ids and each teacher's ids of the same (student-truncated) texts, unpadded."""
@@ -166,7 +172,7 @@ class DistillCollator:
             cut.append(text[:end])
         teachers = {}
         for t in self.teachers:
-            if t.tokenizer is self.student_tokenizer:
+            if t.loss == "kl" or t.tokenizer is self.student_tokenizer:
                 teachers[t.name] = student
             else:
                 teachers[t.name] = _encode(t.tokenizer, cut, self.teacher_max_length)["input_ids"]
