@@ -241,6 +241,9 @@ def test_cache_refuses_other_tokenization(tmp_path, stok):
     teacher.cache = cache
     with pytest.raises(ValueError, match="cache row"):
         DistillCollator(stok, [teacher], max_length=8)([ds[0]])
+    with pytest.raises(ValueError, match="cache row"):   # same idx, another text of the same length
+        DistillCollator(stok, [teacher], max_length=64)([{"text": ds[0]["text"].replace("apples", "pens"), "idx": 0}])
+    assert DistillCollator(stok, [teacher], max_length=64)([ds[1]])["teachers"]["llama3b"]["logprobs"].shape[0] == 1
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

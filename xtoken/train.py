@@ -197,7 +197,7 @@ class DistillCollator:
             if t.cache is not None:
                 if "idx" not in batch:
                     raise KeyError(f"teacher {t.name!r} has a cache: dataset rows need an 'idx' column")
-                entry["logprobs"] = t.cache.rows(batch["idx"], t_ids.shape[1], t_mask.sum(1))
+                entry["logprobs"] = t.cache.rows(batch["idx"], t_ids.shape[1], per_teacher[t.name])
             batch["teachers"][t.name] = entry
         return batch
 
@@ -210,13 +210,16 @@ class TeacherCache:
     Built once per (teacher, dataset, max_length) with `TeacherCache.build`, which tokenizes with the
     very collator used in training, so cached rows line up with the live teacher's positions. Storage
     is ragged: ``data`` [total tokens, V] (a torch tensor, or a memory-mapped ``.npy`` when ``path`` is
-    given) and ``offsets`` [N + 1]; row i is ``data[offsets[i]:offsets[i+1]]``. Passing log-probs to a
-    loss in place of logits is exact: log_softmax(log p / T) = log_softmax(z / T) for any T.
+    given) and ``offsets`` [N + 1]; row i is ``data[offsets[i]:offsets[i+1]]``. The teacher token ids
+    of every row are kept too (``ids`` [total tokens]), and `rows` refuses a batch whose teacher ids
+    differ (another dataset, tokenizer or max_length). Passing log-probs to a loss in place of
+    logits is exact: log_softmax(log p / T) = log_softmax(z / T) for any T.
     """
 
-    def __init__(self, data, offsets: np.ndarray, meta: dict | None = None):
+    def __init__(self, data, offsets: np.ndarray, ids: np.ndarray, meta: dict | None = None):
         self.data = data
         self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.ids = np.asarray(ids, dtype=np.int64)
         self.meta = meta or {}
 
     def __len__(self) -> int:
@@ -244,6 +247,7 @@ class TeacherCache:
             rows.extend(per_teacher[teacher.name])
         lens = np.array([len(r) for r in rows], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lens)])
+        flat_ids = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if rows else np.zeros(0, np.int64)
         vocab = None
         data = None
         iterator = range(0, len(rows), batch_size)
@@ -272,23 +276,28 @@ class TeacherCache:
         if path is not None:
             data.flush()
             np.save(str(path) + ".offsets.npy", offsets)
+            np.save(str(path) + ".ids.npy", flat_ids)
             data = np.load(str(path), mmap_mode="r")
         meta = {"teacher": teacher.name, "rows": len(rows), "max_length": collator.max_length}
-        return cls(data, offsets, meta)
+        return cls(data, offsets, flat_ids, meta)
 
     @classmethod
     def load(cls, path) -> "TeacherCache":
         """Reopen a cache built with ``path=`` (memory-mapped, read-only)."""
-        return cls(np.load(str(path), mmap_mode="r"), np.load(str(path) + ".offsets.npy"))
+        return cls(np.load(str(path), mmap_mode="r"), np.load(str(path) + ".offsets.npy"),
+                   np.load(str(path) + ".ids.npy"))
 
-    def rows(self, idx: torch.Tensor, width: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows ``idx`` right-padded to [B, width, V] float16 (padding = 0, masked by the caller)."""
+    def rows(self, idx: torch.Tensor, width: int, teacher_ids: list[list[int]] | None = None) -> torch.Tensor:
+        """Rows ``idx`` right-padded to [B, width, V] float16 (padding = 0, masked by the caller).
+
+        ``teacher_ids``: the collator's unpadded teacher ids of the batch, checked against the cache."""
         out = torch.zeros((len(idx), width, self.vocab_size), dtype=torch.float16)
         for j, i in enumerate(idx.tolist()):
             a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-            if lengths is not None and int(lengths[j]) != b - a:
-                raise ValueError(f"cache row {i} has {b - a} teacher tokens, the collator made {int(lengths[j])}: "
-                                 "the cache was built for another dataset, tokenizer or max_length")
+            if teacher_ids is not None and not np.array_equal(self.ids[a:b], teacher_ids[j]):
+                raise ValueError(f"cache row {i} holds other teacher tokens than the collator made ({b - a} cached, "
+                                 f"{len(teacher_ids[j])} now): the cache was built for another dataset, tokenizer "
+                                 "or max_length")
             block = self.data[a:b]
             out[j, :b - a] = torch.from_numpy(np.array(block)) if isinstance(block, np.ndarray) else block
         return out
