@@ -90,3 +90,33 @@ def paper_config(output_dir: str, n_gpus: int = 1, **overrides):
               logging_steps=10, activation_checkpointing=True)
     kw.update(overrides)
     return XTokenConfig(**kw)
+
+
+def run_distillation(setting: dict, output_dir: str, *, n_gpus: int = 1, tasks=PAPER_TASKS, dataset=PAPER["dataset"],
+                     subset: str | None = None, **config_overrides):
+    """One paper-scale run: ``setting = {"teachers": [(key, loss, weight), ...], "weighting": "static"}``
+    (keys of ``PAPER["teachers"]``; an empty list is continued pre-training). Trains the Llama-3.2-1B
+    student with `XTokenTrainer`, saves it, and scores it with lm-eval; returns the tidy DataFrame."""
+    from .evaluate import evaluate
+    from .projection import build_projection
+    from .tokenizers import load_tokenizer
+    from .train import Teacher, XTokenTrainer
+
+    s_tok = load_tokenizer(PAPER["student"])
+    if s_tok.pad_token is None:
+        s_tok.pad_token = "<|finetune_right_pad_id|>"
+    student = load_causal_lm(PAPER["student"])
+    teachers = []
+    for key, loss, weight in setting.get("teachers", []):
+        name = PAPER["teachers"][key][0]
+        t_tok = load_tokenizer(name)
+        W = None if loss == "kl" else build_projection(s_tok, t_tok)
+        teachers.append(Teacher(key, load_causal_lm(name), t_tok, loss=loss, projection=W, weight=float(weight)))
+    args = paper_config(output_dir, n_gpus=n_gpus, teacher_weighting=setting.get("weighting", "static"),
+                        **config_overrides)
+    trainer = XTokenTrainer(model=student, args=args, teachers=teachers,
+                            train_dataset=stream_pretraining_text(dataset, subset), processing_class=s_tok)
+    trainer.train()
+    trainer.save_model(output_dir)
+    s_tok.save_pretrained(output_dir)
+    return evaluate(output_dir, list(tasks), device="cuda", batch_size=8, offline=False)
