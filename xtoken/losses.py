@@ -219,10 +219,11 @@ def hybrid_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, dire
     else:                                                                 # shared teacher ids: summed group mass
         g = torch.zeros_like(q_t_c).index_add(1, group, q_s.index_select(1, s_c))
         log_g = torch.log(g.clamp_min(EPS))
-    if direction == "forward":
-        common = generalized_kl(q_t_c, g, log_r=log_g) + q_t_c.sum(-1) - g.sum(-1)   # plain KL terms on C
-    else:
-        common = generalized_kl(g, q_t_c, log_q=log_g) + g.sum(-1) - q_t_c.sum(-1)
+    # plain KL terms on C (GOLD's common term; teacher probabilities from the full softmax)
+    if direction == "forward":      # sum_C q_T (log q_T - log g)
+        common = torch.xlogy(q_t_c, q_t_c).sum(-1) - (q_t_c * log_g).sum(-1)
+    else:                           # sum_C g (log g - log q_T)
+        common = (g * (log_g - torch.log(q_t_c.clamp_min(EPS)))).sum(-1)
     uld = sorted_l1(q_s.index_select(1, prep["s_uncommon"]), q_t.index_select(1, prep["t_uncommon"]), uld_top_k)
     return common_weight * common + uld_weight * uld, q_s, g, q_t_c
 
