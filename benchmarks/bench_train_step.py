@@ -11,6 +11,8 @@ Two modes:
 
           overhead = (t_KD_live - t_CE - t_teacher_forward) / t_CE      (target < 25%)
           cached   = (t_KD_cached - t_CE) / t_CE
+          split    = the KD loss op alone (xtoken.losses, forward + backward on the logits)
+                     + the trainer's glue (the rest of cached - CE)
 
       Collation (tokenization + chunk alignment) is timed apart: with dataloader_num_workers > 0
       it runs in worker processes, beside the step.
@@ -108,6 +110,27 @@ def time_teacher_forward(teacher: Teacher, batches, device, warmup: int = 2) -> 
     return statistics.median(times)
 
 
+def time_kd_op(teacher: Teacher, batches, student_vocab: int, device, chunk_size=None, warmup: int = 2) -> float:
+    """Median seconds of the KD loss alone (forward + backward to the student logits), teacher logits given."""
+    from xtoken.train import teacher_kd_loss
+    times = []
+    for i, batch in enumerate(batches):
+        entry = batch["teachers"][teacher.name]
+        with torch.no_grad():
+            t_logits = teacher.model(input_ids=entry["input_ids"].to(device),
+                                     attention_mask=entry["attention_mask"].to(device)).logits
+        s_logits = torch.randn(*batch["input_ids"].shape, student_vocab, device=device, requires_grad=True)
+        sync()
+        t0 = time.perf_counter()
+        loss, _ = teacher_kd_loss(teacher, s_logits, batch["attention_mask"], t_logits, entry["attention_mask"],
+                                  entry["alignments"], 1.0, chunk_size)
+        loss.backward()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 # ---- mini-scale ---------------------------------------------------------------------------------
 
 def bench_mini(args) -> dict:
@@ -159,6 +182,8 @@ def bench_mini(args) -> dict:
                 tr = make_trainer(copy.deepcopy(student), s_tok, teachers, tmp, **kw)
                 results.setdefault(name, []).append(time_steps(tr, bs))
             results.setdefault("teacher_forward", []).append(time_teacher_forward(teacher, batches, "cpu"))
+            results.setdefault("kd_loss_op", []).append(time_kd_op(teacher, batches, len(s_l2f), "cpu",
+                                                                   args.loss_chunk_size))
     t = {k: min(v) for k, v in results.items()}
     out = {
         "mode": "mini", "loss": args.loss, "batch": args.batch, "loss_chunk_size": args.loss_chunk_size, "student_tokens_per_seq": seq,
@@ -169,6 +194,8 @@ def bench_mini(args) -> dict:
         "kd_cached_over_ce_throughput": t["ce"] / t["kd_cached"],
         "overhead_beyond_teacher_forward": (t["kd_live"] - t["ce"] - t["teacher_forward"]) / t["ce"],
         "cached_overhead": (t["kd_cached"] - t["ce"]) / t["ce"],
+        "kd_loss_op_over_ce": t["kd_loss_op"] / t["ce"],
+        "trainer_glue_over_ce": (t["kd_cached"] - t["ce"] - t["kd_loss_op"]) / t["ce"],
         "collate_ms_per_batch": collate_s * 1e3, "cache_build_s": build_s,
         "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
     }
@@ -180,6 +207,9 @@ def bench_mini(args) -> dict:
     print(f"  KD overhead beyond the teacher forward: {out['overhead_beyond_teacher_forward'] * 100:+.1f}% of a CE step"
           f" (target < 25%)")
     print(f"  KD with cached teacher: {out['cached_overhead'] * 100:+.1f}% over a CE step")
+    print(f"    of which the {args.loss} loss op alone (fwd + bwd on the logits): {t['kd_loss_op'] * 1e3:.1f} ms "
+          f"= {out['kd_loss_op_over_ce'] * 100:.0f}% of a CE step; trainer glue (cache rows, dispatch, "
+          f"weights, scaling, metrics): {out['trainer_glue_over_ce'] * 100:+.1f}%")
     return out
 
 
