@@ -10,8 +10,26 @@ Field groups (all documented inline below):
   training  steps, batch, lr, warm-up, max_length for teachers, the base student and the grid
   grid      seeds of the grid, n_test (test items per skill evaluated by lm-eval), workers
 
-Measured here (2 shared CPU cores, 1 thread per process; see `pilot_measurements` below, which
-`experiment.pilot` rewrites when the pilot is re-run) -- the numbers quoted in the reproduction.
+Measured here (pilot on the 2 CPU cores, 1 torch thread per process, `mini` sizes, corpus seed 0;
+the machine was shared, load average 3-7, so wall times are 2-10x the uncontended ones):
+
+  corpus         9,000 train (6,000 arithmetic + 3,000 knowledge) / 326 test (200 + 126); restricted
+                 vocabularies: Llama 1,362 ids, Qwen3 372, Phi (o200k) 1,361; longest text 95 tokens
+  teacher qwen3  hidden 128 / 4 layers (0.70M params), 1,500 steps x 32: exact match
+                 arithmetic 0.725, knowledge 0.714 (683 s at load ~3; REFERENCE §5: ~150 ms/step
+                 uncontended -> ~3 min for the 1,200 steps of `mini`)
+  base student   Llama hidden 64 / 2 layers, 800 CE steps x 16 at lr 3e-3:
+                 arithmetic 0.100, knowledge 0.095, numeral mass 0.64 (67 s at load ~2)
+  CE-only        base + 600 CE steps x 16 at lr 1e-3 (seed 0): arithmetic 0.210, knowledge 0.532
+                 (234 s at load ~7; ~30 s at load ~2)
+  same student   1,600 CE steps from scratch: arithmetic 0.335, knowledge 0.698 (so the task is
+                 learnable by the Llama-tokenized student, and the teacher is still clearly ahead)
+  lm-eval        one call, both tasks (326 generations, batch 64): 3-10 s (load 2) per model
+  teacher cache  qwen3 over the 9,000 training rows: 212 s at load ~7
+
+Projected `mini` total, uncontended, from REFERENCE §5 per-step times (`experiment.time_budget`):
+corpus 0.5 min + teachers 2 rounds x ~3 min + base ~0.5 min + caches ~2 min + 84 runs x ~20 s / 2
+workers ~14 min = ~23 min. `smoke` runs every stage on a few hundred rows in ~1 minute uncontended.
 """
 from __future__ import annotations
 

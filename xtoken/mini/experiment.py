@@ -37,7 +37,8 @@ from .models import FAMILY_TOKENIZER, LocalVocab, build_model, keep_ids_for, loa
 __all__ = ["build_corpus", "load_vocabs", "train_model", "train_teachers", "train_base_student",
            "evaluate_model", "build_teacher_caches", "Setting", "SINGLE_TEACHER_SETTINGS",
            "multi_teacher_settings", "run_grid", "run_single_teacher_grid", "results_table",
-           "numeral_mass", "digit_split_fraction", "NumeralMassCallback", "TEACHERS", "time_budget"]
+           "numeral_mass", "digit_split_fraction", "NumeralMassCallback", "TEACHERS", "time_budget", "run_all",
+           "run_one"]
 
 TEACHERS = ("llama", "qwen3", "phi")
 TEACHER_LABEL = {"llama": "Llama-3.2-3B (tiny)", "qwen3": "Qwen3-4B (tiny)", "phi": "Phi-4-mini (tiny)"}
@@ -313,33 +314,35 @@ def _projection_path(out_dir, teacher: str) -> Path:
     return Path(out_dir) / "projections" / f"llama_to_{teacher}.safetensors"
 
 
-def build_teacher_caches(cfg: MiniConfig, out_dir, names=TEACHERS) -> dict:
-    """Once: the restricted W of each cross-tokenizer pair and each teacher's log-probs over the
-    training split (`xtoken.train.TeacherCache`, memory-mapped under ``out/cache``). Returns timings."""
+def _cache_one(job):
+    cfg_d, out_dir, name = job
     from xtoken.projection import build_projection
     from xtoken.train import DistillCollator, Teacher, TeacherCache
     _threads()
+    cfg = MiniConfig.from_dict(cfg_d)
     out = Path(out_dir)
+    t0 = time.time()
     vocabs = load_vocabs(out)
-    ds = load_corpus(out)["train"]
-    student = vocabs["llama"]
-    timings = {}
-    for name in names:
-        t0 = time.time()
-        v = vocabs[FAMILY_TOKENIZER[name]]
-        if name != "llama":
-            p = _projection_path(out, name)
-            if not p.exists():
-                w = build_projection(student.full_tok, v.full_tok).restrict(student.local_to_full, v.local_to_full)
-                w.save(p)
-        model = load_model(out / "teachers" / name)[0]
-        teacher = Teacher(name, model, v.tok, loss="kl" if name == "llama" else "uld",
-                          projection=None if name == "llama" else _load_w(out, name))
-        (out / "cache").mkdir(parents=True, exist_ok=True)
-        TeacherCache.build(teacher, ds, DistillCollator(student.tok, [teacher], cfg.max_length),
-                           batch_size=64, path=out / "cache" / f"{name}.npy")
-        timings[name] = time.time() - t0
-    return timings
+    student, v = vocabs["llama"], vocabs[FAMILY_TOKENIZER[name]]
+    if name != "llama":
+        p = _projection_path(out, name)
+        if not p.exists():
+            w = build_projection(student.full_tok, v.full_tok).restrict(student.local_to_full, v.local_to_full)
+            w.save(p)
+    model = load_model(out / "teachers" / name)[0]
+    teacher = Teacher(name, model, v.tok, loss="kl" if name == "llama" else "uld",
+                      projection=None if name == "llama" else _load_w(out, name))
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    TeacherCache.build(teacher, load_corpus(out)["train"], DistillCollator(student.tok, [teacher], cfg.max_length),
+                       batch_size=64, path=out / "cache" / f"{name}.npy")
+    return name, time.time() - t0
+
+
+def build_teacher_caches(cfg: MiniConfig, out_dir, names=TEACHERS, workers=None) -> dict:
+    """Once: the restricted W of each cross-tokenizer pair (built on full ids, then restricted) and each
+    teacher's log-probs over the training split (`xtoken.train.TeacherCache`, memory-mapped under
+    ``out/cache``), one teacher per worker. Returns {teacher: seconds}."""
+    return dict(_pool_map(_cache_one, [(cfg.to_dict(), str(out_dir), n) for n in names], workers or cfg.workers))
 
 
 def _load_w(out_dir, teacher):
@@ -468,3 +471,35 @@ def time_budget(cfg: MiniConfig, *, teacher_s: float, base_s: float, cache_s: fl
     total = corpus_s + teachers + base_s + cache_s + runs
     return {"corpus_s": corpus_s, "teachers_s": teachers, "base_s": base_s, "cache_s": cache_s,
             "runs_s": runs, "total_s": total, "total_min": total / 60}
+
+
+def run_all(cfg: MiniConfig, out_dir, *, single=None, multi=None, seeds=None) -> dict:
+    """The whole miniature in order, with the wall time of each stage (what `smoke` and `mini` time).
+
+    Returns {"corpus", "teachers" (DataFrame), "base", "caches", "single" (DataFrame),
+    "multi" (DataFrame or None), "timings" {stage: seconds}}. ``multi=[]`` skips the multi-teacher grid.
+    """
+    t = {}
+    t0 = time.time()
+    res = {"corpus": build_corpus(cfg, out_dir)}
+    t["corpus_s"] = time.time() - t0
+    t0 = time.time()
+    res["teachers"] = train_teachers(cfg, out_dir)
+    t["teachers_s"] = time.time() - t0
+    t0 = time.time()
+    res["base"] = train_base_student(cfg, out_dir)
+    t["base_s"] = time.time() - t0
+    t0 = time.time()
+    res["caches"] = build_teacher_caches(cfg, out_dir)
+    t["caches_s"] = time.time() - t0
+    t0 = time.time()
+    res["single"] = run_grid(cfg, single or SINGLE_TEACHER_SETTINGS, seeds, out_dir)
+    t["single_s"] = time.time() - t0
+    multi = multi_teacher_settings() if multi is None else multi
+    t0 = time.time()
+    res["multi"] = run_grid(cfg, multi, seeds, out_dir) if multi else None
+    t["multi_s"] = time.time() - t0
+    t["total_s"] = sum(t.values())
+    res["timings"] = t
+    Path(out_dir, "timings.json").write_text(json.dumps(t, indent=1))
+    return res
