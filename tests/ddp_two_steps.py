@@ -95,8 +95,9 @@ def main(out_dir: str, assets: str, loss: str = "p_kl") -> None:
                             processing_class=s_tok)
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    ce = [r["ce"] for r in trainer.state.log_history if "ce" in r]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"rank": rank, "world_size": trainer.args.world_size, "losses": losses,
+        json.dump({"rank": rank, "world_size": trainer.args.world_size, "losses": losses, "ce": ce,
                    "checksum": checksum(trainer.model),
                    "teacher_checksum": checksum(teacher.model)}, f)
 

@@ -285,3 +285,4 @@ def test_ddp_two_ranks_agree(tmp_path, small):
     assert ranks[0]["checksum"] != pytest.approx(checksum(tiny_llama()), rel=1e-9), "DDP must train"
     assert ranks[0]["teacher_checksum"] == pytest.approx(checksum(tiny_qwen()), rel=1e-12)
     assert all(math.isfinite(x) for r in ranks for x in r["losses"])
+    assert len(ranks[0]["ce"]) == 2 and ranks[0]["ce"] == ranks[1]["ce"], "logged metrics are averaged over ranks"

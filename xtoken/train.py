@@ -471,9 +471,14 @@ class XTokenTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean of each distillation metric since the last log, then log as Trainer does."""
+        """Add the mean of each distillation metric since the last log (averaged over DDP ranks, as
+        Trainer does for the loss), then log as Trainer does."""
         if self._metrics and "loss" in logs:
-            logs.update({k: float(np.mean(v)) for k, v in self._metrics.items() if v})
+            keys = sorted(k for k, v in self._metrics.items() if v)
+            values = torch.tensor([float(np.mean(self._metrics[k])) for k in keys], device=self.args.device)
+            if self.args.world_size > 1:   # every rank reaches log() with the same keys (same teachers)
+                values = self.accelerator.reduce(values, reduction="mean")
+            logs.update(dict(zip(keys, values.tolist())))
             self._metrics.clear()
         super().log(logs, start_time)
 
