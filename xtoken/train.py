@@ -349,6 +349,17 @@ class XTokenTrainer(Trainer):
 
     ``data_collator`` defaults to ``DistillCollator(processing_class, teachers, args.max_length)``.
     With no teachers it trains on CE alone (the continued-pre-training baseline).
+
+    With fixed data and frozen teachers, run each teacher once and reuse its outputs::
+
+        ds = ds.add_column("idx", list(range(len(ds))))          # rows addressed by index
+        col = DistillCollator(student_tok, [teacher], max_length)
+        teacher.cache = TeacherCache.build(teacher, ds, col, path="cache/qwen.npy")   # or .load(path)
+        XTokenTrainer(..., teachers=[teacher], train_dataset=ds.select(subset)).train()
+
+    Logged at each logging step (means since the last one, over ranks): ``ce``, ``kd``, ``kd_scale``
+    (dynamic scaling), ``kd_<teacher>``, ``alpha_<teacher>`` (adaptive weights) and every metric the
+    loss returns as ``<teacher>/<name>`` (common mass, top-1 agreement, mass lost on empty W rows, ...).
     """
 
     def __init__(self, model=None, args: XTokenConfig | None = None, teachers: list[Teacher] | None = None,
@@ -372,6 +383,8 @@ class XTokenTrainer(Trainer):
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         for t in self.teachers:
             if t.cache is None:
+                if t.model is None:
+                    raise ValueError(f"teacher {t.name!r} has neither a model nor a cache")
                 t.model.to(self.args.device)
                 if dtype is not None:
                     t.model.to(dtype)
