@@ -65,7 +65,10 @@ class XTokenConfig(TrainingArguments):
     weighting_per: str = field(default="batch", metadata={"help": "adaptive weights per batch or per sample"})
     max_length: int = field(default=512, metadata={"help": "student tokens per sample (teachers see the same text)"})
     loss_chunk_size: int | None = field(default=None, metadata={
-        "help": "positions per chunk when computing log-softmax/CE (saves memory at large vocabularies)"})
+        "help": "block size of the loss computations: positions per block for CE and kl, chunk pairs per block "
+                "for the cross-tokenizer losses. Smaller saves memory at large vocabularies, larger is faster at "
+                "small ones (mini scale: 1024 makes P-KL ~1.4x faster than the losses' default 64). "
+                "None: CE in one piece, the losses' own defaults"})
     loss_curve: bool = field(default=True, metadata={"help": "save output_dir/loss_curve.png at the end of training"})
     # changed defaults
     report_to: Any = field(default="none", metadata={"help": "integrations to report to (default none)"})
