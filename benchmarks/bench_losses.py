@@ -15,8 +15,8 @@ sequences of prose with numbers, aligned by xtoken.align; W is the real Llama ->
   trl_uld     TRL 1.16.0 ULDLoss, plain ULD
 
 Peak memory: ru_maxrss after the loss's first forward+backward minus ru_maxrss once the inputs exist
-(the subprocess is fresh, so the delta is the loss's own peak extra memory). Time: the best of the
-next two runs. Ratios are against kl measured in the same invocation.
+(the subprocess is fresh, so the delta is the loss's own peak extra memory). Time: the best of that
+run and two more (TRL: that run only, its per-group Python loops take minutes). Ratios are against kl measured in the same invocation.
 """
 from __future__ import annotations
 
@@ -99,8 +99,8 @@ def run_one(name: str, n: int, chunk_size: int) -> dict:
     loss.backward()
     first = time.perf_counter() - t0
     peak = rss_mb() - base
-    times = []
-    for _ in range(2):
+    times = [first]
+    for _ in range(0 if name.startswith("trl") else 2):     # TRL's Python loops take minutes: one run
         student.grad = None
         t0 = time.perf_counter()
         fn().backward()

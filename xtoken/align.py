@@ -261,9 +261,7 @@ def _align_valid(s_ids: np.ndarray, t_ids: np.ndarray, s_table: ByteTable, t_tab
 
     # special tokens outside every chunk span: pair same-role specials in the same gap, in order
     def loose_specials(ids, txt, spans, table):
-        covered = np.zeros(len(ids) + 1, dtype=np.int64)
-        np.add.at(covered, spans[:, 0], 1)
-        np.add.at(covered, spans[:, 1], -1)
+        covered = np.bincount(spans[:, 0], minlength=len(ids) + 1) - np.bincount(spans[:, 1], minlength=len(ids) + 1)
         inside = np.cumsum(covered)[:-1] > 0
         special = np.ones(len(ids), dtype=bool)
         special[txt] = False

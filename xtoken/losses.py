@@ -68,7 +68,15 @@ Proposition 1 (GOLD's blind spot): the common term's gradient on an uncommon stu
 p_S[j] * M_C(T) >= 0, M_C(T) = sum_{t in C} q_T[t]; uncommon tokens (Llama's multi-digit numerals
 under Qwen) are always pushed down. P-KL has no such sign constraint (tests/test_losses.py).
 
-Temperature divides every logit on every path. No tau^2 factor is applied.
+Temperature divides every logit on every path. No tau^2 factor is applied. Teacher logits are
+treated as constants (no gradient flows to them).
+
+Metrics (floats, means over chunk pairs unless a count): n_chunks, unpaired_student/_teacher (token
+counts), teacher_common_mass (GOLD/H-KL: teacher mass on C; P-KL: teacher mass on W's image, the
+teacher ids some student row reaches), student_common_mass (GOLD/H-KL: student mass on C; P-KL: mass
+of W^T q_S), mass_lost_empty_rows (student mass on empty W rows), top1_agreement (teacher argmax ==
+the student argmax mapped through the pairing, or argmax of W^T q_S for P-KL), student/teacher
+chunk_mass (mass of the sub-distributions), loss.
 
 Memory: chunks are processed in blocks of `chunk_size`; each block's loss is differentiated at once
 (`torch.autograd.grad`) and its gradient written into one buffer shaped like the student logits, so
