@@ -369,6 +369,9 @@ class XTokenTrainer(Trainer):
                  data_collator=None, processing_class=None, callbacks=None, **kwargs):
         if args is None:
             args = XTokenConfig(output_dir="xtoken_out")
+        if args.remove_unused_columns:
+            raise ValueError("XTokenTrainer needs remove_unused_columns=False: the collator reads the raw 'text' "
+                             "(and 'idx') columns, which the student's forward signature does not name")
         self.teachers = list(teachers or [])
         if len({t.name for t in self.teachers}) != len(self.teachers):
             raise ValueError("teacher names must be unique")
