@@ -503,3 +503,57 @@ def run_all(cfg: MiniConfig, out_dir, *, single=None, multi=None, seeds=None) ->
     res["timings"] = t
     Path(out_dir, "timings.json").write_text(json.dumps(t, indent=1))
     return res
+
+
+# ---- what the notebooks call ------------------------------------------------------------------------
+
+def single_teacher_settings(teachers=("qwen3", "phi"), losses=("gold", "p_kl", "h_kl")) -> list:
+    """The single-teacher rows for some cross-tokenizer teachers and losses, with CE only and
+    same-tokenizer KD (Llama "3B") always included as the references."""
+    keep = []
+    for s in SINGLE_TEACHER_SETTINGS:
+        if not s.teachers or s.teachers[0][0] == "llama":
+            keep.append(s)
+        elif s.teachers[0][0] in teachers and s.teachers[0][1] in losses:
+            keep.append(s)
+    return keep
+
+
+def prepare(cfg: MiniConfig, out_dir) -> dict:
+    """Corpus, teachers, base student and teacher caches in ``out_dir``, each stage skipped when its
+    output is already there for the same config (so notebooks 03 and 04 share one preparation).
+
+    Returns {"teachers": DataFrame of teacher scores, "base": the base student's result, "timings"}.
+    A different config in an existing ``out_dir`` is refused rather than silently mixed."""
+    import pandas as pd
+    out = Path(out_dir)
+    t = {}
+    cfg_file = out / "config.json"
+    if cfg_file.exists():
+        if json.loads(cfg_file.read_text()) != json.loads(cfg.to_json()):
+            raise ValueError(f"{out} holds a miniature built with another config; use another work_dir or delete it")
+    else:
+        t0 = time.time()
+        build_corpus(cfg, out)
+        t["corpus_s"] = time.time() - t0
+    missing = [n for n in TEACHERS if not (out / "teachers" / n / "result.json").exists()]
+    if missing:
+        t0 = time.time()
+        train_teachers(cfg, out, names=tuple(missing))
+        t["teachers_s"] = time.time() - t0
+    if not (out / "base_student" / "result.json").exists():
+        t0 = time.time()
+        train_base_student(cfg, out)
+        t["base_s"] = time.time() - t0
+    missing = [n for n in TEACHERS if not (out / "cache" / f"{n}.npy").exists()]
+    if missing:
+        t0 = time.time()
+        build_teacher_caches(cfg, out, names=tuple(missing))
+        t["caches_s"] = time.time() - t0
+    rows = []
+    for n in TEACHERS:
+        r = json.loads((out / "teachers" / n / "result.json").read_text())
+        r.pop("log_history", None)
+        rows.append(r)
+    base = json.loads((out / "base_student" / "result.json").read_text())
+    return {"teachers": pd.DataFrame(rows), "base": base, "timings": t}
