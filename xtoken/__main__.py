@@ -84,8 +84,8 @@ def main(argv=None) -> int:
                        description="Execute the reproduction notebooks in order with papermill, writing executed "
                                    "copies and results. Stops at the first failing cell and names it.")
     r.add_argument("--scale", choices=["smoke", "mini", "paper"], default="mini")
-    r.add_argument("--out", default="runs/reproduce", help="folder for executed notebooks (default runs/reproduce)")
-    r.add_argument("--results", default="results", help="folder the notebooks write results to (default results)")
+    r.add_argument("--out", default=None, help="folder for executed notebooks (default: notebooks/ in place for mini, runs/<scale>/notebooks otherwise)")
+    r.add_argument("--results", default=None, help="folder for results (default: results/ for mini, runs/<scale>/results otherwise)")
     r.add_argument("--start", default=None, help="resume from this notebook (e.g. 03 or 03_distillation)")
     r.set_defaults(func=_reproduce)
 
