@@ -1,6 +1,7 @@
 """The miniature: corpus determinism and Arrow round trip, restricted tokenizers, vocabulary check,
 and the smoke preset end to end (teacher training through XTokenTrainer + lm-eval)."""
 import hashlib
+import json
 import random
 
 import pyarrow as pa
@@ -117,3 +118,29 @@ def test_smoke_teacher_trains_and_evaluates(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "teachers" / "qwen3"))
     assert type(model).__name__ == "Qwen3ForCausalLM"
     assert model.get_output_embeddings().weight.shape[0] == info["vocab_sizes"]["qwen3"]
+
+
+@pytest.mark.slow
+def test_smoke_grid_end_to_end(tmp_path):
+    """Every stage of the smoke preset: teachers, base, caches, a CE run, a GOLD run and a
+    two-teacher run, each writing result.json; a second call reads the finished runs back."""
+    from xtoken.mini import experiment as E
+    cfg = MiniConfig.preset("smoke")
+    E.build_corpus(cfg, tmp_path)
+    E.train_teachers(cfg, tmp_path, workers=1)
+    base = E.train_base_student(cfg, tmp_path)
+    assert 0.0 <= base["numeral_mass"] <= 1.0
+    assert set(E.build_teacher_caches(cfg, tmp_path, workers=1)) == set(E.TEACHERS)
+    settings = [E.SINGLE_TEACHER_SETTINGS[0], E.Setting("gold_qwen3", [("qwen3", "gold", 1.0)]),
+                E.Setting("two", [("phi", "h_kl", 0.5), ("llama", "kl", 0.5)])]
+    df = E.run_grid(cfg, settings, [0], tmp_path, workers=1)
+    assert list(df["setting"]) == ["ce_only", "gold_qwen3", "two"]
+    assert df[["arithmetic", "knowledge", "numeral_mass"]].notna().all().all()
+    assert "final_kd_qwen3" in df.columns and "final_kd_phi" in df.columns
+    res = json.loads((tmp_path / "runs" / "two" / "seed0" / "result.json").read_text())
+    assert res["setting_spec"]["teachers"] == [["phi", "h_kl", 0.5], ["llama", "kl", 0.5]]
+    assert len(res["numeral_mass_history"]) >= 2
+    again = E.run_grid(cfg, settings, [0], tmp_path, workers=1)     # read back, nothing retrained
+    assert again["arithmetic"].tolist() == df["arithmetic"].tolist()
+    table = E.results_table(df)
+    assert list(table.index) == ["ce_only", "gold_qwen3", "two"]
