@@ -314,9 +314,24 @@ def _projection_path(out_dir, teacher: str) -> Path:
     return Path(out_dir) / "projections" / f"llama_to_{teacher}.safetensors"
 
 
+def _full_projection(student_tok, teacher_tok):
+    """W on the full vocabularies, built once per tokenizer pair and kept under ``$XTOKEN_CACHE``
+    (a Llama x o200k build takes minutes on a loaded CPU; every corpus reuses it)."""
+    from xtoken.projection import Projection, build_projection
+    from xtoken.tokenizers import _cache_dir, tokenizer_fingerprint
+    p = _cache_dir().parent / "projections" / (
+        f"{tokenizer_fingerprint(student_tok)}-{tokenizer_fingerprint(teacher_tok)}.safetensors")
+    if p.exists():
+        return Projection.load(p, student_tok, teacher_tok)
+    w = build_projection(student_tok, teacher_tok)
+    tmp = p.with_suffix(f".tmp{os.getpid()}")
+    w.save(tmp)
+    tmp.replace(p)
+    return w
+
+
 def _cache_one(job):
     cfg_d, out_dir, name = job
-    from xtoken.projection import build_projection
     from xtoken.train import DistillCollator, Teacher, TeacherCache
     _threads()
     cfg = MiniConfig.from_dict(cfg_d)
@@ -327,7 +342,7 @@ def _cache_one(job):
     if name != "llama":
         p = _projection_path(out, name)
         if not p.exists():
-            w = build_projection(student.full_tok, v.full_tok).restrict(student.local_to_full, v.local_to_full)
+            w = _full_projection(student.full_tok, v.full_tok).restrict(student.local_to_full, v.local_to_full)
             w.save(p)
     model = load_model(out / "teachers" / name)[0]
     teacher = Teacher(name, model, v.tok, loss="kl" if name == "llama" else "uld",
@@ -458,7 +473,7 @@ def results_table(df, metrics=("arithmetic", "knowledge", "numeral_mass", "digit
     """Mean and std over seeds per setting (rows in the order settings first appear)."""
     order = list(dict.fromkeys(df["setting"]))
     g = df.groupby("setting")[list(metrics)].agg(["mean", "std"])
-    g["n_seeds"] = df.groupby("setting")["seed"].nunique()
+    g[("seeds", "n")] = df.groupby("setting")["seed"].nunique()
     return g.loc[order]
 
 
