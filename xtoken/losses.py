@@ -183,14 +183,16 @@ class _ProjectedKL(torch.autograd.Function):
         q_s = log_q_s.exp()
         r = torch.zeros(q_s.shape[0], q_t.shape[1], dtype=q_s.dtype, device=q_s.device)
         r.index_add_(1, cols, q_s.index_select(1, rows).mul_(w))
-        log_r = r.clamp_min(EPS).log_()
+        r_c = r.clamp_min(EPS)
+        log_r = r_c.log()
+        dot = lambda x, y: torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)     # row-wise sum(x * y), no temporary
         if reverse:
             log_qt = q_t.clamp_min(EPS).log()
-            d = (r * (log_r - log_qt)).sum(-1) - r.sum(-1) + q_t.sum(-1)
             d_r = log_r.sub_(log_qt)                                      # dD/dr = log r - log q_T
+            d = dot(r, d_r) - r.sum(-1) + q_t.sum(-1)
         else:
-            d = torch.xlogy(q_t, q_t).sum(-1) - (q_t * log_r).sum(-1) - q_t.sum(-1) + r.sum(-1)
-            d_r = q_t / r.clamp_min(EPS)                                  # dD/dr = 1 - q_T / r (the 1 added below)
+            d = torch.xlogy(q_t, q_t).sum(-1) - dot(q_t, log_r) - q_t.sum(-1) + r.sum(-1)
+            d_r = torch.div(q_t, r_c, out=log_r)                          # dD/dr = 1 - q_T / r (the 1 added below)
             d_r.masked_fill_(r < EPS, 0.0)                                # clamped: only the +sum(r) term
         ctx.save_for_backward(q_s, d_r, rows, cols, w)
         ctx.reverse = reverse
