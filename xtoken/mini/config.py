@@ -24,12 +24,18 @@ the machine was shared, load average 3-7, so wall times are 2-10x the uncontende
                  (234 s at load ~7; ~30 s at load ~2)
   same student   1,600 CE steps from scratch: arithmetic 0.335, knowledge 0.698 (so the task is
                  learnable by the Llama-tokenized student, and the teacher is still clearly ahead)
+  first KD runs  seed 0, hyperparameters fixed before they ran (600 steps, lr 1e-3, CE + 1.0 x KD):
+                 CE-only 0.210 / 0.532 (arithmetic / knowledge), numeral mass 0.63;
+                 P-KL Qwen3 0.185 / 0.563, mass 0.65; GOLD Qwen3 0.025 / 0.278, mass 0.32
+                 (Proposition 1's suppression; P-KL and GOLD ~440 s each at load ~7)
   lm-eval        one call, both tasks (326 generations, batch 64): 3-10 s (load 2) per model
   teacher cache  qwen3 over the 9,000 training rows: 212 s at load ~7
 
 Projected `mini` total, uncontended, from REFERENCE §5 per-step times (`experiment.time_budget`):
 corpus 0.5 min + teachers 2 rounds x ~3 min + base ~0.5 min + caches ~2 min + 84 runs x ~20 s / 2
-workers ~14 min = ~23 min. `smoke` runs every stage on a few hundred rows in ~1 minute uncontended.
+workers ~14 min = ~23 min. `smoke` (`experiment.run_all`, 3 teachers, 8 single + 2 multi runs) took
+905 s at load ~7 (corpus 149, teachers 188, base 68, caches 260, runs 239): almost all of it fixed
+per-process costs (loading three 128k-200k tokenizers, lm-eval start-up), not training.
 """
 from __future__ import annotations
 
