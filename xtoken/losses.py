@@ -175,7 +175,7 @@ class _ProjectedKL(torch.autograd.Function):
     Hand-written backward (fewer full-width passes than autograd's): with r = W^T q,
       forward:  dD/dr = 1 - q_T / r,   reverse: dD/dr = log r - log q_T,
       dD/dlog q[s] = q[s] * sum_k W[s, t_k] dD/dr[t_k]   (a gather over W's entries, then a scatter-add).
-    r is clamped at EPS under the logs (where r < EPS the log term has zero gradient).
+    r is clamped at EPS under the logs.
     """
 
     @staticmethod
@@ -192,8 +192,10 @@ class _ProjectedKL(torch.autograd.Function):
             d = dot(r, d_r) - r.sum(-1) + q_t.sum(-1)
         else:
             d = torch.xlogy(q_t, q_t).sum(-1) - dot(q_t, log_r) - q_t.sum(-1) + r.sum(-1)
-            d_r = torch.div(q_t, r_c, out=log_r)                          # dD/dr = 1 - q_T / r (the 1 added below)
-            d_r.masked_fill_(r < EPS, 0.0)                                # clamped: only the +sum(r) term
+            # dD/dr = 1 - q_T / r (the 1 added in backward), with r clamped at EPS as in the value. Where
+            # r < EPS this is the gradient of the unclamped divergence with EPS for r: still bounded, since
+            # q_S[s] W[s, t] <= r[t] makes each student term q_S[s] W[s, t] q_T[t] / EPS <= q_T[t].
+            d_r = q_t / r_c
         ctx.save_for_backward(q_s, d_r, rows, cols, w)
         ctx.reverse = reverse
         ctx.mark_non_differentiable(r)
