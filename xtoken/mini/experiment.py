@@ -215,13 +215,15 @@ def numeral_mass(model, tok, texts, vocab_size=None) -> float:
 @torch.no_grad()
 def digit_split_fraction(model, tok, prompts, max_new_tokens=32, batch=32) -> dict:
     """Generate greedily for ``prompts``; among generated numbers with >= 2 digits, the fraction
-    written with more tokens than digits-groups, i.e. digit by digit (e.g. '3','4','7')."""
+    written with more than one token, i.e. digit by digit (e.g. '3','4','7') -> ``digit_split``;
+    among all generated numbers, the fraction with a single digit -> ``single_digit`` (a student that
+    lost its multi-digit tokens may also just write one digit where a number belongs)."""
     v = model.get_output_embeddings().weight.shape[0]
     strings = [tok.decode([i]) for i in range(v)]
     digits = [s.strip() if s.strip().isdigit() and s == s.strip() else None for s in strings]
     side = tok.padding_side
     tok.padding_side = "left"
-    split = total = 0
+    split = total = numbers = single = 0
     model.eval()
     try:
         for a in range(0, len(prompts), batch):
@@ -235,13 +237,17 @@ def digit_split_fraction(model, tok, prompts, max_new_tokens=32, batch=32) -> di
                     if d is not None:
                         run.append(d)
                         continue
+                    if run:
+                        numbers += 1
+                        single += len("".join(run)) == 1
                     if run and len("".join(run)) >= 2:
                         total += 1
                         split += len(run) > 1
                     run = []
     finally:
         tok.padding_side = side
-    return {"digit_split": split / total if total else float("nan"), "numbers": total}
+    return {"digit_split": split / total if total else float("nan"), "numbers": total,
+            "single_digit": single / numbers if numbers else float("nan"), "all_numbers": numbers}
 
 
 def NumeralMassCallback(tok, texts, every: int):
@@ -453,7 +459,7 @@ def run_grid(cfg: MiniConfig, settings, seeds=None, out_dir=".", *, workers=None
             else:
                 jobs.append((cfg.to_dict(), str(out), s.to_dict(), seed))
     done += _pool_map(_run_job, jobs, workers or cfg.workers)
-    keep = ["setting", "label", "seed", "arithmetic", "knowledge", "numeral_mass", "digit_split",
+    keep = ["setting", "label", "seed", "arithmetic", "knowledge", "numeral_mass", "digit_split", "single_digit",
             "train_wall_s", "eval_wall_s", "wall_s"]
     rows = []
     for r in done:
@@ -469,7 +475,7 @@ def run_single_teacher_grid(cfg: MiniConfig, settings=None, seeds=None, out_dir=
     return run_grid(cfg, settings or SINGLE_TEACHER_SETTINGS, seeds, out_dir, **kw)
 
 
-def results_table(df, metrics=("arithmetic", "knowledge", "numeral_mass", "digit_split")):
+def results_table(df, metrics=("arithmetic", "knowledge", "numeral_mass", "digit_split", "single_digit")):
     """Mean and std over seeds per setting (rows in the order settings first appear)."""
     order = list(dict.fromkeys(df["setting"]))
     g = df.groupby("setting")[list(metrics)].agg(["mean", "std"])
