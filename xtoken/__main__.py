@@ -51,7 +51,7 @@ def _audit(args) -> int:
 
 def _reproduce(args) -> int:
     from .pipeline import reproduce
-    return reproduce(scale=args.scale, out=args.out, start=args.start, results=args.results)
+    return reproduce(scale=args.scale, out=args.out, start=args.start, results=args.results, work=args.work)
 
 
 def main(argv=None) -> int:
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     r.add_argument("--scale", choices=["smoke", "mini", "paper"], default="mini")
     r.add_argument("--out", default=None, help="folder for executed notebooks (default: notebooks/ in place for mini, runs/<scale>/notebooks otherwise)")
     r.add_argument("--results", default=None, help="folder for results (default: results/ for mini, runs/<scale>/results otherwise)")
+    r.add_argument("--work", default=None, help="folder for models, caches and per-run JSON (default runs/<scale>)")
     r.add_argument("--start", default=None, help="resume from this notebook (e.g. 03 or 03_distillation)")
     r.set_defaults(func=_reproduce)
 

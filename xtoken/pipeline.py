@@ -26,7 +26,7 @@ def _default_dirs(scale: str, out: str | None, results: str | None) -> tuple[Pat
 
 
 def reproduce(scale: str = "mini", out: str | None = None, start: str | None = None,
-              results: str | None = None, notebooks_dir: str | Path | None = None) -> int:
+              results: str | None = None, notebooks_dir: str | Path | None = None, work: str | None = None) -> int:
     import papermill as pm
 
     src = Path(notebooks_dir or ROOT / "notebooks")
@@ -47,7 +47,8 @@ def reproduce(scale: str = "mini", out: str | None = None, start: str | None = N
     for i, name in enumerate(names, 1):
         nb_in, nb_out = src / f"{name}.ipynb", out_dir / f"{name}.ipynb"
         declared = pm.inspect_notebook(str(nb_in))
-        offered = {"scale": scale, "results_dir": str(results_dir.resolve())}
+        offered = {"scale": scale, "results_dir": str(results_dir.resolve()),
+                   "work_dir": str(Path(work or ROOT / "runs" / scale).resolve())}
         params = {k: v for k, v in offered.items() if k in declared}
         print(f"[{i}/{len(names)}] {name} ({', '.join(f'{k}={v}' for k, v in params.items())}) ...", flush=True)
         t0 = time.perf_counter()
