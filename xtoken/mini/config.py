@@ -18,6 +18,10 @@ the machine was shared, load average 3-7, so wall times are 2-10x the uncontende
   teacher qwen3  hidden 128 / 4 layers (0.70M params), 1,500 steps x 32: exact match
                  arithmetic 0.725, knowledge 0.714 (683 s at load ~3; REFERENCE §5: ~150 ms/step
                  uncontended -> ~3 min for the 1,200 steps of `mini`)
+  teacher llama  hidden 128 / 4 layers (0.83M), 1,200 steps x 32: arithmetic 0.375, knowledge 0.810
+  teacher phi    hidden 128 / 4 layers (0.83M), 1,200 steps x 32: arithmetic 0.355, knowledge 0.913
+                 (1,017 / 1,034 s, two workers at load ~5; the digit-splitting Qwen3 teacher is the
+                 arithmetic one, the 3-digit-token teachers know the world better)
   base student   Llama hidden 64 / 2 layers, 800 CE steps x 16 at lr 3e-3:
                  arithmetic 0.100, knowledge 0.095, numeral mass 0.64 (67 s at load ~2)
   CE-only        base + 600 CE steps x 16 at lr 1e-3 (seed 0): arithmetic 0.210, knowledge 0.532
