@@ -10,6 +10,7 @@ cell stops the run with the notebook and cell named; `--start 03` resumes from a
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,8 +48,9 @@ def reproduce(scale: str = "mini", out: str | None = None, start: str | None = N
     for i, name in enumerate(names, 1):
         nb_in, nb_out = src / f"{name}.ipynb", out_dir / f"{name}.ipynb"
         declared = pm.inspect_notebook(str(nb_in))
-        offered = {"scale": scale, "results_dir": str(results_dir.resolve()),
-                   "work_dir": str(Path(work or ROOT / "runs" / scale).resolve())}
+        # paths relative to the notebooks' folder (their cwd), so executed copies stay portable
+        rel = lambda p: os.path.relpath(Path(p).resolve(), src.resolve())  # noqa: E731
+        offered = {"scale": scale, "results_dir": rel(results_dir), "work_dir": rel(work or ROOT / "runs" / scale)}
         params = {k: v for k, v in offered.items() if k in declared}
         print(f"[{i}/{len(names)}] {name} ({', '.join(f'{k}={v}' for k, v in params.items())}) ...", flush=True)
         t0 = time.perf_counter()

@@ -401,3 +401,26 @@ def build_report(results_dir, scale: str = "mini") -> str:
         out += [f"- {k}: {_held(v['held'])} ({', '.join(f'{a}: {b}' for a, b in v.items() if a != 'held' and a != 'per pair')})"
                 for k, v in f.items()] + [""]
     return "\n".join(out) + "\n"
+
+
+def alignment_table(text: str, student_tok, teacher_tok) -> pd.DataFrame:
+    """One sentence aligned (both tokenizers' own tokenization, BOS included where they add one):
+    each chunk pair as readable strings, unpaired tokens as their own rows, in text order."""
+    from .align import align
+    s_ids = student_tok(text)["input_ids"]
+    t_ids = teacher_tok(text)["input_ids"]
+    a = align(s_ids, t_ids, student_tok, teacher_tok)
+    rows = []
+    for k, ((sa, sb), (ta, tb)) in enumerate(zip(a.student_spans.tolist(), a.teacher_spans.tolist())):
+        text_bytes = a.chunk_bytes(k, student_tok, teacher_tok)[0]
+        rows.append({"pos": sa, "text": text_bytes.decode("utf-8", "replace"),
+                     "student tokens": " | ".join(student_tok.convert_ids_to_tokens(s_ids[sa:sb])),
+                     "teacher tokens": " | ".join(teacher_tok.convert_ids_to_tokens(t_ids[ta:tb])),
+                     "chunk": f"{sb - sa}:{tb - ta}"})
+    for p in a.student_unpaired.tolist():
+        rows.append({"pos": p - 0.5, "text": "", "student tokens": student_tok.convert_ids_to_tokens(s_ids[p]),
+                     "teacher tokens": "(unpaired)", "chunk": "1:0"})
+    for p in a.teacher_unpaired.tolist():
+        rows.append({"pos": -0.5, "text": "", "student tokens": "(unpaired)",
+                     "teacher tokens": teacher_tok.convert_ids_to_tokens(t_ids[p]), "chunk": "0:1"})
+    return pd.DataFrame(rows).sort_values("pos", kind="stable").drop(columns="pos").reset_index(drop=True)
