@@ -174,7 +174,8 @@ class _ProjectedKL(torch.autograd.Function):
 
     Hand-written backward (fewer full-width passes than autograd's): with r = W^T q,
       forward:  dD/dr = 1 - q_T / r,   reverse: dD/dr = log r - log q_T,
-      dD/dlog q[s] = q[s] * sum_k W[s, t_k] dD/dr[t_k]   (a gather over W's entries, then a scatter-add).
+      dD/dlog q[s] = q[s] * sum_k W[s, t_k] dD/dr[t_k]   (a gather over W's entries, then a scatter-add),
+      dD/dW[s, t]  = q[s] * dD/dr[t]                      (only when the weights are learned, issue 8).
     r is clamped at EPS under the logs.
     """
 
@@ -205,14 +206,24 @@ class _ProjectedKL(torch.autograd.Function):
     def backward(ctx, g, _g_r):
         q_s, d_r, rows, cols, w = ctx.saved_tensors
         d_r = d_r.index_select(1, cols)                                   # only W's columns are needed
+        grad_w = None
+        if ctx.needs_input_grad[4]:                                       # learned W: dD/dW[e] = q[rows_e] dD/dr[cols_e]
+            d_r_e = d_r if ctx.reverse else torch.sub(1.0, d_r)
+            grad_w = (q_s.index_select(1, rows) * d_r_e).mul_(g.unsqueeze(1)).sum(0)
         d_r = d_r.mul_(w) if ctx.reverse else torch.addcmul(w, d_r, w, value=-1.0)   # w * dD/dr
         u = torch.zeros_like(q_s).index_add_(1, rows, d_r)
-        return u.mul_(q_s).mul_(g.unsqueeze(1)), None, None, None, None, None
+        grad_q = u.mul_(q_s).mul_(g.unsqueeze(1)) if ctx.needs_input_grad[0] else None
+        return grad_q, None, None, None, grad_w, None
 
 
-def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direction: str = "forward"):
-    """P-KL per chunk: D(q_T || W^T q_S) (forward) or D(W^T q_S || q_T) (reverse); also returns r = W^T q_S."""
-    d, r = _ProjectedKL.apply(log_q_s, q_t, prep["rows"], prep["cols"], prep["w"].to(log_q_s.dtype),
+def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direction: str = "forward",
+                    w: torch.Tensor | None = None):
+    """P-KL per chunk: D(q_T || W^T q_S) (forward) or D(W^T q_S || q_T) (reverse); also returns r = W^T q_S.
+
+    w: W's non-zero entries in ``prep``'s order (default ``prep["w"]``); pass a tensor that requires grad
+    to learn them (`xtoken.projection.LearnableProjection`)."""
+    w = prep["w"] if w is None else w
+    d, r = _ProjectedKL.apply(log_q_s, q_t, prep["rows"], prep["cols"], w.to(log_q_s.dtype),
                               direction == "reverse")
     return d, r, None
 
@@ -254,7 +265,8 @@ def _prepared(proj, kind: str, student_width: int, teacher_width: int, device) -
     idx, w = proj.indices[:student_width], proj.weights[:student_width]
     keep = (idx >= 0) & (idx < teacher_width) & (w > 0)
     rows = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)[keep]
-    prep = {"rows": rows.to(device), "cols": idx[keep].to(device), "w": w[keep].to(device)}
+    prep = {"rows": rows.to(device), "cols": idx[keep].to(device), "w": w[keep].to(device),
+            "flat": keep.reshape(-1).nonzero().squeeze(1).to(device)}  # entries' positions in weights[:V_S].view(-1)
     from .projection import EMPTY
     image = torch.zeros(teacher_width, dtype=torch.bool)
     image[prep["cols"].cpu()] = True
@@ -302,38 +314,51 @@ def _block(table, lo: int, hi: int):
 
 
 class _EagerBlockGrad(torch.autograd.Function):
-    """Returns a loss computed block by block whose gradient w.r.t. the student logits was already
-    accumulated during the forward pass (each block differentiated and freed at once)."""
+    """Returns a loss computed block by block whose gradients w.r.t. the student logits (and the
+    learned W entries, if any) were already accumulated during the forward pass (each block
+    differentiated and freed at once)."""
 
     @staticmethod
-    def forward(ctx, student_logits, total, grad):
-        ctx.save_for_backward(grad)
+    def forward(ctx, student_logits, extra, total, grad, grad_extra):
+        ctx.save_for_backward(grad, grad_extra)
         return total.clone()
 
     @staticmethod
     def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        if g.numel() == 1 and float(g) == 1.0:                           # the common case: no extra copy
-            return grad, None, None
-        return grad * g.to(grad.dtype), None, None
+        grad, grad_extra = ctx.saved_tensors
+        one = g.numel() == 1 and float(g) == 1.0                          # the common case: no extra copy
+        scale = lambda x: x if one else x * g.to(x.dtype)
+        return (scale(grad) if ctx.needs_input_grad[0] else None,
+                scale(grad_extra) if ctx.needs_input_grad[1] else None, None, None, None)
 
 
-def _run_blocks(student_logits, n_items: int, chunk_size: int, block_fn):
-    """Sum over blocks of block_fn(lo, hi, leaf) -> (loss_sum, rows_index, leaf); gradient buffered."""
-    needs_grad = student_logits.requires_grad and torch.is_grad_enabled()
-    grad = torch.zeros_like(student_logits) if needs_grad else torch.zeros(0, dtype=student_logits.dtype)
+def _run_blocks(student_logits, n_items: int, chunk_size: int, block_fn, extra: torch.Tensor | None = None):
+    """Sum over blocks of block_fn(lo, hi, grad, extra_leaf) -> (loss_sum, rows_index, leaf); gradients buffered.
+
+    extra: an optional second differentiable input shared by all blocks (learned W entries); each
+    block sees it as a fresh leaf ``extra_leaf`` and its gradient is summed over the blocks."""
+    grad_on = torch.is_grad_enabled()
+    needs_s = student_logits.requires_grad and grad_on
+    needs_x = extra is not None and extra.requires_grad and grad_on
+    grad = torch.zeros_like(student_logits) if needs_s else torch.zeros(0, dtype=student_logits.dtype)
+    x_leaf = None if extra is None else extra.detach().requires_grad_(needs_x)
+    grad_x = torch.zeros_like(extra) if needs_x else torch.zeros(0)
     total = torch.zeros((), dtype=torch.float64)
     for lo in range(0, n_items, chunk_size):
         hi = min(lo + chunk_size, n_items)
         with torch.enable_grad():
-            loss_sum, (b, p), leaf = block_fn(lo, hi, needs_grad)
-            if needs_grad and loss_sum.requires_grad:
-                (g,) = torch.autograd.grad(loss_sum, leaf)
-                grad.view(-1, grad.shape[-1]).index_add_(0, b * grad.shape[1] + p, g.to(grad.dtype))
+            loss_sum, (b, p), leaf = block_fn(lo, hi, needs_s, x_leaf)
+            if (needs_s or needs_x) and loss_sum.requires_grad:
+                inputs = ([leaf] if needs_s else []) + ([x_leaf] if needs_x else [])
+                gs = torch.autograd.grad(loss_sum, inputs, allow_unused=True)
+                if needs_s and gs[0] is not None:
+                    grad.view(-1, grad.shape[-1]).index_add_(0, b * grad.shape[1] + p, gs[0].to(grad.dtype))
+                if needs_x and gs[-1] is not None:
+                    grad_x += gs[-1]
         total += loss_sum.detach().double().cpu()
     total = total.to(student_logits.dtype)
-    if needs_grad:
-        return _EagerBlockGrad.apply(student_logits, total, grad)
+    if needs_s or needs_x:
+        return _EagerBlockGrad.apply(student_logits, extra, total, grad, grad_x)
     return total
 
 
@@ -341,8 +366,7 @@ def _rows(logits, b, p, width: int, temperature: float, grad: bool):
     """A block's logit rows, padded columns sliced off, as a fresh leaf; and their log-softmax."""
     flat = logits.detach().reshape(-1, logits.shape[-1])
     leaf = flat.index_select(0, b * logits.shape[1] + p)
-    if grad:
-        leaf.requires_grad_(True)
+    leaf.requires_grad_(grad)
     x = leaf[:, :width]
     return leaf, torch.log_softmax(x if temperature == 1 else x / temperature, dim=-1)
 
@@ -356,9 +380,11 @@ def _mean(total, n):
 def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projection=None, *, temperature=1.0,
                      direction="forward", merge=None, chunk_size=64, student_vocab_size=None,
                      teacher_vocab_size=None, student_id_map=None, teacher_id_map=None, common_weight=1.0,
-                     uld_weight=1.0, uld_top_k=None):
+                     uld_weight=1.0, uld_top_k=None, weights=None):
     if direction not in ("forward", "reverse"):
         raise ValueError(f"direction must be 'forward' or 'reverse', not {direction!r}")
+    if weights is not None and kind != "pkl":
+        raise ValueError("weights= (a learned W) is a P-KL option: GOLD and H-KL use W only through its pattern")
     device = student_logits.device
     v_s = student_vocab_size or student_logits.shape[-1]
     v_t = teacher_vocab_size or teacher_logits.shape[-1]
@@ -370,13 +396,18 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
     else:
         prep, gamma = None, 0.1
     merge = merge or ("w" if kind == "pkl" else "chain")
+    w_entries = None
+    if weights is not None:                                                # learned W: [V_S, k] like projection.weights
+        if tuple(weights.shape) != tuple(projection.weights.shape):
+            raise ValueError(f"weights has shape {tuple(weights.shape)}, W has {tuple(projection.weights.shape)}")
+        w_entries = weights[:v_s].reshape(-1).index_select(0, prep["flat"]).to(student_logits.dtype)
     sides, n_chunks = _chunk_plan(alignments, device)
     s_map = None if student_id_map is None else torch.as_tensor(student_id_map, device=device)
     t_map = None if teacher_id_map is None else torch.as_tensor(teacher_id_map, device=device)
     stats = {"teacher_common_mass": 0.0, "student_common_mass": 0.0, "top1_agreement": 0.0,
              "mass_lost_empty_rows": 0.0, "student_chunk_mass": 0.0, "teacher_chunk_mass": 0.0}
 
-    def block_fn(lo, hi, grad):
+    def block_fn(lo, hi, grad, w_leaf):
         n = hi - lo
         sb, sp, sid, soff, sch = _block(sides["student"], lo, hi)
         tb, tp, tid, toff, tch = _block(sides["teacher"], lo, hi)
@@ -389,7 +420,7 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
             q_t = teacher_merge(logp_t, tch, tid, toff, n, merge, gamma)
         log_q_s = chain_rule_log_q(logp_s, sch, sid, soff, n)
         if kind == "pkl":
-            d, r, _ = p_kl_divergence(log_q_s, q_t, prep, direction)
+            d, r, _ = p_kl_divergence(log_q_s, q_t, prep, direction, w_leaf)
             with torch.no_grad():
                 q_s = log_q_s.detach().exp()
                 stats["mass_lost_empty_rows"] += q_s[:, prep["empty"]].sum().item()
@@ -411,7 +442,7 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
             stats["teacher_chunk_mass"] += q_t.sum().item()
         return d.sum(), (sb, sp), leaf
 
-    total = _run_blocks(student_logits, n_chunks, chunk_size, block_fn)
+    total = _run_blocks(student_logits, n_chunks, chunk_size, block_fn, w_entries)
     metrics = {k: v / max(n_chunks, 1) for k, v in stats.items()}
     metrics.update(n_chunks=float(n_chunks),
                    unpaired_student=float(sum(len(a.student_unpaired) for a in alignments)),
@@ -423,7 +454,9 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
 
 def p_kl_loss(student_logits, teacher_logits, alignments, projection, **kw):
     """P-KL: mean over chunk pairs of D(q_T || W^T q_S) (module docstring). kw: temperature, direction,
-    merge ("w" default, "chain", "first", "mean"), chunk_size, *_vocab_size, *_id_map."""
+    merge ("w" default, "chain", "first", "mean"), chunk_size, *_vocab_size, *_id_map, and
+    weights: [V_S, k] row weights replacing ``projection.weights`` (same pattern), differentiable: the
+    learnable W of `xtoken.projection.LearnableProjection` receives its gradient through this argument."""
     return _cross_tokenizer("pkl", student_logits, teacher_logits, alignments, projection, **kw)
 
 
@@ -459,7 +492,7 @@ def kl_loss(student_logits, teacher_logits, mask=None, *, temperature=1.0, direc
     b_all, p_all = b_all.to(student_logits.device), p_all.to(student_logits.device)
     stats = {"top1_agreement": 0.0}
 
-    def block_fn(lo, hi, grad):
+    def block_fn(lo, hi, grad, _):
         b, p = b_all[lo:hi], p_all[lo:hi]
         leaf, logp_s = _rows(student_logits, b, p, v, temperature, grad)
         with torch.no_grad():

@@ -22,6 +22,12 @@ student token as uncommon.
 Storage: ``indices`` [V_S, k] int64 with -1 padding, ``weights`` [V_S, k] float32, ``row_kind``
 [V_S] uint8. `save` writes safetensors with the tokenizers' fingerprints, so `load` refuses a W
 used with the wrong tokenizers.
+
+Learned W (the paper: W "can optionally be fine-tuned together with the student model under the
+P-KL loss"): `LearnableProjection` keeps the pattern (each row's teacher ids) and makes each
+multi-token row's weights a softmax over free parameters. Its `to_projection()` is an ordinary
+`Projection` (``meta["kind"] == "learned"``, ``meta["learned_from"]`` = the built W's `digest`), saved
+and loaded in the same format, with the same tokenizer check.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ import torch
 from .canonical import special_roles, token_bytes, vocab_kind
 from .tokenizers import model_vocab_size, tokenizer_fingerprint
 
-__all__ = ["Projection", "build_projection", "ProjectionMismatch", "EMPTY", "EXACT", "SPECIAL", "MULTI"]
+__all__ = ["Projection", "LearnableProjection", "build_projection", "ProjectionMismatch", "EMPTY", "EXACT",
+           "SPECIAL", "MULTI"]
 
 EMPTY, EXACT, SPECIAL, MULTI = 0, 1, 2, 3
 KIND_NAMES = {EMPTY: "empty", EXACT: "exact", SPECIAL: "special", MULTI: "multi"}
@@ -134,6 +141,19 @@ class Projection:
                 out.append((ttok.convert_ids_to_tokens(t) if ttok is not None else str(t), t, round(w, 4)))
         return out
 
+    @property
+    def is_learned(self) -> bool:
+        return self.meta.get("kind") == "learned"
+
+    def digest(self) -> str:
+        """sha256 of the pattern and weights (what a learned W records as ``learned_from``)."""
+        import hashlib
+        h = hashlib.sha256()
+        for t in (self.indices.to(torch.int64), self.weights.to(torch.float32), self.row_kind.to(torch.uint8)):
+            h.update(t.contiguous().numpy().tobytes())
+        h.update(str(self.teacher_vocab_size).encode())
+        return h.hexdigest()
+
     def summary(self) -> dict:
         n = {name: int((self.row_kind == k).sum()) for k, name in KIND_NAMES.items()}
         spans = (self.indices >= 0).sum(1)
@@ -143,14 +163,17 @@ class Projection:
                 "multi_rows_by_length": hist, "empty_by_reason": self.meta.get("counts", {})}
 
     # ---- persistence -----------------------------------------------------------------------
-    def save(self, path) -> Path:
+    def save(self, path, extra: dict | None = None) -> Path:
+        """Write safetensors (indices int32, weights, row_kind, + ``extra`` tensors) with the meta as JSON."""
         from safetensors.torch import save_file
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"xtoken_projection": json.dumps(dict(self.meta, format_version=FORMAT_VERSION,
                                                      teacher_vocab_size=self.teacher_vocab_size), sort_keys=True)}
-        save_file({"indices": self.indices.to(torch.int32).contiguous(), "weights": self.weights.contiguous(),
-                   "row_kind": self.row_kind.contiguous()}, str(path), metadata=meta)
+        tensors = {"indices": self.indices.to(torch.int32).contiguous(), "weights": self.weights.contiguous(),
+                   "row_kind": self.row_kind.contiguous()}
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
+        save_file(tensors, str(path), metadata=meta)
         return path
 
     @classmethod
@@ -169,6 +192,98 @@ class Projection:
         tvs = meta.pop("teacher_vocab_size")
         return cls(tensors["indices"].long(), tensors["weights"], tensors["row_kind"], tvs, meta,
                    student_tok, teacher_tok)
+
+
+# ---- learned W ---------------------------------------------------------------------------------
+
+class LearnableProjection(torch.nn.Module):
+    """W with trainable row weights, for P-KL (issue 8; the paper's optional fine-tuning of W).
+
+    The pattern is fixed: each row keeps the teacher ids of the built W. A row with two or more
+    entries (a multi-token row) is re-parametrized as a softmax over free parameters,
+
+        W[s, k] = S_s * softmax_k(log W0[s, k] + theta[s, k])     (over the row's non-zero entries k)
+
+    with W0 the built weights, S_s = sum_k W0[s, k] (1 up to float rounding) and theta initialised at 0,
+    so every row stays non-negative with the built row sum after any optimizer step, and W^T p stays a
+    probability vector. Exact, special and empty rows have no parameters and never change.
+
+    At theta = 0 the weights are W0 bit for bit (exp(0) = 1 and the row sum cancels exactly), so training
+    with a learning rate of 0 equals training with the fixed W. ``weights()`` is differentiable; pass it
+    as ``p_kl_loss(..., weights=...)``: P-KL is the only loss that reads W's values.
+    """
+
+    def __init__(self, projection: Projection):
+        super().__init__()
+        if projection.is_learned:
+            raise ValueError("start a LearnableProjection from a built W (Projection.load the built file; "
+                             "to continue a learned one, use load_state)")
+        self.base = projection
+        n_entries = (projection.indices >= 0).sum(1)
+        trainable = (projection.row_kind == MULTI) & (n_entries >= 2)
+        self.register_buffer("w0", projection.weights.clone(), persistent=False)
+        self.register_buffer("rows", trainable.nonzero().squeeze(1), persistent=False)
+        w0 = self.w0[self.rows]
+        self.register_buffer("mask", (w0 > 0), persistent=False)
+        self.register_buffer("log_w0", torch.where(self.mask, w0.clamp_min(1e-30).log(), torch.zeros_like(w0)),
+                             persistent=False)
+        self.theta = torch.nn.Parameter(torch.zeros_like(w0))
+
+    @property
+    def n_trainable_rows(self) -> int:
+        return int(self.rows.numel())
+
+    def row_weights(self) -> torch.Tensor:
+        """[n_trainable_rows, k]: S * softmax(log W0 + theta), computed so that theta = 0 gives W0 exactly."""
+        w0 = self.w0.index_select(0, self.rows)
+        t = self.theta.masked_fill(~self.mask, float("-inf"))
+        e = torch.exp(t - t.amax(1, keepdim=True))                         # softmax's shift (0 at theta = 0)
+        num = w0 * e                                                       # = exp(log W0 + theta - max)
+        return num * (w0.sum(1, keepdim=True) / num.sum(1, keepdim=True))
+
+    def weights(self) -> torch.Tensor:
+        """[V_S, k], like ``Projection.weights``; differentiable w.r.t. theta."""
+        return self.w0.index_put((self.rows,), self.row_weights())
+
+    def to_projection(self) -> Projection:
+        """The current W as a plain Projection (kind "learned"), for saving or for GOLD/H-KL/inspection."""
+        meta = dict(self.base.meta, kind="learned", learned_from=self.base.digest(),
+                    learned_from_kind=self.base.meta.get("kind", "built"), trainable_rows=self.n_trainable_rows)
+        return Projection(self.base.indices.clone(), self.weights().detach().cpu().clone(), self.base.row_kind.clone(),
+                          self.base.teacher_vocab_size, meta, self.base.student_tok, self.base.teacher_tok)
+
+    def save(self, path) -> Path:
+        """The learned W in `Projection` format, plus ``theta`` (so training can resume exactly)."""
+        return self.to_projection().save(path, extra={"theta": self.theta, "theta_rows": self.rows})
+
+    def load_state(self, path) -> "LearnableProjection":
+        """Restore theta from a file written by `save` (refused unless it was learned from this W)."""
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["xtoken_projection"])
+            if meta.get("learned_from") != self.base.digest():
+                raise ProjectionMismatch(f"{path} was learned from another W (digest {meta.get('learned_from')}), "
+                                         f"not this one ({self.base.digest()})")
+            theta, rows = f.get_tensor("theta"), f.get_tensor("theta_rows")
+        if not torch.equal(rows, self.rows.cpu()):
+            raise ProjectionMismatch(f"{path}: trainable rows differ from this W's")
+        with torch.no_grad():
+            self.theta.copy_(theta)
+        return self
+
+    def moved_rows(self, n: int = 10) -> list[dict]:
+        """The ``n`` rows whose weights moved most (L1 distance to W0), largest first."""
+        with torch.no_grad():
+            w, w0 = self.row_weights(), self.w0.index_select(0, self.rows)
+            dist = (w - w0).abs().sum(1)
+            order = torch.argsort(dist, descending=True, stable=True)[:n]
+        out = []
+        for i in order.tolist():
+            s = int(self.rows[i])
+            k = self.mask[i]
+            out.append({"row": s, "teacher_ids": self.base.indices[s][k.cpu()].tolist(),
+                        "before": w0[i][k].tolist(), "after": w[i][k].tolist(), "l1_change": float(dist[i])})
+        return out
 
 
 # ---- construction ------------------------------------------------------------------------------
