@@ -73,6 +73,12 @@ def checksum(model) -> float:
     return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
 
 
+def w_checksum(weights) -> float:
+    """A position-weighted sum of W's weights (differs when any entry moves)."""
+    w = weights.detach().double()
+    return float((w * torch.arange(1, w.numel() + 1, dtype=torch.float64).view_as(w)).sum())
+
+
 def main(out_dir: str, assets: str, loss: str = "p_kl") -> None:
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
@@ -85,12 +91,13 @@ def main(out_dir: str, assets: str, loss: str = "p_kl") -> None:
     student = tiny_llama(W.student_vocab_size)
     if loss == "kl":
         teacher = Teacher("llama", tiny_llama(W.student_vocab_size, seed=2), s_tok, "kl")
-    else:
+    else:   # "p_kl_learned": P-KL with a learned W (its gradients must be averaged over the ranks too)
         t_tok = AutoTokenizer.from_pretrained(os.path.join(assets, "teacher_tok"))
-        teacher = Teacher("qwen", tiny_qwen(W.teacher_vocab_size), t_tok, loss, projection=W)
+        teacher = Teacher("qwen", tiny_qwen(W.teacher_vocab_size), t_tok, loss.replace("_learned", ""), projection=W)
     args = XTokenConfig(output_dir=out_dir, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                         logging_steps=1, use_cpu=True, ddp_backend="gloo", save_strategy="no",
-                        disable_tqdm=True, loss_curve=False, seed=0, max_length=64)
+                        disable_tqdm=True, loss_curve=False, seed=0, max_length=64,
+                        learn_projection=loss.endswith("_learned"), projection_learning_rate=0.5)
     trainer = XTokenTrainer(model=student, args=args, teachers=[teacher], train_dataset=dataset(8),
                             processing_class=s_tok)
     trainer.train()
@@ -99,7 +106,8 @@ def main(out_dir: str, assets: str, loss: str = "p_kl") -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "world_size": trainer.args.world_size, "losses": losses, "ce": ce,
                    "checksum": checksum(trainer.model),
-                   "teacher_checksum": checksum(teacher.model)}, f)
+                   "teacher_checksum": checksum(teacher.model),
+                   "w_checksum": sum(w_checksum(lp.weights()) for lp in trainer.learned_projections.values())}, f)
 
 
 if __name__ == "__main__":

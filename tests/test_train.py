@@ -248,11 +248,13 @@ def test_cache_refuses_other_tokenization(tmp_path, stok):
 
 # ---- checkpoints --------------------------------------------------------------------------------
 
-def test_resume_gives_same_next_loss(tmp_path, stok, ttok, W):
+@pytest.mark.parametrize("learn", [False, True], ids=["fixed_W", "learned_W"])
+def test_resume_gives_same_next_loss(tmp_path, stok, ttok, W, learn):
     def run(out, max_steps, resume=None):
         teacher = qwen_teacher(ttok, W)
         trainer = XTokenTrainer(model=tiny_llama(), args=config(out, max_steps=max_steps, save_strategy="steps",
-                                                                 save_steps=2, lr_scheduler_type="constant"),
+                                                                 save_steps=2, lr_scheduler_type="constant",
+                                                                 learn_projection=learn, projection_learning_rate=0.5),
                                 teachers=[teacher], train_dataset=dataset(8), processing_class=stok)
         trainer.train(resume_from_checkpoint=resume)
         return {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}
@@ -264,6 +266,7 @@ def test_resume_gives_same_next_loss(tmp_path, stok, ttok, W):
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and set(keys) <= set(tiny_llama().state_dict()), "only the student is saved"
+    assert (ckpt / "learned_W_qwen.safetensors").exists() == learn
     resumed = run(tmp_path / "b", 3, resume=str(ckpt))
     assert resumed[3] == pytest.approx(full[3], rel=1e-5)
 
@@ -271,12 +274,13 @@ def test_resume_gives_same_next_loss(tmp_path, stok, ttok, W):
 # ---- DDP ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_ddp_two_ranks_agree(tmp_path, small):
+@pytest.mark.parametrize("loss", ["p_kl", "p_kl_learned"])
+def test_ddp_two_ranks_agree(tmp_path, small, loss):
     save_assets(tmp_path, *small)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ddp_two_steps.py"), str(tmp_path), str(tmp_path), "p_kl"]
+           str(REPO / "tests" / "ddp_two_steps.py"), str(tmp_path), str(tmp_path), loss]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -286,3 +290,55 @@ def test_ddp_two_ranks_agree(tmp_path, small):
     assert ranks[0]["teacher_checksum"] == pytest.approx(checksum(tiny_qwen()), rel=1e-12)
     assert all(math.isfinite(x) for r in ranks for x in r["losses"])
     assert len(ranks[0]["ce"]) == 2 and ranks[0]["ce"] == ranks[1]["ce"], "logged metrics are averaged over ranks"
+    if loss == "p_kl_learned":   # each rank saw other rows: W stays equal only if its gradients are averaged
+        assert ranks[0]["w_checksum"] == ranks[1]["w_checksum"]
+        assert ranks[0]["w_checksum"] != pytest.approx(ddp_two_steps.w_checksum(small[2].weights), rel=1e-9), \
+            "W must be learned"
+
+
+# ---- learned W (issue 8) ------------------------------------------------------------------------
+
+def _learn(tmp_path, stok, ttok, W, **kw):
+    student = tiny_llama()
+    trainer = XTokenTrainer(model=student, args=config(tmp_path, max_steps=4, learn_projection=True, **kw),
+                            teachers=[qwen_teacher(ttok, W)], train_dataset=dataset(8), processing_class=stok)
+    trainer.train()
+    return trainer
+
+
+def test_learned_w_at_lr_zero_is_bit_identical_to_fixed_w(tmp_path, stok, ttok, W):
+    fixed = XTokenTrainer(model=tiny_llama(), args=config(tmp_path / "f", max_steps=4),
+                          teachers=[qwen_teacher(ttok, W)], train_dataset=dataset(8), processing_class=stok)
+    fixed.train()
+    learned = _learn(tmp_path / "l", stok, ttok, W, projection_learning_rate=0.0)
+    lp = learned.learned_projections["qwen"]
+    assert lp.n_trainable_rows > 0, "the restricted Llama->Qwen W has multi-token rows to learn"
+    assert torch.equal(lp.weights(), W.weights)
+    for a, b in zip(fixed.model.parameters(), learned.model.parameters()):
+        assert torch.equal(a, b)
+    assert ([r["loss"] for r in fixed.state.log_history if "loss" in r]
+            == [r["loss"] for r in learned.state.log_history if "loss" in r])
+
+
+def test_learned_w_moves_stays_on_simplex_and_is_saved(tmp_path, stok, ttok, W):
+    from xtoken.projection import MULTI, Projection
+    trainer = _learn(tmp_path, stok, ttok, W, projection_learning_rate=0.5)
+    lp = trainer.learned_projections["qwen"]
+    w = lp.weights().detach()
+    assert not torch.equal(w, W.weights)
+    assert (w >= 0).all() and torch.allclose(w.sum(1), W.weights.sum(1), atol=1e-6)
+    fixed_rows = W.row_kind != MULTI
+    assert torch.equal(w[fixed_rows], W.weights[fixed_rows])
+    (group,) = [g for g in trainer.optimizer.param_groups if any(p is lp.theta for p in g["params"])]
+    assert group["initial_lr"] == 0.5 and group["weight_decay"] == 0.0
+    assert all(p.grad is None for p in lp.parameters()), "W's gradients are cleared after each step"
+    trainer.save_model(str(tmp_path / "saved"))
+    back = Projection.load(tmp_path / "saved" / "learned_W_qwen.safetensors")
+    assert back.is_learned and back.meta["learned_from"] == W.digest()
+    assert torch.equal(back.weights, w)
+
+
+def test_learned_w_needs_a_p_kl_teacher(tmp_path, stok, ttok, W):
+    with pytest.raises(ValueError, match="p_kl"):
+        XTokenTrainer(model=tiny_llama(), args=config(tmp_path, learn_projection=True),
+                      teachers=[qwen_teacher(ttok, W, "h_kl")], train_dataset=dataset(8), processing_class=stok)

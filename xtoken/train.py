@@ -15,6 +15,13 @@ resume, DDP/FSDP) is the Hugging Face Trainer's and Accelerate's own machinery, 
 Teachers are plain attributes of the trainer, never of the model: they are not in the optimizer
 and not in checkpoints.
 
+Learned W (``learn_projection=True``): each P-KL teacher's W becomes a
+`xtoken.projection.LearnableProjection` (fixed pattern, softmax rows). Its parameters are a separate
+optimizer group with their own learning rate (no weight decay, not clipped with the model), get
+their gradient only from P-KL, are averaged over DDP ranks before each optimizer step, and are
+saved next to every checkpoint as ``learned_W_<teacher>.safetensors`` (the W file format, kind
+"learned"); resume restores them.
+
 One step, per micro-batch:
 
     student logits  = student(input_ids)                                   (one forward, with grad)
@@ -70,6 +77,10 @@ class XTokenConfig(TrainingArguments):
                 "small ones (mini scale: 1024 makes P-KL ~1.4x faster than the losses' default 64). "
                 "None: CE in one piece, the losses' own defaults"})
     loss_curve: bool = field(default=True, metadata={"help": "save output_dir/loss_curve.png at the end of training"})
+    learn_projection: bool = field(default=False, metadata={
+        "help": "fine-tune each P-KL teacher's W with the student (fixed pattern, softmax rows; the paper's option)"})
+    projection_learning_rate: float = field(default=1e-2, metadata={
+        "help": "learning rate of the learned W's row parameters (same schedule as the model's)"})
     # changed defaults
     report_to: Any = field(default="none", metadata={"help": "integrations to report to (default none)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep text/idx columns for the collator"})
@@ -84,6 +95,8 @@ class XTokenConfig(TrainingArguments):
             raise ValueError(f"weighting_per must be 'batch' or 'sample', not {self.weighting_per!r}")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
+        if self.projection_learning_rate < 0:
+            raise ValueError("projection_learning_rate must be >= 0")
 
 
 # ---- teachers -----------------------------------------------------------------------------------
@@ -310,11 +323,13 @@ class TeacherCache:
 
 def teacher_kd_loss(teacher: Teacher, student_logits: torch.Tensor, student_mask: torch.Tensor,
                     teacher_logits: torch.Tensor, teacher_mask: torch.Tensor, alignments,
-                    temperature: float = 1.0, chunk_size: int | None = None) -> tuple[torch.Tensor, dict]:
+                    temperature: float = 1.0, chunk_size: int | None = None,
+                    projection_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """KD loss of one teacher on one batch; the only place that knows `xtoken.losses`' signatures.
 
     ``student_logits`` [B, L, V_S] with grad; ``teacher_logits`` [B, L_m, V_m] (logits, or cached
-    log-probs: the same after log_softmax), no grad; ``alignments`` from the collator (None for kl).
+    log-probs: the same after log_softmax), no grad; ``alignments`` from the collator (None for kl);
+    ``projection_weights``: a learned W's current weights (P-KL only).
     Returns (scalar loss, metrics dict of floats).
     """
     from . import losses
@@ -335,6 +350,10 @@ def teacher_kd_loss(teacher: Teacher, student_logits: torch.Tensor, student_mask
         raise ValueError(f"teacher {teacher.name!r}: loss {teacher.loss!r} needs chunk alignments from the collator")
     if teacher.loss == "uld":
         return losses.uld_loss(student_logits, teacher_logits, alignments, **kw)
+    if projection_weights is not None:
+        if teacher.loss != "p_kl":
+            raise ValueError(f"teacher {teacher.name!r}: a learned W is a P-KL option, not {teacher.loss!r}")
+        kw["weights"] = projection_weights
     fn = {"p_kl": losses.p_kl_loss, "h_kl": losses.h_kl_loss, "gold": losses.gold_loss}[teacher.loss]
     return fn(student_logits, teacher_logits, alignments, teacher.projection, **kw)
 
@@ -397,6 +416,48 @@ class XTokenTrainer(Trainer):
                 t.model.eval()
                 t.model.requires_grad_(False)
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.learned_projections: dict[str, torch.nn.Module] = {}
+        if args.learn_projection:
+            from .projection import LearnableProjection
+            self.learned_projections = {t.name: LearnableProjection(t.projection).to(self.args.device)
+                                        for t in self.teachers if t.loss == "p_kl"}
+            if not self.learned_projections:
+                raise ValueError("learn_projection=True needs at least one teacher with loss 'p_kl'")
+
+    # -- learned W: optimizer group, DDP averaging, checkpoints --
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer plus one parameter group for the learned W's (own lr, no weight decay)."""
+        opt = super().create_optimizer(model)
+        params = [p for lp in self.learned_projections.values() for p in lp.parameters()]
+        if params and not any(p is params[0] for g in opt.param_groups for p in g["params"]):
+            opt.add_param_group({"params": params, "lr": self.args.projection_learning_rate, "weight_decay": 0.0})
+            opt.register_step_pre_hook(lambda *_: self._sync_projection_grads(params))
+            # Trainer zeroes the model's gradients only (model.zero_grad()): clear W's after each step
+            opt.register_step_post_hook(lambda *_: [setattr(p, "grad", None) for p in params])
+        return opt
+
+    def _sync_projection_grads(self, params):
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+                p.grad /= self.args.world_size
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """The student as Trainer saves it, plus each learned W as ``learned_W_<teacher>.safetensors``."""
+        super().save_model(output_dir, _internal_call)
+        if self.learned_projections and self.args.should_save:
+            out = Path(output_dir or self.args.output_dir)
+            for name, lp in self.learned_projections.items():
+                lp.save(out / f"learned_W_{name}.safetensors")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, lp in self.learned_projections.items():
+            f = Path(resume_from_checkpoint) / f"learned_W_{name}.safetensors"
+            if f.exists():
+                lp.load_state(f)
 
     # -- one step --
     def _teacher_logits(self, teacher: Teacher, entry: dict) -> torch.Tensor:
@@ -406,6 +467,10 @@ class XTokenTrainer(Trainer):
         teacher.model.eval()
         with torch.no_grad():
             return teacher.model(input_ids=entry["input_ids"], attention_mask=entry["attention_mask"]).logits
+
+    def _projection_weights(self, teacher: Teacher) -> torch.Tensor | None:
+        lp = self.learned_projections.get(teacher.name)
+        return None if lp is None else lp.weights()
 
     def _ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy, in float32, over ``loss_chunk_size`` positions at a time."""
@@ -428,7 +493,8 @@ class XTokenTrainer(Trainer):
             loss_b, m_b = teacher_kd_loss(teacher, logits[b:b + 1], mask[b:b + 1], t_logits[b:b + 1],
                                           entry["attention_mask"][b:b + 1],
                                           None if alignments is None else alignments[b:b + 1],
-                                          self.args.temperature, self.args.loss_chunk_size)
+                                          self.args.temperature, self.args.loss_chunk_size,
+                                          self._projection_weights(teacher))
             rows.append(loss_b)
             for k, v in m_b.items():
                 metrics[k].append(float(v))
@@ -454,7 +520,8 @@ class XTokenTrainer(Trainer):
             else:
                 kd_m, m_metrics = teacher_kd_loss(t, logits, inputs["attention_mask"], t_logits,
                                                   entry["attention_mask"], entry.get("alignments"),
-                                                  self.args.temperature, self.args.loss_chunk_size)
+                                                  self.args.temperature, self.args.loss_chunk_size,
+                                                  self._projection_weights(t))
             kd_terms.append(kd_m)
             if scheme != "static":
                 t_labels = entry["input_ids"].masked_fill(entry["attention_mask"] == 0, -100)
