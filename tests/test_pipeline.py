@@ -18,7 +18,11 @@ def test_smoke_reproduction_of_notebooks_03_to_05(tmp_path):
                  "04_smoke_results.json", "REPORT.md"):
         assert (results / name).exists(), name
     runs = json.loads((results / "03_smoke_results.json").read_text())["runs"]
-    assert {r["setting"] for r in runs} >= {"ce_only", "kd_llama", "gold_qwen3", "pkl_qwen3", "hkl_phi"}
+    assert {r["setting"] for r in runs} >= {"ce_only", "kd_llama", "gold_qwen3", "pkl_qwen3", "pkl_learned_qwen3",
+                                             "hkl_phi"}
+    learned = json.loads((results / "03_smoke_learned_w.json").read_text())
+    assert learned["summary"] and learned["summary"][0]["trainable rows"] > 0 and learned["top_rows"]
+    assert {r["metric"] for r in learned["comparison"]} >= {"arithmetic", "knowledge", "numeral_mass"}
     assert all(0 <= r["arithmetic"] <= 1 for r in runs)
     assert "Single-teacher distillation" in (results / "REPORT.md").read_text()
 

@@ -36,7 +36,7 @@ from .models import FAMILY_TOKENIZER, LocalVocab, build_model, keep_ids_for, loa
 
 __all__ = ["build_corpus", "load_vocabs", "train_model", "train_teachers", "train_base_student",
            "evaluate_model", "build_teacher_caches", "Setting", "SINGLE_TEACHER_SETTINGS",
-           "multi_teacher_settings", "run_grid", "run_single_teacher_grid", "results_table",
+           "multi_teacher_settings", "run_grid", "run_single_teacher_grid", "results_table", "learned_w_summary",
            "numeral_mass", "digit_split_fraction", "NumeralMassCallback", "TEACHERS", "time_budget", "run_all",
            "run_one"]
 
@@ -99,8 +99,9 @@ def _mixed(dataset, mix: dict | None, seed: int):
 
 def train_model(model, tok, dataset, out_dir, *, steps, batch, lr, seed, max_length, teachers=(),
                 warmup_ratio=0.05, callbacks=(), kd_weight=1.0, dynamic_kd_scale=False,
-                teacher_weighting="static", log_every=None) -> dict:
-    """Train ``model`` with `XTokenTrainer` for ``steps`` steps; returns log history and wall time."""
+                teacher_weighting="static", log_every=None, learn_projection=False, projection_lr=1e-2) -> dict:
+    """Train ``model`` with `XTokenTrainer` for ``steps`` steps; returns log history, wall time and the
+    learned W modules ({teacher: LearnableProjection}, empty unless ``learn_projection``)."""
     from xtoken.train import XTokenConfig, XTokenTrainer
     _threads()
     args = XTokenConfig(
@@ -109,14 +110,16 @@ def train_model(model, tok, dataset, out_dir, *, steps, batch, lr, seed, max_len
         seed=int(seed), data_seed=int(seed), save_strategy="no", use_cpu=True, dataloader_num_workers=0,
         logging_steps=log_every or max(1, steps // 10), disable_tqdm=True, loss_curve=False,
         max_length=max_length, kd_weight=kd_weight, dynamic_kd_scale=dynamic_kd_scale,
-        teacher_weighting=teacher_weighting, report_to="none")
+        teacher_weighting=teacher_weighting, report_to="none", learn_projection=learn_projection,
+        projection_learning_rate=projection_lr)
     trainer = XTokenTrainer(model=model, args=args, teachers=list(teachers), train_dataset=dataset,
                             processing_class=tok, callbacks=list(callbacks))
     t0 = time.time()
     trainer.train()
     wall = time.time() - t0
     hist = [r for r in trainer.state.log_history if "loss" in r]
-    return {"wall_s": wall, "log_history": hist, "final": hist[-1] if hist else {}}
+    return {"wall_s": wall, "log_history": hist, "final": hist[-1] if hist else {},
+            "learned": trainer.learned_projections}
 
 
 def evaluate_model(model_dir, out_dir, cfg: MiniConfig, limit=None) -> dict:
@@ -272,19 +275,22 @@ class Setting:
 
     ``teachers=[]`` is CE only (continued pre-training). Same-tokenizer teachers (llama) use ``kl``;
     cross-tokenizer ones ``gold`` | ``p_kl`` | ``h_kl`` | ``uld`` through the restricted W.
+    ``learn_projection``: the P-KL teachers' W is fine-tuned with the student (``cfg.projection_lr``).
     """
     name: str
     teachers: list = field(default_factory=list)     # [(teacher name, loss, weight), ...]
     weighting: str = "static"                         # static | ce | entropy | max_prob
     label: str = ""
+    learn_projection: bool = False
 
     def to_dict(self) -> dict:
         return {"name": self.name, "teachers": [list(t) for t in self.teachers], "weighting": self.weighting,
-                "label": self.label or self.name}
+                "label": self.label or self.name, "learn_projection": self.learn_projection}
 
     @classmethod
     def from_dict(cls, d) -> "Setting":
-        return cls(d["name"], [tuple(t) for t in d["teachers"]], d.get("weighting", "static"), d.get("label", ""))
+        return cls(d["name"], [tuple(t) for t in d["teachers"]], d.get("weighting", "static"), d.get("label", ""),
+                   bool(d.get("learn_projection", False)))
 
 
 SINGLE_TEACHER_SETTINGS = [
@@ -292,6 +298,8 @@ SINGLE_TEACHER_SETTINGS = [
     Setting("kd_llama", [("llama", "kl", 1.0)], label="same-tokenizer KD (Llama-3B)"),
     Setting("gold_qwen3", [("qwen3", "gold", 1.0)], label="GOLD (Qwen3)"),
     Setting("pkl_qwen3", [("qwen3", "p_kl", 1.0)], label="X-Token P-KL (Qwen3)"),
+    Setting("pkl_learned_qwen3", [("qwen3", "p_kl", 1.0)], label="X-Token P-KL, learned W (Qwen3)",
+            learn_projection=True),
     Setting("hkl_qwen3", [("qwen3", "h_kl", 1.0)], label="X-Token H-KL (Qwen3)"),
     Setting("gold_phi", [("phi", "gold", 1.0)], label="GOLD (Phi-mini)"),
     Setting("pkl_phi", [("phi", "p_kl", 1.0)], label="X-Token P-KL (Phi-mini)"),
@@ -416,13 +424,19 @@ def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=T
                        lr=cfg.student_lr, seed=seed, max_length=cfg.max_length, teachers=teachers,
                        warmup_ratio=cfg.warmup_ratio, callbacks=[cb], kd_weight=cfg.kd_weight,
                        dynamic_kd_scale=cfg.dynamic_kd_scale, teacher_weighting=setting.weighting,
-                       log_every=cfg.diag_every)
+                       log_every=cfg.diag_every, learn_projection=setting.learn_projection,
+                       projection_lr=cfg.projection_lr)
     train_wall = time.time() - t0
     save_model(model, student, d, extra={"role": "student", "setting": setting.to_dict(), "seed": seed})
+    learned = {}
+    for name, lp in info["learned"].items():       # learned W: saved in the W format, rows that moved most
+        lp.save(d / f"learned_W_{name}.safetensors")
+        learned[name] = learned_w_summary(lp, student, st["vocabs"][FAMILY_TOKENIZER[name]])
     res = {"setting": setting.name, "label": setting.label or setting.name, "seed": seed,
            "setting_spec": setting.to_dict(), "config": cfg.to_dict(),
            "final": info["final"], "log_history": info["log_history"], "train_wall_s": train_wall,
-           "numeral_mass_history": cb.history, "numeral_mass": cb.history[-1][1] if cb.history else None}
+           "numeral_mass_history": cb.history, "numeral_mass": cb.history[-1][1] if cb.history else None,
+           "learned_w": learned}
     prompts = [q + "\n" for q, s in zip(st["corpus"]["test"]["question"], st["corpus"]["test"]["skill"])
                if s == "arithmetic"][:64]
     res.update(digit_split_fraction(model, student.tok, prompts, max_new_tokens=cfg.max_gen_toks))
@@ -431,6 +445,29 @@ def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=T
     res["wall_s"] = time.time() - t0
     (d / "result.json").write_text(json.dumps(res, indent=1, default=float))
     return res
+
+
+def learned_w_summary(lp, student_vocab, teacher_vocab, n: int = 12) -> dict:
+    """How far a learned W moved: mean/max L1 change over its trainable rows, the share of numeral rows
+    among them, and the ``n`` rows that moved most as readable strings (student token -> teacher tokens,
+    weights before -> after)."""
+    import numpy as np
+    with torch.no_grad():
+        w, w0 = lp.row_weights(), lp.w0.index_select(0, lp.rows)
+        dist = (w - w0).abs().sum(1)
+    s_str = lambda i: student_vocab.tok.convert_ids_to_tokens(int(i))
+    t_str = lambda i: teacher_vocab.tok.convert_ids_to_tokens(int(i))
+    is_num = np.array([s_str(r).lstrip("Ġ").isdigit() for r in lp.rows.tolist()], dtype=bool)
+    top = []
+    for m in lp.moved_rows(n):
+        top.append({"student": s_str(m["row"]), "teacher": [t_str(t) for t in m["teacher_ids"]],
+                    "before": [round(x, 4) for x in m["before"]], "after": [round(x, 4) for x in m["after"]],
+                    "l1_change": round(m["l1_change"], 4)})
+    d = dist.numpy()
+    return {"trainable_rows": int(len(d)), "numeral_rows": int(is_num.sum()),
+            "mean_l1_change": float(d.mean()) if len(d) else 0.0, "max_l1_change": float(d.max()) if len(d) else 0.0,
+            "mean_l1_change_numerals": float(d[is_num].mean()) if is_num.any() else 0.0,
+            "mean_l1_change_other": float(d[~is_num].mean()) if (~is_num).any() else 0.0, "top_moved": top}
 
 
 def _run_job(job):
@@ -528,14 +565,15 @@ def run_all(cfg: MiniConfig, out_dir, *, single=None, multi=None, seeds=None) ->
 
 # ---- what the notebooks call ------------------------------------------------------------------------
 
-def single_teacher_settings(teachers=("qwen3", "phi"), losses=("gold", "p_kl", "h_kl")) -> list:
+def single_teacher_settings(teachers=("qwen3", "phi"), losses=("gold", "p_kl", "h_kl"), learned_w=False) -> list:
     """The single-teacher rows for some cross-tokenizer teachers and losses, with CE only and
-    same-tokenizer KD (Llama "3B") always included as the references."""
+    same-tokenizer KD (Llama "3B") always included as the references; ``learned_w`` adds the
+    "P-KL, learned W" rows (Qwen3) when P-KL is among the losses."""
     keep = []
     for s in SINGLE_TEACHER_SETTINGS:
         if not s.teachers or s.teachers[0][0] == "llama":
             keep.append(s)
-        elif s.teachers[0][0] in teachers and s.teachers[0][1] in losses:
+        elif s.teachers[0][0] in teachers and s.teachers[0][1] in losses and (learned_w or not s.learn_projection):
             keep.append(s)
     return keep
 
