@@ -7,7 +7,7 @@ import torch
 
 from xtoken.align import Alignment, align
 from xtoken.losses import (_prepared, dynamic_kd_scale, gold_loss, h_kl_loss, hybrid_divergence, kl_loss,
-                           p_kl_divergence, p_kl_loss, project_to_teacher, uld_loss)
+                           p_kl_divergence, p_kl_loss, project_to_teacher, uld_loss, generalized_kl)
 from xtoken.projection import EMPTY, EXACT, MULTI, Projection, build_projection
 
 # ---- a tiny W: student a, b, ab, c, <empty>; teacher a, b, c, d ---------------------------------
@@ -308,3 +308,43 @@ def test_gold_matches_trl_on_one_to_one_alignment(llama, qwen, w_llama_qwen, tmp
     ours, m = gold_loss(s, t, [a], w_llama_qwen, teacher_vocab_size=len(qwen))
     assert m["n_chunks"] == n - 1
     assert ours.item() == pytest.approx(ref.item(), rel=2e-4)
+
+
+# ---- fast paths against plain autograd references ---------------------------------------------------
+
+def _random_projection(v_s, v_t, k, seed):
+    """Random W pattern with empty rows, one-entry rows and columns, shared columns, and teacher ids no
+    row reaches (off W's image)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, v_t - 3, (v_s, k), generator=g)                # the last 3 teacher ids: off the image
+    n_entries = torch.randint(0, k + 1, (v_s,), generator=g)
+    idx[torch.arange(k).unsqueeze(0) >= n_entries.unsqueeze(1)] = -1
+    w = torch.rand(v_s, k, generator=g, dtype=torch.float64) * (idx >= 0)
+    kind = torch.where(n_entries == 0, EMPTY, torch.where(n_entries == 1, EXACT, MULTI))
+    return Projection(idx, w.float(), kind, v_t, {"beta": 0.9, "gamma": G})
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_projected_kl_fast_path_matches_autograd_reference(direction, seed):
+    """_ProjectedKL (image-only r, gather + small scatter, hand-written backward) == project_to_teacher +
+    generalized_kl under autograd: value, gradient on log q and on the W entries."""
+    v_s, v_t = 40, 30
+    W = _random_projection(v_s, v_t, 3, seed)
+    prep = _prepared(W, "pkl", v_s, v_t, "cpu")
+    g = torch.Generator().manual_seed(seed + 10)
+    z = (torch.randn(5, v_s, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    q_t = torch.softmax(torch.randn(5, v_t, generator=g, dtype=torch.float64) * 3, -1) * 0.9
+    q_t[0, :4] = 0                                                          # zero teacher entries
+    w = prep["w"].double().requires_grad_(True)
+    d, r, image, _ = p_kl_divergence(torch.log_softmax(z, -1), q_t, prep, direction, w)
+    scale = torch.rand(5, generator=g, dtype=torch.float64)
+    gz, gw = torch.autograd.grad((d * scale).sum(), (z, w))
+
+    r_ref = project_to_teacher(torch.softmax(z, -1), prep["rows"], prep["cols"], w, v_t)
+    d_ref = generalized_kl(q_t, r_ref) if direction == "forward" else generalized_kl(r_ref, q_t)
+    gz_ref, gw_ref = torch.autograd.grad((d_ref * scale).sum(), (z, w))
+    assert torch.allclose(d, d_ref, atol=1e-10, rtol=1e-10)
+    assert torch.allclose(r, r_ref[:, image], atol=1e-12) and (r_ref[:, ~prep["image"]] == 0).all()
+    assert torch.allclose(gz, gz_ref, atol=1e-9, rtol=1e-8)
+    assert torch.allclose(gw, gw_ref, atol=1e-9, rtol=1e-8)

@@ -103,6 +103,8 @@ def chain_rule_log_q(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor,
                      n_chunks: int) -> torch.Tensor:
     """(C1) in log space. logp [n_tokens, V] per token of the chunks (chunk-major order);
     chunk/ids/offset [n_tokens]. Returns log q [n_chunks, V]."""
+    if len(chunk) == n_chunks:                                            # every chunk one token: log q = log p_a
+        return logp
     first = logp.index_select(0, (offset == 0).nonzero().squeeze(1))     # log p_a(v)
     cont = logp.gather(1, ids.unsqueeze(1)).squeeze(1) * (offset > 0)     # log p_j(y_j), j > a
     log_mass = torch.zeros(n_chunks, dtype=logp.dtype, device=logp.device).index_add(0, chunk, cont)
@@ -124,12 +126,29 @@ def teacher_merge(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, of
         return mean.index_add(0, chunk, logp / n.unsqueeze(1)).exp()
     if merge != "w":
         raise ValueError(f"merge must be 'w', 'chain', 'first' or 'mean', not {merge!r}")
+    return _w_merge(logp, chunk, offset, n_chunks, gamma)[0]
+
+
+def _w_merge(logp, chunk, offset, n_chunks: int, gamma: float):
+    """(C2) and each chunk's sum_v q_T log q_T (the teacher's side of (D)): for one-token chunks from
+    log p itself (no log pass), for the mixtures of longer chunks by xlogy on those rows only."""
+    p = logp.exp()
+    neg_ent = _rowdot(p, logp)                                            # sum_v p log p per token row
+    if not bool(neg_ent.isfinite().all()):                                # -inf logits: 0 log 0 = 0
+        neg_ent = torch.xlogy(p, p).sum(-1)
     if len(chunk) == n_chunks:                                            # every chunk one token: omega = 1
-        return logp.exp()
+        return p, neg_ent
+    lens = torch.zeros(n_chunks, dtype=torch.long, device=logp.device).index_add(0, chunk, torch.ones_like(chunk))
+    n = lens[chunk].to(logp.dtype)
     # omega_i = gamma^i / sum_{i<n} gamma^i  (beta cancels)
     omega = gamma ** offset.to(logp.dtype) * (1 - gamma) / (1 - gamma ** n)
     q = torch.zeros(n_chunks, logp.shape[1], dtype=logp.dtype, device=logp.device)
-    return q.index_add_(0, chunk, logp.exp().mul_(omega.unsqueeze(1)))
+    q.index_add_(0, chunk, p.mul_(omega.unsqueeze(1)))
+    first = offset == 0
+    neg = torch.zeros(n_chunks, dtype=logp.dtype, device=logp.device).index_add_(0, chunk[first], neg_ent[first])
+    multi = (lens > 1).nonzero().squeeze(1)
+    q_m = q.index_select(0, multi)
+    return q, neg.index_copy_(0, multi, torch.xlogy(q_m, q_m).sum(-1))
 
 
 def project_to_teacher(q_s: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor,
@@ -169,63 +188,96 @@ def sorted_l1(a: torch.Tensor, b: torch.Tensor, top_k: int | None = None) -> tor
     return (ta - tb).abs().sum(-1) + rest.abs()
 
 
+def _rowdot(x, y):
+    """Row-wise sum(x * y) without an [n, V] temporary (on CPU a loop of dot products beats bmm 3x)."""
+    if x.device.type == "cpu":
+        return torch.stack([a.dot(b) for a, b in zip(x, y)]) if len(x) else x.new_zeros(0)
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+
+
+def _sparse_sum(x, w, src, dst, first, rest):
+    """out[:, j] = sum_{e: dst_e = j} w_e x[:, src_e] for a sparse pattern given as entry lists (src, dst, w).
+
+    ``first[j]`` is one entry of output column j (-1 if none), ``rest`` the other entries. Most of W's
+    columns (and rows) hold a single entry, so a dense gather of the first entries plus a scatter-add of
+    the few others replaces a scatter-add of all of them (same sum, fewer scattered writes)."""
+    has = first >= 0
+    e = first.clamp_min(0)
+    out = x.index_select(1, src[e]).mul_(torch.where(has, w[e], torch.zeros_like(w[e])))
+    if len(rest):
+        out.index_add_(1, dst[rest], x.index_select(1, src[rest]).mul_(w[rest]))
+    return out
+
+
 class _ProjectedKL(torch.autograd.Function):
     """Per row: D(q_T || W^T q) (forward) or D(W^T q || q_T) (reverse), from log q [n, V_S].
 
-    Hand-written backward (fewer full-width passes than autograd's): with r = W^T q,
+    r = W^T q is computed only on W's *image* (the teacher ids some student row reaches, ~110k of
+    Qwen's 151,669 for Llama): elsewhere r = 0, so those columns' terms of (D) are known without a
+    pass over them: forward q_T[t] (log q_T[t] - log EPS) - q_T[t] (zero gradient, r clamped at EPS),
+    reverse 0. Hand-written backward (fewer full-width passes than autograd's): with r = W^T q,
       forward:  dD/dr = 1 - q_T / r,   reverse: dD/dr = log r - log q_T,
       dD/dlog q[s] = q[s] * sum_k W[s, t_k] dD/dr[t_k]   (a gather over W's entries, then a scatter-add),
       dD/dW[s, t]  = q[s] * dD/dr[t]                      (only when the weights are learned, issue 8).
-    r is clamped at EPS under the logs.
+    r is clamped at EPS under the logs. neg_ent_t: sum_v q_T log q_T per row if the caller has it
+    (from the teacher's log-softmax), else computed here.
     """
 
     @staticmethod
-    def forward(ctx, log_q_s, q_t, rows, cols, w, reverse: bool):
+    def forward(ctx, log_q_s, q_t, neg_ent_t, plan, w, reverse: bool):
+        rows, img_cols, image = plan["rows"], plan["img_cols"], plan["image_ids"]
         q_s = log_q_s.exp()
-        r = torch.zeros(q_s.shape[0], q_t.shape[1], dtype=q_s.dtype, device=q_s.device)
-        r.index_add_(1, cols, q_s.index_select(1, rows).mul_(w))
-        r_c = r.clamp_min(EPS)
-        log_r = r_c.log()
-        dot = lambda x, y: torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)     # row-wise sum(x * y), no temporary
-        if reverse:
-            log_qt = q_t.clamp_min(EPS).log()
-            d_r = log_r.sub_(log_qt)                                      # dD/dr = log r - log q_T
-            d = dot(r, d_r) - r.sum(-1) + q_t.sum(-1)
-        else:
-            d = torch.xlogy(q_t, q_t).sum(-1) - dot(q_t, log_r) - q_t.sum(-1) + r.sum(-1)
+        r = _sparse_sum(q_s, w, rows, img_cols, plan["col_first"], plan["col_rest"])   # r = W^T q on the image
+        q_ti = q_t.index_select(1, image)
+        log_r = r.clamp_min(EPS).log_()
+        if reverse:     # sum_img r (log r - log q_T) - sum r + sum q_T
+            d_r = log_r.sub_(q_ti.clamp_min_(EPS).log_())                    # dD/dr = log r - log q_T
+            d = _rowdot(r, d_r) - r.sum(-1) + q_t.sum(-1)
+        else:           # sum q_T log q_T - sum_img q_T log r - (mass off the image) log EPS - sum q_T + sum r
+            if neg_ent_t is None:
+                neg_ent_t = torch.xlogy(q_t, q_t).sum(-1)
+            m_t = q_t.sum(-1)
+            d = neg_ent_t - _rowdot(q_ti, log_r) - (m_t - q_ti.sum(-1)) * np.log(EPS) - m_t + r.sum(-1)
             # dD/dr = 1 - q_T / r (the 1 added in backward), with r clamped at EPS as in the value. Where
             # r < EPS this is the gradient of the unclamped divergence with EPS for r: still bounded, since
             # q_S[s] W[s, t] <= r[t] makes each student term q_S[s] W[s, t] q_T[t] / EPS <= q_T[t].
-            d_r = q_t / r_c
-        ctx.save_for_backward(q_s, d_r, rows, cols, w)
-        ctx.reverse = reverse
-        ctx.mark_non_differentiable(r)
-        return d, r
+            d_r = q_ti.div_(r.clamp_min(EPS))
+        ctx.save_for_backward(q_s, d_r, w)
+        ctx.reverse, ctx.plan = reverse, plan
+        ctx.mark_non_differentiable(r, q_s)
+        return d, r, q_s
 
     @staticmethod
-    def backward(ctx, g, _g_r):
-        q_s, d_r, rows, cols, w = ctx.saved_tensors
-        d_r = d_r.index_select(1, cols)                                   # only W's columns are needed
+    def backward(ctx, g, _g_r, _g_q):
+        q_s, d_r, w = ctx.saved_tensors
+        plan = ctx.plan
+        rows, img_cols = plan["rows"], plan["img_cols"]
         grad_w = None
         if ctx.needs_input_grad[4]:                                       # learned W: dD/dW[e] = q[rows_e] dD/dr[cols_e]
-            d_r_e = d_r if ctx.reverse else torch.sub(1.0, d_r)
+            d_r_e = d_r.index_select(1, img_cols)
+            d_r_e = d_r_e if ctx.reverse else d_r_e.neg_().add_(1.0)
             grad_w = (q_s.index_select(1, rows) * d_r_e).mul_(g.unsqueeze(1)).sum(0)
-        d_r = d_r.mul_(w) if ctx.reverse else torch.addcmul(w, d_r, w, value=-1.0)   # w * dD/dr
-        u = torch.zeros_like(q_s).index_add_(1, rows, d_r)
-        grad_q = u.mul_(q_s).mul_(g.unsqueeze(1)) if ctx.needs_input_grad[0] else None
+        grad_q = None
+        if ctx.needs_input_grad[0]:
+            # u[s] = sum_k W[s, t_k] dD/dr[t_k]; forward: sum_k W[s, t_k] - sum_k W[s, t_k] q_T[t_k] / r[t_k]
+            u = _sparse_sum(d_r, w, img_cols, rows, plan["row_first"], plan["row_rest"])
+            if not ctx.reverse:
+                u.neg_().add_(torch.zeros(q_s.shape[1], dtype=w.dtype, device=w.device).index_add_(0, rows, w))
+            grad_q = u.mul_(q_s).mul_(g.unsqueeze(1))
         return grad_q, None, None, None, grad_w, None
 
 
 def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direction: str = "forward",
-                    w: torch.Tensor | None = None):
-    """P-KL per chunk: D(q_T || W^T q_S) (forward) or D(W^T q_S || q_T) (reverse); also returns r = W^T q_S.
+                    w: torch.Tensor | None = None, neg_ent_t: torch.Tensor | None = None):
+    """P-KL per chunk: D(q_T || W^T q_S) (forward) or D(W^T q_S || q_T) (reverse).
 
-    w: W's non-zero entries in ``prep``'s order (default ``prep["w"]``); pass a tensor that requires grad
-    to learn them (`xtoken.projection.LearnableProjection`)."""
+    Returns (d, r, image, q_S): r = W^T q_S on W's image only, ``image`` the teacher ids of r's columns
+    (r is zero on every other id), q_S = exp(log_q_s) (no gradient). w: W's non-zero entries in ``prep``'s order (default ``prep["w"]``);
+    pass a tensor that requires grad to learn them (`xtoken.projection.LearnableProjection`).
+    neg_ent_t: optional sum_v q_T log q_T per row (saves a log pass when the caller has log q_T)."""
     w = prep["w"] if w is None else w
-    d, r = _ProjectedKL.apply(log_q_s, q_t, prep["rows"], prep["cols"], w.to(log_q_s.dtype),
-                              direction == "reverse")
-    return d, r, None
+    d, r, q_s = _ProjectedKL.apply(log_q_s, q_t, neg_ent_t, prep, w.to(log_q_s.dtype), direction == "reverse")
+    return d, r, prep["image_ids"], q_s
 
 
 def hybrid_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direction: str = "forward",
@@ -268,9 +320,18 @@ def _prepared(proj, kind: str, student_width: int, teacher_width: int, device) -
     prep = {"rows": rows.to(device), "cols": idx[keep].to(device), "w": w[keep].to(device),
             "flat": keep.reshape(-1).nonzero().squeeze(1).to(device)}  # entries' positions in weights[:V_S].view(-1)
     from .projection import EMPTY
+    image_ids, img_cols = torch.unique(prep["cols"].cpu(), return_inverse=True)
     image = torch.zeros(teacher_width, dtype=torch.bool)
-    image[prep["cols"].cpu()] = True
+    image[image_ids] = True
     prep["image"] = image.to(device)                                      # teacher ids some student row reaches
+    prep["image_ids"], prep["img_cols"] = image_ids.to(device), img_cols.to(device)   # and each entry's column among them
+    for name, key, width in (("col", img_cols, len(image_ids)), ("row", rows, student_width)):
+        first = torch.full((width,), len(key), dtype=torch.long).scatter_reduce_(
+            0, key, torch.arange(len(key)), reduce="amin")             # each column's (row's) first entry
+        rest = torch.ones(len(key), dtype=torch.bool)
+        rest[first[first < len(key)]] = False
+        prep[name + "_first"] = torch.where(first < len(key), first, -1).to(device)
+        prep[name + "_rest"] = rest.nonzero().squeeze(1).to(device)
     prep["empty"] = (proj.row_kind[:student_width] == EMPTY).nonzero().squeeze(1).to(device)
     if kind in ("gold", "hkl"):
         pair = proj.exact_pairs() if kind == "gold" else proj.top1()
@@ -367,8 +428,12 @@ def _rows(logits, b, p, width: int, temperature: float, grad: bool):
     flat = logits.detach().reshape(-1, logits.shape[-1])
     leaf = flat.index_select(0, b * logits.shape[1] + p)
     leaf.requires_grad_(grad)
-    x = leaf[:, :width]
-    return leaf, torch.log_softmax(x if temperature == 1 else x / temperature, dim=-1)
+    x = leaf[:, :width] if width < leaf.shape[1] else leaf               # no slice: its backward would copy
+    return leaf, _log_softmax(x, temperature)
+
+
+def _log_softmax(x, temperature: float):
+    return torch.log_softmax(x if temperature == 1 else x / temperature, dim=-1)
 
 
 def _mean(total, n):
@@ -416,15 +481,17 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
         leaf, logp_s = _rows(student_logits, sb, sp, v_s, temperature, grad)
         with torch.no_grad():
             t_rows = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).index_select(0, tb * teacher_logits.shape[1] + tp)
-            logp_t = torch.log_softmax(t_rows[:, :v_t] / temperature, dim=-1)
-            q_t = teacher_merge(logp_t, tch, tid, toff, n, merge, gamma)
+            logp_t = _log_softmax(t_rows[:, :v_t], temperature)
+            if kind == "pkl" and merge == "w":
+                q_t, neg_ent_t = _w_merge(logp_t, tch, toff, n, gamma)
+            else:
+                q_t, neg_ent_t = teacher_merge(logp_t, tch, tid, toff, n, merge, gamma), None
         log_q_s = chain_rule_log_q(logp_s, sch, sid, soff, n)
         if kind == "pkl":
-            d, r, _ = p_kl_divergence(log_q_s, q_t, prep, direction, w_leaf)
+            d, r, image, q_s = p_kl_divergence(log_q_s, q_t, prep, direction, w_leaf, neg_ent_t)
             with torch.no_grad():
-                q_s = log_q_s.detach().exp()
                 stats["mass_lost_empty_rows"] += q_s[:, prep["empty"]].sum().item()
-                stats["top1_agreement"] += (r.argmax(-1) == q_t.argmax(-1)).sum().item()
+                stats["top1_agreement"] += (image[r.argmax(-1)] == q_t.argmax(-1)).sum().item()
                 stats["student_common_mass"] += r.sum().item()           # mass W carries to the teacher side
                 stats["teacher_common_mass"] += (q_t @ prep["image"].to(q_t.dtype)).sum().item()   # teacher mass W can reach
         elif kind in ("gold", "hkl"):
