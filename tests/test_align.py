@@ -186,3 +186,30 @@ def test_token_table_matches_logit_positions(llama, qwen):
 
 def test_byte_table_is_cached(llama):
     assert byte_table(llama) is byte_table(llama)
+
+
+def test_small_window_resync_matches_vectorised():
+    """The plain-Python small-window resync picks the same pair as the numpy one, on random near-equal
+    byte strings (insertions, substitutions, ends of data)."""
+    import random
+
+    from xtoken.align import _resync_in, _resync_small
+    rng = random.Random(0)
+    for _ in range(500):
+        base = bytes(rng.choice(b"abc ") for _ in range(rng.randint(1, 40)))
+        other = bytearray(base)
+        for _ in range(rng.randint(0, 3)):
+            k = rng.randrange(len(other) + 1)
+            other[k:k + rng.randint(0, 2)] = bytes(rng.choice(b"abcx") for _ in range(rng.randint(0, 3)))
+        sides = []
+        for data in (base, bytes(other)):
+            cuts = sorted(set(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 12))))) if len(data) > 1 else []
+            begin = np.array([0] + cuts, dtype=np.int64) if data else np.zeros(0, dtype=np.int64)
+            sides.append((np.frombuffer(data, dtype=np.uint8), begin))
+        (sb, s_begin), (tb, t_begin) = sides
+        if not len(s_begin) or not len(t_begin):
+            continue
+        si, ti = rng.randrange(len(s_begin)), rng.randrange(len(t_begin))
+        agree = rng.choice([2, 4, 16])
+        assert _resync_small(sb.tobytes(), s_begin, si, tb.tobytes(), t_begin, ti, 4, agree) == \
+            _resync_in(sb, s_begin, si, tb, t_begin, ti, 4, agree)

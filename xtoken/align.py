@@ -153,6 +153,7 @@ def _text_walk(s_bytes, s_ends, t_bytes, t_ends, window: int, agree_bytes: int):
     s_begin = np.concatenate([[0], s_ends[:-1]]) if ns else s_ends
     t_begin = np.concatenate([[0], t_ends[:-1]]) if nt else t_ends
     out_s, out_t, un_s, un_t = [], [], [], []
+    s_py = t_py = None
     si = ti = 0          # next text token on each side; both sit at a token boundary
     sb = tb = 0          # their byte offsets
     while si < ns and ti < nt:
@@ -171,7 +172,9 @@ def _text_walk(s_bytes, s_ends, t_bytes, t_ends, window: int, agree_bytes: int):
         if si >= ns or ti >= nt:
             break
         # the sides disagree (or one side's bytes ran out): resynchronise within the window
-        found = _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes)
+        if s_py is None:
+            s_py, t_py = s_bytes.tobytes(), t_bytes.tobytes()              # for the small-window search
+        found = _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes, s_py, t_py)
         if found is None:
             break
         new_si, new_ti = found
@@ -201,7 +204,7 @@ def _agreement(s_bytes, sb, t_bytes, tb) -> int:
     return n
 
 
-def _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes):
+def _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes, s_py=None, t_py=None):
     """Nearest pair of token starts (i >= si, j >= ti, not both equal) after which the bytes agree.
 
     "Agree": the next `agree_bytes` bytes are equal; or the first tokens from there are byte-identical
@@ -210,11 +213,42 @@ def _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes):
     skip. None if no pair in
     the window qualifies.
     """
-    for w in sorted({min(4, window), window}):            # a small window first: most mismatches are local
-        found = _resync_in(s_bytes, s_begin, si, t_bytes, t_begin, ti, w, agree_bytes)
-        if found is not None:
-            return found
-    return None
+    small = min(4, window)                                # a small window first: most mismatches are local
+    s_py = s_bytes.tobytes() if s_py is None else s_py
+    t_py = t_bytes.tobytes() if t_py is None else t_py
+    found = _resync_small(s_py, s_begin, si, t_py, t_begin, ti, small, agree_bytes)
+    if found is None and window > small:
+        found = _resync_in(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes)
+    return found
+
+
+def _resync_small(s_bytes: bytes, s_begin, si, t_bytes: bytes, t_begin, ti, window, agree_bytes):
+    """`_resync_in` for a small window in plain Python (same criteria, same choice): on (window+1)^2
+    candidate pairs the numpy version's fixed per-call cost (~0.1 ms) dominates."""
+    def starts(begin, i0, n_bytes):
+        b = begin[i0:i0 + window + 2].tolist()
+        nxt = b[1:] + ([n_bytes] if i0 + len(b) >= len(begin) else [])  # next token's start, or the end
+        return b[:window + 1], nxt
+    sb, s_next = starts(s_begin, si, len(s_bytes))
+    tb, t_next = starts(t_begin, ti, len(t_bytes))
+    best = None
+    for di, (x0, x1) in enumerate(zip(sb, s_next)):
+        x, s_first, rem_s = s_bytes[x0:x0 + agree_bytes], x1 - x0, len(s_bytes) - x0
+        for dj, (y0, y1) in enumerate(zip(tb, t_next)):
+            if di == dj == 0:
+                continue
+            y = t_bytes[y0:y0 + agree_bytes]
+            m = min(len(x), len(y))
+            if m == 0 or x[0] != y[0]:                                     # no agreement (most pairs)
+                continue
+            run = m if x[:m] == y[:m] else next(k for k in range(m) if x[k] != y[k])   # agreed bytes, capped
+            same_first = s_first == y1 - y0 and run >= min(s_first, agree_bytes)
+            both_end = rem_s == len(t_bytes) - y0 and run >= rem_s
+            if run >= agree_bytes or same_first or both_end:
+                key = (di + dj, -run, abs(di - dj), di)                    # fewest skipped, longest, balanced
+                if best is None or key < best[0]:
+                    best = (key, si + di, ti + dj)
+    return None if best is None else best[1:]
 
 
 def _resync_in(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes):
