@@ -48,3 +48,22 @@ def test_aggregate_static_same_tokenizer_kl_and_per_sample():
     per_sample = [torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])]
     w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])                              # sample 0 -> teacher 0, 1 -> 1
     assert aggregate(per_sample, w).item() == pytest.approx((1.0 + 2.0) / 2)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
+def test_teacher_stats_blocks_equal_the_direct_computation(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 13, generator=g) * 3
+    labels = torch.randint(0, 11, (3, 9), generator=g)
+    labels[1, 5:] = -100
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[2, :2] = False
+    got = teacher_stats(logits, labels, mask, vocab_size=11, chunk_size=chunk_size)
+    logp = torch.log_softmax(logits[..., :11], -1)
+    keep = mask.float()
+    ent = -(logp.exp() * logp).sum(-1)
+    assert torch.allclose(got["entropy"], (ent * keep).sum(1) / keep.sum(1), atol=1e-6)
+    assert torch.allclose(got["max_prob"], (logp.exp().max(-1).values * keep).sum(1) / keep.sum(1), atol=1e-6)
+    tgt = labels[:, 1:]
+    nll = -logp[:, :-1].gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)
+    assert torch.allclose(got["ce"], nll.sum(1) / (tgt != -100).sum(1), atol=1e-6)
