@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# notebooks whose committed outputs are re-executed and compared by nbval in `make test`
-NBVAL_NOTEBOOKS := notebooks/01_projection_matrix.ipynb notebooks/02_numeral_audit.ipynb
+# notebooks whose committed outputs are re-executed and compared by nbval in `make test` (with
+# tests/nbval_smoke/*.ipynb: notebooks 03-05 executed with the smoke parameters, collected under tests/)
+NBVAL_NOTEBOOKS := notebooks/01_projection_matrix.ipynb notebooks/02_numeral_audit.ipynb notebooks/05_evaluation_tables.ipynb
 
-.PHONY: setup reproduce smoke test notebooks-check bench clean
+.PHONY: setup reproduce smoke test nbval-refs bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,12 @@ smoke: $(STAMP)
 ## unit tests + notebook regression (nbval on the committed notebooks)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(NBVAL_NOTEBOOKS) --nbval --nbval-sanitize-with notebooks/nbval_sanitize.cfg
+
+## regenerate the nbval references of notebooks 03-05 at smoke scale (after changing those notebooks)
+nbval-refs: $(STAMP)
+	rm -rf runs/nbval-smoke
+	$(BIN)/python -m xtoken reproduce --scale smoke --start 03 --out tests/nbval_smoke \
+		--work runs/nbval-smoke/work --results runs/nbval-smoke/results
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

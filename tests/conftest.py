@@ -1,6 +1,19 @@
+import shutil
+from pathlib import Path
+
 import pytest
 
 from xtoken import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+NBVAL_SMOKE_WORK = REPO / "runs" / "nbval-smoke"     # where tests/nbval_smoke/*.ipynb train and write
+
+
+def pytest_sessionstart(session):
+    """nbval re-executes tests/nbval_smoke/*.ipynb, whose grid reads finished runs back from their work dir:
+    start every nbval session from an empty one so the comparison covers training, not a stale cache."""
+    if session.config.getoption("--nbval", default=False):
+        shutil.rmtree(NBVAL_SMOKE_WORK, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -48,14 +48,15 @@ def reproduce(scale: str = "mini", out: str | None = None, start: str | None = N
     for i, name in enumerate(names, 1):
         nb_in, nb_out = src / f"{name}.ipynb", out_dir / f"{name}.ipynb"
         declared = pm.inspect_notebook(str(nb_in))
-        # paths relative to the notebooks' folder (their cwd), so executed copies stay portable
-        rel = lambda p: os.path.relpath(Path(p).resolve(), src.resolve())  # noqa: E731
+        # executed in the output folder with paths relative to it, so an executed copy re-runs where it lies
+        # (nbval re-executes the committed copies in their own folder)
+        rel = lambda p: os.path.relpath(Path(p).resolve(), out_dir.resolve())  # noqa: E731
         offered = {"scale": scale, "results_dir": rel(results_dir), "work_dir": rel(work or ROOT / "runs" / scale)}
         params = {k: v for k, v in offered.items() if k in declared}
         print(f"[{i}/{len(names)}] {name} ({', '.join(f'{k}={v}' for k, v in params.items())}) ...", flush=True)
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(str(nb_in), str(nb_out), parameters=params, cwd=str(src),
+            pm.execute_notebook(str(nb_in), str(nb_out), parameters=params, cwd=str(out_dir),
                                 kernel_name="python3", progress_bar=False, log_output=False)
         except pm.PapermillExecutionError as err:
             print(f"FAILED in {name}.ipynb, cell {err.exec_count} ({err.ename}: {err.evalue})\n"

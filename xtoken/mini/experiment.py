@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,17 @@ def _threads():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@contextmanager
+def _logged(path):
+    """Send one job's console output (Trainer logs, the progress bars of lm-eval, datasets and
+    transformers) to ``path``: a notebook then shows one progress bar per stage, and each model's
+    log stays next to it (``train.log``). Exceptions still propagate."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f, redirect_stdout(f), redirect_stderr(f):
+        yield
+
+
 # ---- corpus and vocabularies ---------------------------------------------------------------------
 
 def build_corpus(cfg: MiniConfig, out_dir) -> dict:
@@ -59,6 +71,11 @@ def build_corpus(cfg: MiniConfig, out_dir) -> dict:
     The restricted vocabularies are the ids of the *training* texts (+ numerals 0..999, specials); the
     vocabulary check then covers the test split as well, so a test word unseen in training raises.
     """
+    with _logged(Path(out_dir) / "corpus.log"):
+        return _build_corpus(cfg, out_dir)
+
+
+def _build_corpus(cfg: MiniConfig, out_dir) -> dict:
     from xtoken import load_tokenizer
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +151,11 @@ def evaluate_model(model_dir, out_dir, cfg: MiniConfig, limit=None) -> dict:
 
 
 def _train_one_teacher(args):
+    with _logged(Path(args[1]) / "teachers" / args[2] / "train.log"):
+        return _train_one_teacher_logged(args)
+
+
+def _train_one_teacher_logged(args):
     cfg_d, out_dir, name = args
     _threads()
     cfg = MiniConfig.from_dict(cfg_d)
@@ -153,24 +175,33 @@ def _train_one_teacher(args):
     return row
 
 
-def _pool_map(fn, jobs, workers):
+def _pool_map(fn, jobs, workers, desc=None):
+    """[fn(job) for job in jobs] over ``workers`` spawned 1-thread processes (inline for one worker),
+    in order, with one progress bar (``desc``) over the jobs."""
+    from tqdm.auto import tqdm
+    bar = lambda it: tqdm(it, total=len(jobs), desc=desc, disable=desc is None or not jobs)  # noqa: E731
     if workers <= 1 or len(jobs) <= 1:
-        return [fn(j) for j in jobs]
+        return [fn(j) for j in bar(jobs)]
     import multiprocessing as mp
     with mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_threads) as pool:
-        return list(pool.imap(fn, jobs))
+        return list(bar(pool.imap(fn, jobs)))
 
 
 def train_teachers(cfg: MiniConfig, out_dir, names=TEACHERS, workers=None):
     """Train (CE only) and evaluate each teacher; DataFrame with per-skill exact match and wall time."""
     import pandas as pd
     rows = _pool_map(_train_one_teacher, [(cfg.to_dict(), str(out_dir), n) for n in names],
-                     workers or cfg.workers)
+                     workers or cfg.workers, desc="teachers")
     return pd.DataFrame(rows)
 
 
 def train_base_student(cfg: MiniConfig, out_dir) -> dict:
     """The "no distillation" student: a short CE pre-training of the tiny Llama student; evaluated."""
+    with _logged(Path(out_dir) / "base_student" / "train.log"):
+        return _train_base_student(cfg, out_dir)
+
+
+def _train_base_student(cfg: MiniConfig, out_dir) -> dict:
     _threads()
     out = Path(out_dir)
     vocab = load_vocabs(out)["llama"]
@@ -345,6 +376,11 @@ def _full_projection(student_tok, teacher_tok):
 
 
 def _cache_one(job):
+    with _logged(Path(job[1]) / "cache" / f"{job[2]}.log"):
+        return _cache_one_logged(job)
+
+
+def _cache_one_logged(job):
     cfg_d, out_dir, name = job
     from xtoken.train import DistillCollator, Teacher, TeacherCache
     _threads()
@@ -371,7 +407,8 @@ def build_teacher_caches(cfg: MiniConfig, out_dir, names=TEACHERS, workers=None)
     """Once: the restricted W of each cross-tokenizer pair (built on full ids, then restricted) and each
     teacher's log-probs over the training split (`xtoken.train.TeacherCache`, memory-mapped under
     ``out/cache``), one teacher per worker. Returns {teacher: seconds}."""
-    return dict(_pool_map(_cache_one, [(cfg.to_dict(), str(out_dir), n) for n in names], workers or cfg.workers))
+    return dict(_pool_map(_cache_one, [(cfg.to_dict(), str(out_dir), n) for n in names], workers or cfg.workers,
+                          desc="teacher caches"))
 
 
 def _load_w(out_dir, teacher):
@@ -472,7 +509,8 @@ def learned_w_summary(lp, student_vocab, teacher_vocab, n: int = 12) -> dict:
 
 def _run_job(job):
     cfg_d, out_dir, setting_d, seed = job
-    return run_one(MiniConfig.from_dict(cfg_d), out_dir, Setting.from_dict(setting_d), seed)
+    with _logged(Path(out_dir) / "runs" / setting_d["name"] / f"seed{seed}" / "train.log"):
+        return run_one(MiniConfig.from_dict(cfg_d), out_dir, Setting.from_dict(setting_d), seed)
 
 
 def run_grid(cfg: MiniConfig, settings, seeds=None, out_dir=".", *, workers=None, skip_done=True):
@@ -495,7 +533,7 @@ def run_grid(cfg: MiniConfig, settings, seeds=None, out_dir=".", *, workers=None
                 done.append(json.loads(f.read_text()))
             else:
                 jobs.append((cfg.to_dict(), str(out), s.to_dict(), seed))
-    done += _pool_map(_run_job, jobs, workers or cfg.workers)
+    done += _pool_map(_run_job, jobs, workers or cfg.workers, desc=f"{len(jobs)} runs ({len(done)} done before)")
     keep = ["setting", "label", "seed", "arithmetic", "knowledge", "numeral_mass", "digit_split", "single_digit",
             "train_wall_s", "eval_wall_s", "wall_s"]
     rows = []
