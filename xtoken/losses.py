@@ -173,7 +173,7 @@ def sorted_l1(a: torch.Tensor, b: torch.Tensor, top_k: int | None = None) -> tor
 
     top_k: compare only the k largest of each side, plus |remaining mass of a - remaining mass of b|
     (a lower bound on the exact value, equal to it when one side's tail is zero or the tails are
-    ordered entry by entry). None: exact, full sort.
+    ordered entry by entry). None: exact (`_SortedL1`: partition, then sort only the k largest per side).
     """
     if top_k is None or top_k >= min(a.shape[-1], b.shape[-1]):
         if b.requires_grad and not a.requires_grad:
