@@ -373,3 +373,21 @@ def test_sorted_l1_partitioned_matches_full_sort(n_a, n_b, dtype):
         (g_ref,) = torch.autograd.grad((ref * scale).sum(), a)
         assert torch.equal(g_out, g_ref)
         assert torch.allclose(sorted_l1(b, a), out.detach(), atol=tol)   # teacher first: same value
+
+
+@pytest.mark.parametrize("name", ["p_kl", "gold", "h_kl", "kl"])
+def test_metrics_off_changes_nothing_but_the_metrics(name):
+    s, t, aligns = tiny_inputs()
+    fn = {"p_kl": p_kl_loss, "gold": gold_loss, "h_kl": h_kl_loss}.get(name)
+    outs = []
+    for metrics in (True, False):
+        x = s.clone().requires_grad_(True)
+        if fn is None:
+            loss, m = kl_loss(x, s.detach().flip(0), metrics=metrics)
+        else:
+            loss, m = fn(x, t, aligns, tiny_projection(), metrics=metrics)
+        loss.backward()
+        outs.append((loss.detach(), x.grad, m))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert "top1_agreement" in outs[0][2] and "top1_agreement" not in outs[1][2]
+    assert outs[1][2]["loss"] == outs[0][2]["loss"]

@@ -342,3 +342,11 @@ def test_learned_w_needs_a_p_kl_teacher(tmp_path, stok, ttok, W):
     with pytest.raises(ValueError, match="p_kl"):
         XTokenTrainer(model=tiny_llama(), args=config(tmp_path, learn_projection=True),
                       teachers=[qwen_teacher(ttok, W, "h_kl")], train_dataset=dataset(8), processing_class=stok)
+
+
+def test_loss_metrics_are_computed_for_logged_steps(tmp_path, stok, ttok, W):
+    _, logs, changed, _ = train(tmp_path, stok, [qwen_teacher(ttok, W, "h_kl")], max_steps=4, logging_steps=2)
+    assert changed and [r["step"] for r in logs] == [2, 4]
+    for r in logs:   # computed on the logged steps' micro-batches only, but present in every log
+        assert 0 <= r["qwen/top1_agreement"] <= 1 and r["qwen/teacher_common_mass"] > 0
+        assert math.isfinite(r["kd"])

@@ -76,7 +76,9 @@ counts), teacher_common_mass (GOLD/H-KL: teacher mass on C; P-KL: teacher mass o
 teacher ids some student row reaches), student_common_mass (GOLD/H-KL: student mass on C; P-KL: mass
 of W^T q_S), mass_lost_empty_rows (student mass on empty W rows), top1_agreement (teacher argmax ==
 the student argmax mapped through the pairing, or argmax of W^T q_S for P-KL), student/teacher
-chunk_mass (mass of the sub-distributions), loss.
+chunk_mass (mass of the sub-distributions), loss. ``metrics=False`` (every loss) skips all but loss and
+the counts: the argmaxes and masses cost a pass over each block, and a trainer needs them only on steps
+it logs.
 
 Memory: chunks are processed in blocks of `chunk_size`; each block's loss is differentiated at once
 (`torch.autograd.grad`) and its gradient written into one buffer shaped like the student logits, so
@@ -491,10 +493,26 @@ def _mean(total, n):
 
 # ---- the losses ---------------------------------------------------------------------------------
 
+@torch.no_grad()
+def _p_kl_metrics(stats, q_s, q_t, r, image, prep):
+    stats["mass_lost_empty_rows"] += q_s[:, prep["empty"]].sum().item()
+    stats["top1_agreement"] += (image[r.argmax(-1)] == q_t.argmax(-1)).sum().item()
+    stats["student_common_mass"] += r.sum().item()                       # mass W carries to the teacher side
+    stats["teacher_common_mass"] += (q_t @ prep["image"].to(q_t.dtype)).sum().item()   # teacher mass W can reach
+
+
+@torch.no_grad()
+def _hybrid_metrics(stats, q_s, q_t, g, q_t_c, prep):
+    stats["teacher_common_mass"] += q_t_c.sum().item()
+    stats["student_common_mass"] += g.sum().item()
+    stats["mass_lost_empty_rows"] += q_s[:, prep["empty"]].sum().item()
+    stats["top1_agreement"] += (prep["pair"][q_s.argmax(-1)] == q_t.argmax(-1)).sum().item()
+
+
 def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projection=None, *, temperature=1.0,
                      direction="forward", merge=None, chunk_size=64, student_vocab_size=None,
                      teacher_vocab_size=None, student_id_map=None, teacher_id_map=None, common_weight=1.0,
-                     uld_weight=1.0, uld_top_k=None, weights=None):
+                     uld_weight=1.0, uld_top_k=None, weights=None, metrics=True):
     if direction not in ("forward", "reverse"):
         raise ValueError(f"direction must be 'forward' or 'reverse', not {direction!r}")
     if weights is not None and kind != "pkl":
@@ -538,34 +556,28 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
         log_q_s = chain_rule_log_q(logp_s, sch, sid, soff, n)
         if kind == "pkl":
             d, r, image, q_s = p_kl_divergence(log_q_s, q_t, prep, direction, w_leaf, neg_ent_t)
-            with torch.no_grad():
-                stats["mass_lost_empty_rows"] += q_s[:, prep["empty"]].sum().item()
-                stats["top1_agreement"] += (image[r.argmax(-1)] == q_t.argmax(-1)).sum().item()
-                stats["student_common_mass"] += r.sum().item()           # mass W carries to the teacher side
-                stats["teacher_common_mass"] += (q_t @ prep["image"].to(q_t.dtype)).sum().item()   # teacher mass W can reach
+            if metrics:
+                _p_kl_metrics(stats, q_s, q_t, r, image, prep)
         elif kind in ("gold", "hkl"):
             d, q_s, g, q_t_c = hybrid_divergence(log_q_s, q_t, prep, direction, common_weight, uld_weight, uld_top_k)
-            with torch.no_grad():
-                stats["teacher_common_mass"] += q_t_c.sum().item()
-                stats["student_common_mass"] += g.sum().item()
-                stats["mass_lost_empty_rows"] += q_s[:, prep["empty"]].sum().item()
-                stats["top1_agreement"] += (prep["pair"][q_s.argmax(-1)] == q_t.argmax(-1)).sum().item()
+            if metrics:
+                _hybrid_metrics(stats, q_s, q_t, g, q_t_c, prep)
         else:                                                             # uld
             q_s = log_q_s.exp()
             d = sorted_l1(q_s, q_t, uld_top_k)
-        with torch.no_grad():
-            stats["student_chunk_mass"] += q_s.sum().item()
+        if metrics:
+            stats["student_chunk_mass"] += q_s.detach().sum().item()
             stats["teacher_chunk_mass"] += q_t.sum().item()
         return d.sum(), (sb, sp), leaf
 
     total = _run_blocks(student_logits, n_chunks, chunk_size, block_fn, w_entries)
-    metrics = {k: v / max(n_chunks, 1) for k, v in stats.items()}
-    metrics.update(n_chunks=float(n_chunks),
-                   unpaired_student=float(sum(len(a.student_unpaired) for a in alignments)),
-                   unpaired_teacher=float(sum(len(a.teacher_unpaired) for a in alignments)))
+    out = {k: v / max(n_chunks, 1) for k, v in stats.items()} if metrics else {}
+    out.update(n_chunks=float(n_chunks),
+               unpaired_student=float(sum(len(a.student_unpaired) for a in alignments)),
+               unpaired_teacher=float(sum(len(a.teacher_unpaired) for a in alignments)))
     loss = _mean(total, n_chunks)
-    metrics["loss"] = float(loss.detach())
-    return loss, metrics
+    out["loss"] = float(loss.detach())
+    return loss, out
 
 
 def p_kl_loss(student_logits, teacher_logits, alignments, projection, **kw):
@@ -593,7 +605,7 @@ def uld_loss(student_logits, teacher_logits, alignments, **kw):
 
 
 def kl_loss(student_logits, teacher_logits, mask=None, *, temperature=1.0, direction="forward",
-            chunk_size=256, vocab_size=None):
+            chunk_size=256, vocab_size=None, metrics=True):
     """Same tokenizer: mean over positions of KL(p_T || p_S) (forward) or KL(p_S || p_T) (reverse).
 
     Logits [B, L, V'] on both sides, positions 1:1; mask [B, L] selects positions (default all);
@@ -614,7 +626,8 @@ def kl_loss(student_logits, teacher_logits, mask=None, *, temperature=1.0, direc
         with torch.no_grad():
             t_rows = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).index_select(0, b * L + p)
             logp_t = torch.log_softmax(t_rows[:, :v] / temperature, dim=-1)
-            stats["top1_agreement"] += (logp_s.argmax(-1) == logp_t.argmax(-1)).sum().item()
+            if metrics:
+                stats["top1_agreement"] += (logp_s.argmax(-1) == logp_t.argmax(-1)).sum().item()
         if direction == "forward":
             d = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
         else:
@@ -623,8 +636,11 @@ def kl_loss(student_logits, teacher_logits, mask=None, *, temperature=1.0, direc
 
     n = len(b_all)
     loss = _mean(_run_blocks(student_logits, n, chunk_size, block_fn), n)
-    return loss, {"loss": float(loss.detach()), "n_positions": float(n), "top1_agreement": stats["top1_agreement"] / max(n, 1),
-                  "teacher_common_mass": 1.0, "student_common_mass": 1.0, "mass_lost_empty_rows": 0.0}
+    out = {"loss": float(loss.detach()), "n_positions": float(n)}
+    if metrics:
+        out.update(top1_agreement=stats["top1_agreement"] / max(n, 1), teacher_common_mass=1.0,
+                   student_common_mass=1.0, mass_lost_empty_rows=0.0)
+    return loss, out
 
 
 def dynamic_kd_scale(ce: torch.Tensor, kd: torch.Tensor) -> torch.Tensor:

@@ -324,12 +324,13 @@ class TeacherCache:
 def teacher_kd_loss(teacher: Teacher, student_logits: torch.Tensor, student_mask: torch.Tensor,
                     teacher_logits: torch.Tensor, teacher_mask: torch.Tensor, alignments,
                     temperature: float = 1.0, chunk_size: int | None = None,
-                    projection_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                    projection_weights: torch.Tensor | None = None, metrics: bool = True) -> tuple[torch.Tensor, dict]:
     """KD loss of one teacher on one batch; the only place that knows `xtoken.losses`' signatures.
 
     ``student_logits`` [B, L, V_S] with grad; ``teacher_logits`` [B, L_m, V_m] (logits, or cached
     log-probs: the same after log_softmax), no grad; ``alignments`` from the collator (None for kl);
-    ``projection_weights``: a learned W's current weights (P-KL only).
+    ``projection_weights``: a learned W's current weights (P-KL only); ``metrics=False``: the loss's
+    diagnostic metrics are skipped (only loss and counts).
     Returns (scalar loss, metrics dict of floats).
     """
     from . import losses
@@ -337,7 +338,7 @@ def teacher_kd_loss(teacher: Teacher, student_logits: torch.Tensor, student_mask
     # like HF's own causal-LM loss: the loss math runs in float32 whatever the models' dtype (bf16 / fp16
     # logits lose the small probabilities KD compares; teacher and student may also differ in dtype)
     student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
-    kw = {"temperature": temperature}
+    kw = {"temperature": temperature, "metrics": metrics}
     if chunk_size:
         kw["chunk_size"] = chunk_size
     if teacher.loss == "kl":
@@ -380,8 +381,9 @@ class XTokenTrainer(Trainer):
         XTokenTrainer(..., teachers=[teacher], train_dataset=ds.select(subset)).train()
 
     Logged at each logging step (means since the last one, over ranks): ``ce``, ``kd``, ``kd_scale``
-    (dynamic scaling), ``kd_<teacher>``, ``alpha_<teacher>`` (adaptive weights) and every metric the
-    loss returns as ``<teacher>/<name>`` (common mass, top-1 agreement, mass lost on empty W rows, ...).
+    (dynamic scaling), ``kd_<teacher>``, ``alpha_<teacher>`` (adaptive weights); and every metric the
+    loss returns as ``<teacher>/<name>`` (common mass, top-1 agreement, mass lost on empty W rows, ...),
+    computed on the micro-batches of the logged step only (they cost a pass over the logits).
     """
 
     def __init__(self, model=None, args: XTokenConfig | None = None, teachers: list[Teacher] | None = None,
@@ -468,6 +470,14 @@ class XTokenTrainer(Trainer):
         with torch.no_grad():
             return teacher.model(input_ids=entry["input_ids"], attention_mask=entry["attention_mask"]).logits
 
+    def _will_log(self) -> bool:
+        """Whether the step being computed ends on a logging step (the loss metrics are needed only then)."""
+        if not self.model.training or self.args.logging_strategy != "steps":
+            return True                                  # evaluation, or epoch-wise logging: always
+        step = self.state.global_step + 1
+        every = int(getattr(self.state, "logging_steps", None) or self.args.logging_steps)   # Trainer resolves ratios
+        return (step == 1 and self.args.logging_first_step) or step % max(1, every) == 0
+
     def _projection_weights(self, teacher: Teacher) -> torch.Tensor | None:
         lp = self.learned_projections.get(teacher.name)
         return None if lp is None else lp.weights()
@@ -494,7 +504,7 @@ class XTokenTrainer(Trainer):
                                           entry["attention_mask"][b:b + 1],
                                           None if alignments is None else alignments[b:b + 1],
                                           self.args.temperature, self.args.loss_chunk_size,
-                                          self._projection_weights(teacher))
+                                          self._projection_weights(teacher), self._will_log())
             rows.append(loss_b)
             for k, v in m_b.items():
                 metrics[k].append(float(v))
@@ -521,7 +531,7 @@ class XTokenTrainer(Trainer):
                 kd_m, m_metrics = teacher_kd_loss(t, logits, inputs["attention_mask"], t_logits,
                                                   entry["attention_mask"], entry.get("alignments"),
                                                   self.args.temperature, self.args.loss_chunk_size,
-                                                  self._projection_weights(t))
+                                                  self._projection_weights(t), self._will_log())
             kd_terms.append(kd_m)
             if scheme != "static":
                 t_labels = entry["input_ids"].masked_fill(entry["attention_mask"] == 0, -100)
