@@ -122,15 +122,18 @@ def test_smoke_teacher_trains_and_evaluates(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_grid_end_to_end(tmp_path):
-    """Every stage of the smoke preset: teachers, base, caches, a CE run, a GOLD run and a
-    two-teacher run, each writing result.json; a second call reads the finished runs back."""
+    """Every stage of the smoke preset: `prepare` (corpus, then teachers, base student and caches in one
+    2-worker pool where a cache job waits for its teacher), a CE run, a GOLD run and a two-teacher run,
+    each writing result.json; second calls read everything back."""
     from xtoken.mini import experiment as E
-    cfg = MiniConfig.preset("smoke")
-    E.build_corpus(cfg, tmp_path)
-    E.train_teachers(cfg, tmp_path, workers=1)
-    base = E.train_base_student(cfg, tmp_path)
-    assert 0.0 <= base["numeral_mass"] <= 1.0
-    assert set(E.build_teacher_caches(cfg, tmp_path, workers=1)) == set(E.TEACHERS)
+    cfg = MiniConfig.preset("smoke", workers=2)
+    prep = E.prepare(cfg, tmp_path)
+    assert list(prep["teachers"]["teacher"]) == list(E.TEACHERS) and "models_s" in prep["timings"]
+    assert 0.0 <= prep["base"]["numeral_mass"] <= 1.0
+    assert all((tmp_path / "cache" / f"{n}.npy").exists() for n in E.TEACHERS)
+    assert (tmp_path / "teachers" / "qwen3" / "train.log").read_text(), "console output goes to the job's log"
+    assert E.prepare(cfg, tmp_path)["timings"] == {}, "a second prepare reuses everything"
+    cfg.workers = 1
     settings = [E.SINGLE_TEACHER_SETTINGS[0], E.Setting("gold_qwen3", [("qwen3", "gold", 1.0)]),
                 E.Setting("two", [("phi", "h_kl", 0.5), ("llama", "kl", 0.5)])]
     df = E.run_grid(cfg, settings, [0], tmp_path, workers=1)

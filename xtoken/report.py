@@ -354,10 +354,13 @@ def multi_teacher_findings(df: pd.DataFrame, singles: pd.DataFrame) -> dict:
     wins = {}
     for p in pairs:
         static = avg.get(f"{p}@static")
+        tuned = avg.get(f"{p}@static_tuned")
         adaptive = {w: avg[f"{p}@{w}"] for w in ("ce", "entropy", "max_prob") if f"{p}@{w}" in avg}
         if static is not None and adaptive:
-            wins[p] = {"static": round(static, 2), "best adaptive": round(max(adaptive.values()), 2),
-                       "static wins": bool(static >= max(adaptive.values()))}
+            best_static = max(x for x in (static, tuned) if x is not None)
+            wins[p] = {"static": round(static, 2), **({"static tuned": round(tuned, 2)} if tuned is not None else {}),
+                       "best adaptive": round(max(adaptive.values()), 2),
+                       "static wins": bool(best_static >= max(adaptive.values()))}
     out["1. static beats adaptive"] = {"per pair": wins,
                                        "held": bool(wins) and all(v["static wins"] for v in wins.values())}
     best_single = s.groupby("setting")["average"].mean()

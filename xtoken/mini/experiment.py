@@ -338,11 +338,16 @@ SINGLE_TEACHER_SETTINGS = [
 ]
 
 
-def multi_teacher_settings(weightings=("static", "ce", "entropy", "max_prob")) -> list:
-    """The multi-teacher grid: pairs of teachers x weighting schemes (static = 0.5 / 0.5).
+def multi_teacher_settings(weightings=("static", "ce", "entropy", "max_prob"), teacher_scores=None) -> list:
+    """The multi-teacher grid: pairs of teachers x weighting schemes.
 
     Phi (H-KL) + Llama (KL) is the paper's best; Phi + Qwen3 (two reasoning-heavy teachers) the
     paper's worse pair; Qwen3 (P-KL) + Llama (KL) completes the triangle; all three together last.
+
+    Weightings: "static" = equal weights; "static_tuned" = static weights set a priori, before any
+    multi-teacher run, proportional to each teacher's own held-out exact match averaged over the skills
+    (``teacher_scores``: the teachers table of `prepare`, columns teacher / arithmetic / knowledge);
+    "ce" | "entropy" | "max_prob" = confidence-adaptive per batch (`xtoken.multi_teacher`).
     """
     pairs = {
         "phi_hkl+llama_kl": [("phi", "h_kl", 0.5), ("llama", "kl", 0.5)],
@@ -351,8 +356,21 @@ def multi_teacher_settings(weightings=("static", "ce", "entropy", "max_prob")) -
         "phi_hkl+qwen3_pkl+llama_kl": [("phi", "h_kl", 1 / 3), ("qwen3", "p_kl", 1 / 3), ("llama", "kl", 1 / 3)],
         "phi_gold+qwen3_gold": [("phi", "gold", 0.5), ("qwen3", "gold", 0.5)],
     }
-    return [Setting(f"{name}@{w}", teachers, weighting=w, label=f"{name} ({w} weights)")
-            for name, teachers in pairs.items() for w in weightings]
+    out = []
+    for name, teachers in pairs.items():
+        for w in weightings:
+            if w == "static_tuned":
+                if teacher_scores is None:
+                    raise ValueError("static_tuned weights need teacher_scores (prepare(...)['teachers'])")
+                acc = {r["teacher"]: (float(r["arithmetic"]) + float(r["knowledge"])) / 2
+                       for r in teacher_scores.to_dict(orient="records")}
+                total = sum(acc[t] for t, _, _ in teachers)
+                tuned = [(t, loss, round(acc[t] / total, 4)) for t, loss, _ in teachers]
+                out.append(Setting(f"{name}@static_tuned", tuned, weighting="static",
+                                   label=f"{name} (static weights {'/'.join(str(x[2]) for x in tuned)}, set a priori)"))
+            else:
+                out.append(Setting(f"{name}@{w}", teachers, weighting=w, label=f"{name} ({w} weights)"))
+    return out
 
 
 def _projection_path(out_dir, teacher: str) -> Path:
@@ -616,6 +634,23 @@ def single_teacher_settings(teachers=("qwen3", "phi"), losses=("gold", "p_kl", "
     return keep
 
 
+def _prepare_job(job):
+    """One job of `prepare`'s pool. A cache job waits for its teacher, whose job was dispatched before it
+    (jobs are handed out in order), so it is running on another worker or finished."""
+    cfg_d, out_dir, kind, name = job
+    if kind == "teacher":
+        return _train_one_teacher((cfg_d, out_dir, name))
+    if kind == "base":
+        return train_base_student(MiniConfig.from_dict(cfg_d), out_dir)
+    done = Path(out_dir) / "teachers" / name / "result.json"
+    t0 = time.time()
+    while not done.exists():
+        if time.time() - t0 > 6 * 3600:
+            raise TimeoutError(f"teacher {name!r} did not finish: {done} missing")
+        time.sleep(1.0)
+    return _cache_one((cfg_d, out_dir, name))
+
+
 def prepare(cfg: MiniConfig, out_dir) -> dict:
     """Corpus, teachers, base student and teacher caches in ``out_dir``, each stage skipped when its
     output is already there for the same config (so notebooks 03 and 04 share one preparation).
@@ -633,20 +668,17 @@ def prepare(cfg: MiniConfig, out_dir) -> dict:
         t0 = time.time()
         build_corpus(cfg, out)
         t["corpus_s"] = time.time() - t0
-    missing = [n for n in TEACHERS if not (out / "teachers" / n / "result.json").exists()]
-    if missing:
-        t0 = time.time()
-        train_teachers(cfg, out, names=tuple(missing))
-        t["teachers_s"] = time.time() - t0
+    # one pool for the rest, teachers first: 3 teachers on 2 workers leave a worker free in the second
+    # round, which trains the base student and caches the finished teachers meanwhile
+    jobs = [("teacher", n) for n in TEACHERS if not (out / "teachers" / n / "result.json").exists()]
     if not (out / "base_student" / "result.json").exists():
+        jobs.append(("base", ""))
+    jobs += [("cache", n) for n in TEACHERS if not (out / "cache" / f"{n}.npy").exists()]
+    if jobs:
         t0 = time.time()
-        train_base_student(cfg, out)
-        t["base_s"] = time.time() - t0
-    missing = [n for n in TEACHERS if not (out / "cache" / f"{n}.npy").exists()]
-    if missing:
-        t0 = time.time()
-        build_teacher_caches(cfg, out, names=tuple(missing))
-        t["caches_s"] = time.time() - t0
+        _pool_map(_prepare_job, [(cfg.to_dict(), str(out), kind, n) for kind, n in jobs], cfg.workers,
+                  desc="teachers, base student, teacher caches")
+        t["models_s"] = time.time() - t0
     rows = []
     for n in TEACHERS:
         r = json.loads((out / "teachers" / n / "result.json").read_text())
