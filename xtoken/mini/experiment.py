@@ -365,7 +365,8 @@ def multi_teacher_settings(weightings=("static", "ce", "entropy", "max_prob"), t
                 acc = {r["teacher"]: (float(r["arithmetic"]) + float(r["knowledge"])) / 2
                        for r in teacher_scores.to_dict(orient="records")}
                 total = sum(acc[t] for t, _, _ in teachers)
-                tuned = [(t, loss, round(acc[t] / total, 4)) for t, loss, _ in teachers]
+                tuned = [(t, loss, round(acc[t] / total if total > 0 else 1 / len(teachers), 4))   # untrained
+                         for t, loss, _ in teachers]                                              # teachers: equal
                 out.append(Setting(f"{name}@static_tuned", tuned, weighting="static",
                                    label=f"{name} (static weights {'/'.join(str(x[2]) for x in tuned)}, set a priori)"))
             else:
