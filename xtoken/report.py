@@ -363,7 +363,7 @@ def multi_teacher_findings(df: pd.DataFrame, singles: pd.DataFrame) -> dict:
                        "static wins": bool(best_static >= max(adaptive.values()))}
     out["1. static beats adaptive"] = {"per pair": wins,
                                        "held": bool(wins) and all(v["static wins"] for v in wins.values())}
-    best_single = s.groupby("setting")["average"].mean()
+    best_single = s[s.setting != "ce_only"].groupby("setting")["average"].mean()   # teachers only, not CE alone
     comp = avg.get("phi_hkl+llama_kl@static")
     if comp is not None and len(best_single):
         out["2. complementary pair beats the best single teacher"] = {
