@@ -243,6 +243,10 @@ def learned_w_comparison(df: pd.DataFrame, learned: str = "pkl_learned_qwen3", f
     return pd.DataFrame(rows)
 
 
+def _round(x, k: int = 4):
+    return None if x is None else round(x, k)
+
+
 def learned_w_rows(results: list[dict], setting: str = "pkl_learned_qwen3", n: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
     """From the runs' result.json: (per-seed summary of how far W moved, the rows that moved most as strings)."""
     summary, top = [], []
@@ -250,8 +254,9 @@ def learned_w_rows(results: list[dict], setting: str = "pkl_learned_qwen3", n: i
         for teacher, lw in (r.get("learned_w") or {}).items():
             summary.append({"seed": r["seed"], "teacher": teacher, "trainable rows": lw["trainable_rows"],
                             "numeral rows": lw["numeral_rows"], "mean L1 change": round(lw["mean_l1_change"], 4),
-                            "mean L1 change, numeral rows": round(lw["mean_l1_change_numerals"], 4),
-                            "mean L1 change, other rows": round(lw["mean_l1_change_other"], 4),
+                            "mean L1 change, numeral rows": _round(lw["mean_l1_change_numerals"]) if lw["numeral_rows"] else None,
+                            "mean L1 change, other rows": (_round(lw["mean_l1_change_other"])   # none: every trainable
+                                                           if lw["trainable_rows"] > lw["numeral_rows"] else None),   # row is a numeral
                             "max L1 change": round(lw["max_l1_change"], 4)})
             for row in lw["top_moved"][:n]:
                 top.append({"seed": r["seed"], "student token": row["student"].replace("Ġ", "␣"),
@@ -436,7 +441,8 @@ def build_report(results_dir, scale: str = "mini") -> str:
                     + (f", GOLD (Phi) {m['gold_phi']:.3f}" if "gold_phi" in m else "") +
                     f". Criterion, fixed before the first run: GOLD's mass below half of CE-only's "
                     f"({m['ce_only'] / 2:.3f}) and P-KL's above GOLD's: {_held(bool(held))}. GOLD's mass is "
-                    f"{100 * (1 - m['gold_qwen3'] / m['ce_only']):+.0f}% below CE-only's"
+                    f"{abs(100 * (1 - m['gold_qwen3'] / m['ce_only'])):.0f}% "
+                    f"{'below' if m['gold_qwen3'] < m['ce_only'] else 'above'} CE-only's"
                     + (" (the direction of Proposition 1)." if m["gold_qwen3"] < m["ce_only"] else
                        " (against Proposition 1's direction).")
                     + ("" if held or m["gold_qwen3"] >= m["ce_only"] else " The fall is short of the bar."), ""]
@@ -452,7 +458,8 @@ def build_report(results_dir, scale: str = "mini") -> str:
             d = float(arith["Δ learned - fixed"].split("±")[0])
             spread = float(arith["Δ learned - fixed"].split("±")[1])
             out += [f"Learning W changed arithmetic exact match by {d:+.1f} points (± {spread:.1f} over seeds): "
-                    + ("inside the seed spread, so no measurable effect." if abs(d) <= spread else
+                    + ("the same score in every seed: no effect on accuracy." if d == 0 and spread == 0 else
+                       "inside the seed spread, so no measurable effect." if abs(d) <= spread else
                        ("it helped." if d > 0 else "it hurt.")), ""]
         if lw.get("summary"):
             out += [md_table(pd.DataFrame(lw["summary"])), ""]
@@ -462,8 +469,12 @@ def build_report(results_dir, scale: str = "mini") -> str:
         f = json.loads((r / name("04_results.json")).read_text())["findings"]
         out += ["## Multi-teacher (notebook 04)", "", md_table(pd.read_csv(r / name("04_table.csv"))), "",
                 f"![multi-teacher]({name('04_multi_teacher.png')})", ""]
-        out += [f"- {k}: {_held(v['held'])} ({', '.join(f'{a}: {b}' for a, b in v.items() if a != 'held' and a != 'per pair')})"
-                for k, v in f.items()]
+        for k, v in f.items():
+            detail = ", ".join(f"{a}: {b}" for a, b in v.items() if a not in ("held", "per pair"))
+            if "per pair" in v:     # finding 1: the numbers of each pair
+                detail = "; ".join(f"{pair}: " + ", ".join(f"{a} {b}" for a, b in x.items() if a != "static wins")
+                                   for pair, x in v["per pair"].items())
+            out.append(f"- {k}: {_held(v['held'])} ({detail})")
         out += ["", "Seed spreads in these tables are 1-2 points: a difference under that is a direction, not a finding.",
                 "GOLD on both cross-tokenizer teachers (`phi_gold+qwen3_gold`) is the pre-X-Token multi-teacher baseline.", ""]
     return "\n".join(out) + "\n"
