@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_step import corpus_texts, make_trainer, sync, time_kd_op  # noqa: E402
+from bench_train_step import corpus_texts, make_trainer, step_once, sync, time_kd_op  # noqa: E402
 
 from xtoken import load_tokenizer  # noqa: E402
 from xtoken.projection import build_projection  # noqa: E402
@@ -84,18 +84,6 @@ def peak_extra_mb(fn) -> float:
 
 
 # ---- one step / one forward ---------------------------------------------------------------------
-
-def step_once(trainer, batch) -> float:
-    model, opt = trainer.model, trainer.optimizer
-    sync()
-    t0 = time.perf_counter()
-    trainer.training_step(model, batch)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sync()
-    trainer._metrics.clear()
-    return time.perf_counter() - t0
-
 
 def forward_once(teacher: Teacher, batch) -> float:
     entry = batch["teachers"][teacher.name]

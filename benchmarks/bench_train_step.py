@@ -78,21 +78,23 @@ def sync():
         torch.cuda.synchronize()
 
 
+def step_once(trainer, batch) -> float:
+    """Seconds of one optimizer step (forward, losses, backward, AdamW) on ``batch``."""
+    model, opt = trainer.model, trainer.optimizer
+    sync()
+    t0 = time.perf_counter()
+    trainer.training_step(model, batch)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    trainer._metrics.clear()
+    return time.perf_counter() - t0
+
+
 def time_steps(trainer, batches, warmup: int = 2) -> float:
     """Median seconds of one optimizer step over ``batches`` (the first ``warmup`` not timed)."""
-    model, opt = trainer.model, trainer.optimizer
-    times = []
-    for i, batch in enumerate(batches):
-        sync()
-        t0 = time.perf_counter()
-        trainer.training_step(model, batch)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    trainer._metrics.clear()
-    return statistics.median(times)
+    times = [step_once(trainer, batch) for batch in batches]
+    return statistics.median(times[warmup:])
 
 
 def time_teacher_forward(teacher: Teacher, batches, device, warmup: int = 2) -> float:
