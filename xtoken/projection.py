@@ -228,6 +228,7 @@ class LearnableProjection(torch.nn.Module):
         self.register_buffer("log_w0", torch.where(self.mask, w0.clamp_min(1e-30).log(), torch.zeros_like(w0)),
                              persistent=False)
         self.theta = torch.nn.Parameter(torch.zeros_like(w0))
+        self.base_digest = projection.digest()                             # what a saved learned W records
 
     @property
     def n_trainable_rows(self) -> int:
@@ -245,9 +246,16 @@ class LearnableProjection(torch.nn.Module):
         """[V_S, k], like ``Projection.weights``; differentiable w.r.t. theta."""
         return self.w0.index_put((self.rows,), self.row_weights())
 
+    forward = weights     # so torch.func.functional_call(lp, {"theta": t}) evaluates W at other parameters
+
+    def row_changes(self) -> torch.Tensor:
+        """[n_trainable_rows]: L1 distance of each trainable row to its built weights."""
+        with torch.no_grad():
+            return (self.row_weights() - self.w0.index_select(0, self.rows)).abs().sum(1)
+
     def to_projection(self) -> Projection:
         """The current W as a plain Projection (kind "learned"), for saving or for GOLD/H-KL/inspection."""
-        meta = dict(self.base.meta, kind="learned", learned_from=self.base.digest(),
+        meta = dict(self.base.meta, kind="learned", learned_from=self.base_digest,
                     learned_from_kind=self.base.meta.get("kind", "built"), trainable_rows=self.n_trainable_rows)
         return Projection(self.base.indices.clone(), self.weights().detach().cpu().clone(), self.base.row_kind.clone(),
                           self.base.teacher_vocab_size, meta, self.base.student_tok, self.base.teacher_tok)
@@ -261,9 +269,9 @@ class LearnableProjection(torch.nn.Module):
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["xtoken_projection"])
-            if meta.get("learned_from") != self.base.digest():
+            if meta.get("learned_from") != self.base_digest:
                 raise ProjectionMismatch(f"{path} was learned from another W (digest {meta.get('learned_from')}), "
-                                         f"not this one ({self.base.digest()})")
+                                         f"not this one ({self.base_digest})")
             theta, rows = f.get_tensor("theta"), f.get_tensor("theta_rows")
         if not torch.equal(rows, self.rows.cpu()):
             raise ProjectionMismatch(f"{path}: trainable rows differ from this W's")
@@ -273,10 +281,10 @@ class LearnableProjection(torch.nn.Module):
 
     def moved_rows(self, n: int = 10) -> list[dict]:
         """The ``n`` rows whose weights moved most (L1 distance to W0), largest first."""
+        dist = self.row_changes()
+        order = torch.argsort(dist, descending=True, stable=True)[:n]
         with torch.no_grad():
             w, w0 = self.row_weights(), self.w0.index_select(0, self.rows)
-            dist = (w - w0).abs().sum(1)
-            order = torch.argsort(dist, descending=True, stable=True)[:n]
         out = []
         for i in order.tolist():
             s = int(self.rows[i])

@@ -508,9 +508,7 @@ def learned_w_summary(lp, student_vocab, teacher_vocab, n: int = 12) -> dict:
     among them, and the ``n`` rows that moved most as readable strings (student token -> teacher tokens,
     weights before -> after)."""
     import numpy as np
-    with torch.no_grad():
-        w, w0 = lp.row_weights(), lp.w0.index_select(0, lp.rows)
-        dist = (w - w0).abs().sum(1)
+    dist = lp.row_changes()
     s_str = lambda i: student_vocab.tok.convert_ids_to_tokens(int(i))
     t_str = lambda i: teacher_vocab.tok.convert_ids_to_tokens(int(i))
     is_num = np.array([s_str(r).lstrip("Ġ").isdigit() for r in lp.rows.tolist()], dtype=bool)
