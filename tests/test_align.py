@@ -213,3 +213,36 @@ def test_small_window_resync_matches_vectorised():
         agree = rng.choice([2, 4, 16])
         assert _resync_small(sb.tobytes(), s_begin, si, tb.tobytes(), t_begin, ti, 4, agree) == \
             _resync_in(sb, s_begin, si, tb, t_begin, ti, 4, agree)
+
+
+def _same(a, b):
+    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in
+               ("student_spans", "teacher_spans", "student_unpaired", "teacher_unpaired", "is_special")) \
+        and a.student_valid == b.student_valid and a.teacher_valid == b.teacher_valid
+
+
+def test_alignment_memo_returns_what_align_computes(llama, qwen):
+    """A memo hit equals a fresh alignment, also when the same row comes back padded differently
+    (another batch) or left-padded; a different row is a miss, never a wrong hit; the memo is bounded."""
+    from xtoken.align import AlignmentMemo
+    texts = ["The year 1999 ended.", "Short one", unicodedata.normalize("NFD", "café 123 au lait")]
+    s_rows = [llama(x)["input_ids"] for x in texts]
+    t_rows = [qwen(x)["input_ids"] for x in texts]
+    memo = AlignmentMemo(max_rows=2)
+    for b in range(3):
+        fresh = align(s_rows[b], t_rows[b], llama, qwen)
+        assert _same(align(s_rows[b], t_rows[b], llama, qwen, memo=memo), fresh)
+        # the same row inside a wider, left-padded student batch: a hit, shifted by the padding
+        pad = 3
+        s = np.array([0] * pad + s_rows[b]); sm = np.array([0] * pad + [1] * len(s_rows[b]))
+        hits = memo.hits
+        got = align(s, t_rows[b], llama, qwen, student_mask=sm, memo=memo)
+        assert memo.hits == hits + 1
+        ref = align(s, t_rows[b], llama, qwen, student_mask=sm)
+        assert _same(got, ref) and (got.student_spans - pad).tolist() == fresh.student_spans.tolist()
+    assert memo.misses == 3 and len(memo) == 2          # three rows seen, the oldest dropped
+    # an altered row (one teacher token less) is not confused with the stored one
+    short = align(s_rows[1], t_rows[1][:-1], llama, qwen, memo=memo)
+    assert memo.misses == 4 and _same(short, align(s_rows[1], t_rows[1][:-1], llama, qwen))
+    with pytest.raises(ValueError):
+        AlignmentMemo(max_rows=0)

@@ -391,3 +391,33 @@ def test_metrics_off_changes_nothing_but_the_metrics(name):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert "top1_agreement" in outs[0][2] and "top1_agreement" not in outs[1][2]
     assert outs[1][2]["loss"] == outs[0][2]["loss"]
+
+
+def test_default_blocks_follow_the_vocabulary_width():
+    """chunk_size=None: 64 chunks at Qwen3's width (256 positions for kl at Llama's), all of a small
+    batch at narrow vocabularies; same value and gradient as explicit blocks; bad sizes refused."""
+    from xtoken.losses import BLOCK_ELEMENTS, KL_BLOCK_ELEMENTS, _block_size
+    assert _block_size(None, 151_936, BLOCK_ELEMENTS, 64) == 64
+    assert _block_size(None, 128_256, KL_BLOCK_ELEMENTS, 256) == 256
+    assert _block_size(None, 1_362, BLOCK_ELEMENTS, 64) == 7_139        # the miniature: one block per batch
+    assert _block_size(None, 10**9, BLOCK_ELEMENTS, 64) == 64           # never below the floor
+    assert _block_size(5, 372, BLOCK_ELEMENTS, 64) == 5
+    with pytest.raises(ValueError):
+        _block_size(0, 372, BLOCK_ELEMENTS, 64)
+    s, t, aligns = tiny_inputs(batch=3, seed=6)
+    outs = []
+    for cs in (None, 2):
+        x = s.clone().requires_grad_(True)
+        loss, _ = h_kl_loss(x, t, aligns, tiny_projection(), chunk_size=cs)
+        loss.backward()
+        outs.append((loss.item(), x.grad.clone()))
+    assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-12) and torch.allclose(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("width", [5, 372, 8192, 20_000])
+def test_rowdot_narrow_and_wide_paths(width):
+    from xtoken.losses import _rowdot
+    g = torch.Generator().manual_seed(width)
+    x, y = torch.rand(7, width, generator=g, dtype=torch.float64), torch.rand(7, width, generator=g, dtype=torch.float64)
+    assert torch.allclose(_rowdot(x, y), (x * y).sum(-1), rtol=1e-12)
+    assert _rowdot(x[:0], y[:0]).shape == (0,)

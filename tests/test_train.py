@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -350,3 +351,19 @@ def test_loss_metrics_are_computed_for_logged_steps(tmp_path, stok, ttok, W):
     for r in logs:   # computed on the logged steps' micro-batches only, but present in every log
         assert 0 <= r["qwen/top1_agreement"] <= 1 and r["qwen/teacher_common_mass"] > 0
         assert math.isfinite(r["kd"])
+
+
+def test_collator_alignment_memo_gives_the_same_batches(llama, qwen, full_W):
+    from xtoken.align import AlignmentMemo
+    teacher = Teacher("qwen", None, qwen, "p_kl", projection=full_W)
+    rows = [dataset(6)[i] for i in range(6)]
+    plain = DistillCollator(llama, [teacher], max_length=24)
+    memo = AlignmentMemo()
+    cached = DistillCollator(llama, [teacher], max_length=24, alignment_memo=memo)
+    for batch_rows in (rows[:4], rows[2:], rows[:4]):     # rows 2-3 come back in another batch (other width)
+        a, b = plain(batch_rows), cached(batch_rows)
+        for x, y in zip(a["teachers"]["qwen"]["alignments"], b["teachers"]["qwen"]["alignments"]):
+            assert np.array_equal(x.student_spans, y.student_spans) and np.array_equal(x.teacher_spans, y.teacher_spans)
+            assert np.array_equal(x.student_unpaired, y.student_unpaired) and x.student_valid == y.student_valid
+    distinct = len({r["text"] for r in rows})
+    assert memo.misses == distinct and memo.hits == 12 - distinct and distinct >= 3

@@ -41,10 +41,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .canonical import special_roles, token_bytes
 
-__all__ = ["Alignment", "align", "align_batch", "byte_table"]
+__all__ = ["Alignment", "AlignmentMemo", "align", "align_batch", "byte_table"]
 
 
 # ---- per-tokenizer byte tables (built once, cached) ---------------------------------------------
@@ -335,31 +336,78 @@ def _align_valid(s_ids: np.ndarray, t_ids: np.ndarray, s_table: ByteTable, t_tab
             np.sort(np.array(t_unpaired, dtype=np.int64)), special_chunk)
 
 
+def _int_array(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x.astype(np.int64, copy=False)
+    return np.asarray(x.tolist() if hasattr(x, "tolist") else x, dtype=np.int64)
+
+
 def _valid_range(mask) -> tuple[int, int]:
     """(first, end) of the valid region of a row given its attention mask (left or right padding)."""
     nz = np.flatnonzero(np.asarray(mask))
     return (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
 
 
+class AlignmentMemo:
+    """Remembers alignments by content, for text that is aligned more than once (several epochs, or
+    the miniature's ~70 student runs over one corpus, where aligning was ~40% of a batch's collation).
+
+    Keyed by the two tokenizers' byte tables, the search settings and the ids of both valid regions,
+    so a hit is the very result `align` would compute (padding and batch width do not matter).
+    Holds at most ``max_rows`` entries (the oldest are dropped first); ``hits``/``misses`` count use.
+    """
+
+    def __init__(self, max_rows: int = 200_000):
+        if max_rows < 1:
+            raise ValueError("max_rows must be >= 1")
+        self.max_rows = int(max_rows)
+        self._rows: dict = {}
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def lookup(self, key, compute):
+        hit = self._rows.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.misses += 1
+        value = compute()
+        if len(self._rows) >= self.max_rows:
+            self._rows.pop(next(iter(self._rows)))
+        self._rows[key] = value
+        return value
+
+
 def align(student_ids, teacher_ids, student_tok, teacher_tok, *, student_mask=None, teacher_mask=None,
-          window: int = 32, agree_bytes: int = 16) -> Alignment:
+          window: int = 32, agree_bytes: int = 16, memo: AlignmentMemo | None = None) -> Alignment:
     """Align one student row with one teacher row of the same text (see the module docstring).
 
     ids: sequences or 1-D tensors; masks (optional): 1 on valid positions, one contiguous run
-    (left or right padding). Positions in the result index the rows as given.
+    (left or right padding). Positions in the result index the rows as given. ``memo``: an
+    `AlignmentMemo` to reuse the result for rows aligned before.
     """
-    s = np.asarray(student_ids.tolist() if hasattr(student_ids, "tolist") else student_ids, dtype=np.int64)
-    t = np.asarray(teacher_ids.tolist() if hasattr(teacher_ids, "tolist") else teacher_ids, dtype=np.int64)
+    s, t = _int_array(student_ids), _int_array(teacher_ids)
     sv = _valid_range(student_mask) if student_mask is not None else (0, len(s))
     tv = _valid_range(teacher_mask) if teacher_mask is not None else (0, len(t))
-    ss, ts, su, tu, sp = _align_valid(s[sv[0]:sv[1]], t[tv[0]:tv[1]], byte_table(student_tok),
-                                      byte_table(teacher_tok), window, agree_bytes)
+    s_table, t_table = byte_table(student_tok), byte_table(teacher_tok)
+    s_valid, t_valid = s[sv[0]:sv[1]], t[tv[0]:tv[1]]
+    compute = lambda: _align_valid(s_valid, t_valid, s_table, t_table, window, agree_bytes)
+    if memo is None:
+        ss, ts, su, tu, sp = compute()
+    else:                 # byte tables live as long as their tokenizer (byte_table's cache), so ids are stable
+        key = (id(s_table), id(t_table), window, agree_bytes, s_valid.tobytes(), t_valid.tobytes())
+        ss, ts, su, tu, sp = memo.lookup(key, compute)
     return Alignment(ss + sv[0], ts + tv[0], su + sv[0], tu + tv[0], s, t, sv, tv, sp)
 
 
 def align_batch(student_ids, teacher_ids, student_tok, teacher_tok, *, student_mask=None, teacher_mask=None,
                 **kwargs) -> list[Alignment]:
-    """`align` for each row: lists of sequences, or padded [B, L] tensors with attention masks."""
+    """`align` for each row: lists of sequences, or padded [B, L] tensors with attention masks.
+    kwargs: window, agree_bytes, memo (see `align`)."""
+    as_np = lambda x: x.cpu().numpy() if isinstance(x, torch.Tensor) else x     # one conversion per batch, not per row
+    student_ids, teacher_ids, student_mask, teacher_mask = map(as_np, (student_ids, teacher_ids, student_mask, teacher_mask))
     out = []
     for b in range(len(student_ids)):
         out.append(align(student_ids[b], teacher_ids[b], student_tok, teacher_tok,

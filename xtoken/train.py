@@ -74,8 +74,8 @@ class XTokenConfig(TrainingArguments):
     loss_chunk_size: int | None = field(default=None, metadata={
         "help": "block size of the loss computations: positions per block for CE and kl, chunk pairs per block "
                 "for the cross-tokenizer losses. Smaller saves memory at large vocabularies, larger is faster at "
-                "small ones (mini scale: 1024 makes the P-KL op ~1.3x faster than the losses' default 64, bench_train_step). "
-                "None: CE in one piece, the losses' own defaults"})
+                "small ones. None: CE in one piece, the losses' own defaults (blocks sized by a fixed element budget: "
+                "64 chunks at 151,936 columns, all of a mini batch at the miniature's ~1,000-id vocabularies)"})
     loss_curve: bool = field(default=True, metadata={"help": "save output_dir/loss_curve.png at the end of training"})
     learn_projection: bool = field(default=False, metadata={
         "help": "fine-tune each P-KL teacher's W with the student (fixed pattern, softmax rows; the paper's option)"})
@@ -155,7 +155,8 @@ class DistillCollator:
     tokenization is truncated to ``teacher_max_length``, default 2 x max_length). Chunk alignments
     (`xtoken.align.align_batch`) are computed here, so with ``dataloader_num_workers > 0`` they
     overlap the training step. Cached teacher log-probabilities (``Teacher.cache``) are looked up here
-    by ``idx`` too.
+    by ``idx`` too. ``alignment_memo``: an `xtoken.align.AlignmentMemo` that keeps every row's alignment
+    for the next time the same text comes by (epochs, or many runs over one corpus in one process).
 
     Batch layout::
 
@@ -166,8 +167,9 @@ class DistillCollator:
     """
 
     def __init__(self, student_tokenizer, teachers: list[Teacher], max_length: int = 512,
-                 teacher_max_length: int | None = None):
+                 teacher_max_length: int | None = None, alignment_memo=None):
         self.student_tokenizer = student_tokenizer
+        self.alignment_memo = alignment_memo
         self.teachers = list(teachers)
         self.max_length = max_length
         self.teacher_max_length = teacher_max_length or 2 * max_length
@@ -209,7 +211,7 @@ class DistillCollator:
             entry = {"input_ids": t_ids, "attention_mask": t_mask, "alignments": None}
             if t.loss != "kl":
                 entry["alignments"] = align_batch(ids, t_ids, self.student_tokenizer, t.tokenizer,
-                                                  student_mask=mask, teacher_mask=t_mask)
+                                                  student_mask=mask, teacher_mask=t_mask, memo=self.alignment_memo)
             if t.cache is not None:
                 if "idx" not in batch:
                     raise KeyError(f"teacher {t.name!r} has a cache: dataset rows need an 'idx' column")

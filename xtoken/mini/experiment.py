@@ -116,10 +116,12 @@ def _mixed(dataset, mix: dict | None, seed: int):
 
 def train_model(model, tok, dataset, out_dir, *, steps, batch, lr, seed, max_length, teachers=(),
                 warmup_ratio=0.05, callbacks=(), kd_weight=1.0, dynamic_kd_scale=False,
-                teacher_weighting="static", log_every=None, learn_projection=False, projection_lr=1e-2) -> dict:
+                teacher_weighting="static", log_every=None, learn_projection=False, projection_lr=1e-2,
+                alignment_memo=None) -> dict:
     """Train ``model`` with `XTokenTrainer` for ``steps`` steps; returns log history, wall time and the
-    learned W modules ({teacher: LearnableProjection}, empty unless ``learn_projection``)."""
-    from xtoken.train import XTokenConfig, XTokenTrainer
+    learned W modules ({teacher: LearnableProjection}, empty unless ``learn_projection``).
+    ``alignment_memo``: an `xtoken.align.AlignmentMemo` shared by the runs of one worker process."""
+    from xtoken.train import DistillCollator, XTokenConfig, XTokenTrainer
     _threads()
     args = XTokenConfig(
         output_dir=str(out_dir), max_steps=int(steps), per_device_train_batch_size=int(batch),
@@ -129,8 +131,9 @@ def train_model(model, tok, dataset, out_dir, *, steps, batch, lr, seed, max_len
         max_length=max_length, kd_weight=kd_weight, dynamic_kd_scale=dynamic_kd_scale,
         teacher_weighting=teacher_weighting, report_to="none", learn_projection=learn_projection,
         projection_learning_rate=projection_lr)
+    collator = DistillCollator(tok, list(teachers), max_length, alignment_memo=alignment_memo)
     trainer = XTokenTrainer(model=model, args=args, teachers=list(teachers), train_dataset=dataset,
-                            processing_class=tok, callbacks=list(callbacks))
+                            processing_class=tok, data_collator=collator, callbacks=list(callbacks))
     t0 = time.time()
     trainer.train()
     wall = time.time() - t0
@@ -439,9 +442,11 @@ _WORKER: dict = {}
 
 
 def _worker_state(out_dir):
-    """Per-process cache of what every run reads (vocabularies, corpus, teachers, W, caches)."""
+    """Per-process cache of what every run reads (vocabularies, corpus, teachers, W, caches, and the
+    alignments of the corpus rows: every run of a worker sees the same texts)."""
     key = str(out_dir)
     if _WORKER.get("key") != key:
+        from xtoken.align import AlignmentMemo
         from xtoken.train import TeacherCache
         out = Path(out_dir)
         vocabs = load_vocabs(out)
@@ -454,7 +459,7 @@ def _worker_state(out_dir):
                                   "cache": TeacherCache.load(out / "cache" / f"{name}.npy"),
                                   "w": _load_w(out, name) if name != "llama" else None}
         _WORKER.clear()
-        _WORKER.update(key=key, vocabs=vocabs, corpus=corpus, teachers=teachers)
+        _WORKER.update(key=key, vocabs=vocabs, corpus=corpus, teachers=teachers, memo=AlignmentMemo())
     return _WORKER
 
 
@@ -481,7 +486,7 @@ def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=T
                        warmup_ratio=cfg.warmup_ratio, callbacks=[cb], kd_weight=cfg.kd_weight,
                        dynamic_kd_scale=cfg.dynamic_kd_scale, teacher_weighting=setting.weighting,
                        log_every=cfg.diag_every, learn_projection=setting.learn_projection,
-                       projection_lr=cfg.projection_lr)
+                       projection_lr=cfg.projection_lr, alignment_memo=st["memo"])
     train_wall = time.time() - t0
     save_model(model, student, d, extra={"role": "student", "setting": setting.to_dict(), "seed": seed})
     learned = {}
