@@ -88,6 +88,7 @@ class MiniConfig:
     student_batch: int = 16
     student_lr: float = 1e-3
     warmup_ratio: float = 0.05
+    group_by_length: bool = True       # Trainer's length-grouped batches (random batches of 16 were ~40% padding)
     kd_weight: float = 1.0             # loss = CE + kd_weight * KD (static; fixed before any KD result)
     dynamic_kd_scale: bool = False     # the paper's KD*stopgrad(CE/KD); off: it swamped CE in REFERENCE §5
     projection_lr: float = 1e-2        # learned-W rows (setting pkl_learned_qwen3): Adam lr of the softmax parameters,

@@ -22,6 +22,7 @@ Diagnostics (the mechanism, Proposition 1):
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -117,12 +118,15 @@ def _mixed(dataset, mix: dict | None, seed: int):
 def train_model(model, tok, dataset, out_dir, *, steps, batch, lr, seed, max_length, teachers=(),
                 warmup_ratio=0.05, callbacks=(), kd_weight=1.0, dynamic_kd_scale=False,
                 teacher_weighting="static", log_every=None, learn_projection=False, projection_lr=1e-2,
-                alignment_memo=None) -> dict:
+                alignment_memo=None, group_by_length=False) -> dict:
     """Train ``model`` with `XTokenTrainer` for ``steps`` steps; returns log history, wall time and the
     learned W modules ({teacher: LearnableProjection}, empty unless ``learn_projection``).
-    ``alignment_memo``: an `xtoken.align.AlignmentMemo` shared by the runs of one worker process."""
+    ``alignment_memo``: an `xtoken.align.AlignmentMemo` shared by the runs of one worker process.
+    ``group_by_length``: Trainer's length-grouped sampler (batches of similar ``tok`` lengths, less padding)."""
     from xtoken.train import DistillCollator, XTokenConfig, XTokenTrainer
     _threads()
+    if group_by_length:
+        dataset = with_lengths(dataset, tok, max_length)
     args = XTokenConfig(
         output_dir=str(out_dir), max_steps=int(steps), per_device_train_batch_size=int(batch),
         learning_rate=float(lr), lr_scheduler_type="cosine", warmup_steps=int(round(warmup_ratio * steps)), weight_decay=0.0,
@@ -130,7 +134,8 @@ def train_model(model, tok, dataset, out_dir, *, steps, batch, lr, seed, max_len
         logging_steps=log_every or max(1, steps // 10), disable_tqdm=True, loss_curve=False,
         max_length=max_length, kd_weight=kd_weight, dynamic_kd_scale=dynamic_kd_scale,
         teacher_weighting=teacher_weighting, report_to="none", learn_projection=learn_projection,
-        projection_learning_rate=projection_lr)
+        projection_learning_rate=projection_lr,
+        train_sampling_strategy="group_by_length" if group_by_length else "random", length_column_name="length")
     collator = DistillCollator(tok, list(teachers), max_length, alignment_memo=alignment_memo)
     trainer = XTokenTrainer(model=model, args=args, teachers=list(teachers), train_dataset=dataset,
                             processing_class=tok, data_collator=collator, callbacks=list(callbacks))
@@ -140,6 +145,15 @@ def train_model(model, tok, dataset, out_dir, *, steps, batch, lr, seed, max_len
     hist = [r for r in trainer.state.log_history if "loss" in r]
     return {"wall_s": wall, "log_history": hist, "final": hist[-1] if hist else {},
             "learned": trainer.learned_projections}
+
+
+def with_lengths(dataset, tok, max_length: int):
+    """``dataset`` with a ``length`` column (``tok`` tokens per text, truncated): what Trainer's
+    length-grouped sampler sorts by. Unchanged if the column is there."""
+    if "length" in dataset.column_names:
+        return dataset
+    lengths = [len(x) for x in tok(list(dataset["text"]), truncation=True, max_length=max_length)["input_ids"]]
+    return dataset.add_column("length", lengths)
 
 
 def evaluate_model(model_dir, out_dir, cfg: MiniConfig, limit=None) -> dict:
@@ -168,7 +182,8 @@ def _train_one_teacher_logged(args):
     model = build_model(name, cfg.teacher_size(name), vocab.size, vocab.tok, seed=cfg.seed + 100)
     d = out / "teachers" / name
     info = train_model(model, vocab.tok, ds, d / "trainer", steps=cfg.teacher_steps, batch=cfg.teacher_batch,
-                       lr=cfg.teacher_lr, seed=cfg.seed, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio)
+                       lr=cfg.teacher_lr, seed=cfg.seed, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio,
+                       group_by_length=cfg.group_by_length)
     save_model(model, vocab, d, extra={"role": "teacher", "family": name})
     scores = evaluate_model(d, out, cfg)
     row = {"teacher": name, "label": TEACHER_LABEL[name], "params": sum(p.numel() for p in model.parameters()),
@@ -212,7 +227,8 @@ def _train_base_student(cfg: MiniConfig, out_dir) -> dict:
     model = build_model("student", cfg.student, vocab.size, vocab.tok, seed=cfg.seed + 7)
     d = out / "base_student"
     info = train_model(model, vocab.tok, ds, d / "trainer", steps=cfg.base_steps, batch=cfg.student_batch,
-                       lr=cfg.base_lr, seed=cfg.seed, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio)
+                       lr=cfg.base_lr, seed=cfg.seed, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio,
+                       group_by_length=cfg.group_by_length)
     save_model(model, vocab, d, extra={"role": "base_student"})
     scores = evaluate_model(d, out, cfg)
     res = {"setting": "base", **{s: scores[s] for s in SKILLS}, "train_wall_s": info["wall_s"],
@@ -470,8 +486,11 @@ def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=T
     out = Path(out_dir)
     st = _worker_state(out)
     student = st["vocabs"]["llama"]
-    ds = st["corpus"]["train"]
-    model = load_model(out / "base_student")[0]
+    if "base" not in st:                  # read once per worker; every run starts from a copy
+        st["base"] = load_model(out / "base_student")[0]
+        st["train"] = with_lengths(st["corpus"]["train"], student.tok, cfg.max_length)
+    ds = st["train"]
+    model = copy.deepcopy(st["base"])
     teachers = []
     for name, loss, weight in setting.teachers:
         t = st["teachers"][name]
@@ -483,7 +502,7 @@ def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=T
     t0 = time.time()
     info = train_model(model, student.tok, ds, d / "trainer", steps=cfg.student_steps, batch=cfg.student_batch,
                        lr=cfg.student_lr, seed=seed, max_length=cfg.max_length, teachers=teachers,
-                       warmup_ratio=cfg.warmup_ratio, callbacks=[cb], kd_weight=cfg.kd_weight,
+                       warmup_ratio=cfg.warmup_ratio, group_by_length=cfg.group_by_length, callbacks=[cb], kd_weight=cfg.kd_weight,
                        dynamic_kd_scale=cfg.dynamic_kd_scale, teacher_weighting=setting.weighting,
                        log_every=cfg.diag_every, learn_projection=setting.learn_projection,
                        projection_lr=cfg.projection_lr, alignment_memo=st["memo"])
