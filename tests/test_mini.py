@@ -122,20 +122,23 @@ def test_smoke_teacher_trains_and_evaluates(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_grid_end_to_end(tmp_path):
-    """Every stage of the smoke preset: `prepare` (corpus, then teachers, base student and caches in one
-    2-worker pool where a cache job waits for its teacher), a CE run, a GOLD run and a two-teacher run,
-    each writing result.json; second calls read everything back."""
+    """Every stage of the smoke preset: `prepare` (corpus, then teachers, base student, caches and an
+    early GOLD run in one 2-worker pool where a cache waits for its teacher and a run for the base
+    student and its teacher's cache), then a CE run and a two-teacher run, each writing result.json;
+    second calls read everything back."""
     from xtoken.mini import experiment as E
     cfg = MiniConfig.preset("smoke", workers=2)
-    prep = E.prepare(cfg, tmp_path)
+    settings = [E.SINGLE_TEACHER_SETTINGS[0], E.Setting("gold_qwen3", [("qwen3", "gold", 1.0)]),
+                E.Setting("two", [("phi", "h_kl", 0.5), ("llama", "kl", 0.5)])]
+    prep = E.prepare(cfg, tmp_path, runs=settings[1:2])
     assert list(prep["teachers"]["teacher"]) == list(E.TEACHERS) and "models_s" in prep["timings"]
     assert 0.0 <= prep["base"]["numeral_mass"] <= 1.0
     assert all((tmp_path / "cache" / f"{n}.npy").exists() for n in E.TEACHERS)
     assert (tmp_path / "teachers" / "qwen3" / "train.log").read_text(), "console output goes to the job's log"
-    assert E.prepare(cfg, tmp_path)["timings"] == {}, "a second prepare reuses everything"
+    early = tmp_path / "runs" / "gold_qwen3" / "seed0" / "result.json"
+    assert early.exists() and early.stat().st_mtime >= (tmp_path / "cache" / "qwen3.npy").stat().st_mtime
+    assert E.prepare(cfg, tmp_path, runs=settings[1:2])["timings"] == {}, "a second prepare reuses everything"
     cfg.workers = 1
-    settings = [E.SINGLE_TEACHER_SETTINGS[0], E.Setting("gold_qwen3", [("qwen3", "gold", 1.0)]),
-                E.Setting("two", [("phi", "h_kl", 0.5), ("llama", "kl", 0.5)])]
     df = E.run_grid(cfg, settings, [0], tmp_path, workers=1)
     assert list(df["setting"]) == ["ce_only", "gold_qwen3", "two"]
     assert df[["arithmetic", "knowledge", "numeral_mass"]].notna().all().all()
@@ -147,3 +150,15 @@ def test_smoke_grid_end_to_end(tmp_path):
     assert again["arithmetic"].tolist() == df["arithmetic"].tolist()
     table = E.results_table(df)
     assert list(table.index) == ["ce_only", "gold_qwen3", "two"]
+
+
+def test_pool_dag_runs_jobs_after_their_dependencies():
+    """Inline (one worker): a job runs after the jobs it names, earliest ready job first; keys that name
+    no job count as done; circular dependencies are refused instead of hanging."""
+    from xtoken.mini.experiment import _pool_dag
+    order = []
+    out = _pool_dag(lambda j: order.append(j) or j.upper(), ["run", "teacher", "cache"],
+                    ["run", "teacher", "cache"], [{"cache", "done-before"}, set(), {"teacher"}], workers=1)
+    assert order == ["teacher", "cache", "run"] and out == ["RUN", "TEACHER", "CACHE"]   # results in job order
+    with pytest.raises(ValueError, match="circular"):
+        _pool_dag(lambda j: j, ["a", "b"], ["a", "b"], [{"b"}, {"a"}], workers=1)

@@ -359,11 +359,14 @@ def test_collator_alignment_memo_gives_the_same_batches(llama, qwen, full_W):
     rows = [dataset(6)[i] for i in range(6)]
     plain = DistillCollator(llama, [teacher], max_length=24)
     memo = AlignmentMemo()
-    cached = DistillCollator(llama, [teacher], max_length=24, alignment_memo=memo)
+    cached = DistillCollator(llama, [teacher], max_length=24, memo=memo)
     for batch_rows in (rows[:4], rows[2:], rows[:4]):     # rows 2-3 come back in another batch (other width)
         a, b = plain(batch_rows), cached(batch_rows)
         for x, y in zip(a["teachers"]["qwen"]["alignments"], b["teachers"]["qwen"]["alignments"]):
             assert np.array_equal(x.student_spans, y.student_spans) and np.array_equal(x.teacher_spans, y.teacher_spans)
             assert np.array_equal(x.student_unpaired, y.student_unpaired) and x.student_valid == y.student_valid
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+        assert torch.equal(a["teachers"]["qwen"]["input_ids"], b["teachers"]["qwen"]["input_ids"])
     distinct = len({r["text"] for r in rows})
-    assert memo.misses == distinct and memo.hits == 12 - distinct and distinct >= 3
+    # per row: one student tokenization, one teacher tokenization, one alignment
+    assert memo.misses == 3 * distinct and memo.hits == 3 * (12 - distinct) and distinct >= 3

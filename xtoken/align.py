@@ -349,12 +349,15 @@ def _valid_range(mask) -> tuple[int, int]:
 
 
 class AlignmentMemo:
-    """Remembers alignments by content, for text that is aligned more than once (several epochs, or
-    the miniature's ~70 student runs over one corpus, where aligning was ~40% of a batch's collation).
+    """Remembers per-row collation work by content, for text that comes by more than once (several
+    epochs, or the miniature's ~70 student runs over one corpus, where aligning and tokenizing were
+    ~60% of a batch's collation): alignments (`align`, ``memo=``) and tokenizations
+    (`xtoken.train.DistillCollator`, ``memo=``).
 
-    Keyed by the two tokenizers' byte tables, the search settings and the ids of both valid regions,
-    so a hit is the very result `align` would compute (padding and batch width do not matter).
-    Holds at most ``max_rows`` entries (the oldest are dropped first); ``hits``/``misses`` count use.
+    Alignment keys are the two tokenizers' byte tables, the search settings and the ids of both valid
+    regions, so a hit is the very result `align` would compute (padding and batch width do not
+    matter). Holds at most ``max_rows`` entries (the oldest are dropped first); ``hits``/``misses``
+    count lookups.
     """
 
     def __init__(self, max_rows: int = 200_000):
@@ -367,16 +370,26 @@ class AlignmentMemo:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def lookup(self, key, compute):
+    def get(self, key):
+        """The stored value, or None (counted as a hit or a miss)."""
         hit = self._rows.get(key)
-        if hit is not None:
+        if hit is None:
+            self.misses += 1
+        else:
             self.hits += 1
-            return hit
-        self.misses += 1
-        value = compute()
-        if len(self._rows) >= self.max_rows:
+        return hit
+
+    def put(self, key, value) -> None:
+        if key not in self._rows and len(self._rows) >= self.max_rows:
             self._rows.pop(next(iter(self._rows)))
         self._rows[key] = value
+
+    def lookup(self, key, compute):
+        """get, or compute() and put."""
+        value = self.get(key)
+        if value is None:
+            value = compute()
+            self.put(key, value)
         return value
 
 

@@ -155,8 +155,9 @@ class DistillCollator:
     tokenization is truncated to ``teacher_max_length``, default 2 x max_length). Chunk alignments
     (`xtoken.align.align_batch`) are computed here, so with ``dataloader_num_workers > 0`` they
     overlap the training step. Cached teacher log-probabilities (``Teacher.cache``) are looked up here
-    by ``idx`` too. ``alignment_memo``: an `xtoken.align.AlignmentMemo` that keeps every row's alignment
-    for the next time the same text comes by (epochs, or many runs over one corpus in one process).
+    by ``idx`` too. ``memo``: an `xtoken.align.AlignmentMemo` that keeps every row's tokenizations and
+    alignments for the next time the same text comes by (epochs, or many runs over one corpus in one
+    process); batches are identical with or without it.
 
     Batch layout::
 
@@ -167,9 +168,9 @@ class DistillCollator:
     """
 
     def __init__(self, student_tokenizer, teachers: list[Teacher], max_length: int = 512,
-                 teacher_max_length: int | None = None, alignment_memo=None):
+                 teacher_max_length: int | None = None, memo=None):
         self.student_tokenizer = student_tokenizer
-        self.alignment_memo = alignment_memo
+        self.memo = memo
         self.teachers = list(teachers)
         self.max_length = max_length
         self.teacher_max_length = teacher_max_length or 2 * max_length
@@ -182,19 +183,37 @@ class DistillCollator:
 
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], dict[str, list[list[int]]]]:
         """Student ids and each teacher's ids of the same (student-truncated) texts, unpadded."""
-        enc = _encode(self.student_tokenizer, texts, self.max_length, offsets=True)
-        student = enc["input_ids"]
-        cut = []
-        for text, offs in zip(texts, enc["offset_mapping"]):
-            end = max((e for _, e in offs), default=0)
-            cut.append(text[:end])
+        pairs = self._memoized(("student", self.student_tokenizer, self.max_length), texts, self._student_ids)
+        student, cut = [p[0] for p in pairs], [p[1] for p in pairs]
         teachers = {}
         for t in self.teachers:
             if t.loss == "kl" or t.tokenizer is self.student_tokenizer:
                 teachers[t.name] = student
             else:
-                teachers[t.name] = _encode(t.tokenizer, cut, self.teacher_max_length)["input_ids"]
+                teachers[t.name] = self._memoized(("teacher", t.tokenizer, self.teacher_max_length), cut,
+                                                  lambda xs, tok=t.tokenizer: _encode(tok, xs, self.teacher_max_length)["input_ids"])
         return student, teachers
+
+    def _student_ids(self, texts: list[str]) -> list[tuple[list[int], str]]:
+        """(ids, text cut at the end of the last kept token) per text."""
+        enc = _encode(self.student_tokenizer, texts, self.max_length, offsets=True)
+        return [(ids, text[:max((e for _, e in offs), default=0)])
+                for ids, text, offs in zip(enc["input_ids"], texts, enc["offset_mapping"])]
+
+    def _memoized(self, what: tuple, texts: list[str], encode) -> list:
+        """encode(texts), reading rows seen before from ``self.memo`` (the misses are encoded in one call).
+        Keys hold the tokenizer's id; values keep the tokenizer alive, so an id is never reused meanwhile."""
+        if self.memo is None:
+            return encode(texts)
+        kind, tok, length = what
+        keys = [("tokens", kind, id(tok), length, x) for x in texts]
+        out = [self.memo.get(k) for k in keys]
+        miss = [i for i, v in enumerate(out) if v is None]
+        if miss:
+            for i, v in zip(miss, encode([texts[i] for i in miss])):
+                out[i] = (v, tok)
+                self.memo.put(keys[i], out[i])
+        return [v[0] for v in out]
 
     def __call__(self, rows: list[dict]) -> dict:
         from .align import align_batch
@@ -211,7 +230,7 @@ class DistillCollator:
             entry = {"input_ids": t_ids, "attention_mask": t_mask, "alignments": None}
             if t.loss != "kl":
                 entry["alignments"] = align_batch(ids, t_ids, self.student_tokenizer, t.tokenizer,
-                                                  student_mask=mask, teacher_mask=t_mask, memo=self.alignment_memo)
+                                                  student_mask=mask, teacher_mask=t_mask, memo=self.memo)
             if t.cache is not None:
                 if "idx" not in batch:
                     raise KeyError(f"teacher {t.name!r} has a cache: dataset rows need an 'idx' column")

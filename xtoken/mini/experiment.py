@@ -118,15 +118,12 @@ def _mixed(dataset, mix: dict | None, seed: int):
 def train_model(model, tok, dataset, out_dir, *, steps, batch, lr, seed, max_length, teachers=(),
                 warmup_ratio=0.05, callbacks=(), kd_weight=1.0, dynamic_kd_scale=False,
                 teacher_weighting="static", log_every=None, learn_projection=False, projection_lr=1e-2,
-                alignment_memo=None, group_by_length=False) -> dict:
+                memo=None) -> dict:
     """Train ``model`` with `XTokenTrainer` for ``steps`` steps; returns log history, wall time and the
     learned W modules ({teacher: LearnableProjection}, empty unless ``learn_projection``).
-    ``alignment_memo``: an `xtoken.align.AlignmentMemo` shared by the runs of one worker process.
-    ``group_by_length``: Trainer's length-grouped sampler (batches of similar ``tok`` lengths, less padding)."""
+    ``memo``: an `xtoken.align.AlignmentMemo` (tokenizations and alignments) shared by the runs of one worker."""
     from xtoken.train import DistillCollator, XTokenConfig, XTokenTrainer
     _threads()
-    if group_by_length:
-        dataset = with_lengths(dataset, tok, max_length)
     args = XTokenConfig(
         output_dir=str(out_dir), max_steps=int(steps), per_device_train_batch_size=int(batch),
         learning_rate=float(lr), lr_scheduler_type="cosine", warmup_steps=int(round(warmup_ratio * steps)), weight_decay=0.0,
@@ -134,9 +131,8 @@ def train_model(model, tok, dataset, out_dir, *, steps, batch, lr, seed, max_len
         logging_steps=log_every or max(1, steps // 10), disable_tqdm=True, loss_curve=False,
         max_length=max_length, kd_weight=kd_weight, dynamic_kd_scale=dynamic_kd_scale,
         teacher_weighting=teacher_weighting, report_to="none", learn_projection=learn_projection,
-        projection_learning_rate=projection_lr,
-        train_sampling_strategy="group_by_length" if group_by_length else "random", length_column_name="length")
-    collator = DistillCollator(tok, list(teachers), max_length, alignment_memo=alignment_memo)
+        projection_learning_rate=projection_lr)
+    collator = DistillCollator(tok, list(teachers), max_length, memo=memo)
     trainer = XTokenTrainer(model=model, args=args, teachers=list(teachers), train_dataset=dataset,
                             processing_class=tok, data_collator=collator, callbacks=list(callbacks))
     t0 = time.time()
@@ -145,15 +141,6 @@ def train_model(model, tok, dataset, out_dir, *, steps, batch, lr, seed, max_len
     hist = [r for r in trainer.state.log_history if "loss" in r]
     return {"wall_s": wall, "log_history": hist, "final": hist[-1] if hist else {},
             "learned": trainer.learned_projections}
-
-
-def with_lengths(dataset, tok, max_length: int):
-    """``dataset`` with a ``length`` column (``tok`` tokens per text, truncated): what Trainer's
-    length-grouped sampler sorts by. Unchanged if the column is there."""
-    if "length" in dataset.column_names:
-        return dataset
-    lengths = [len(x) for x in tok(list(dataset["text"]), truncation=True, max_length=max_length)["input_ids"]]
-    return dataset.add_column("length", lengths)
 
 
 def evaluate_model(model_dir, out_dir, cfg: MiniConfig, limit=None) -> dict:
@@ -182,8 +169,7 @@ def _train_one_teacher_logged(args):
     model = build_model(name, cfg.teacher_size(name), vocab.size, vocab.tok, seed=cfg.seed + 100)
     d = out / "teachers" / name
     info = train_model(model, vocab.tok, ds, d / "trainer", steps=cfg.teacher_steps, batch=cfg.teacher_batch,
-                       lr=cfg.teacher_lr, seed=cfg.seed, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio,
-                       group_by_length=cfg.group_by_length)
+                       lr=cfg.teacher_lr, seed=cfg.seed, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio)
     save_model(model, vocab, d, extra={"role": "teacher", "family": name})
     scores = evaluate_model(d, out, cfg)
     row = {"teacher": name, "label": TEACHER_LABEL[name], "params": sum(p.numel() for p in model.parameters()),
@@ -196,13 +182,55 @@ def _train_one_teacher_logged(args):
 def _pool_map(fn, jobs, workers, desc=None):
     """[fn(job) for job in jobs] over ``workers`` spawned 1-thread processes (inline for one worker),
     in order, with one progress bar (``desc``) over the jobs."""
+    return _pool_dag(fn, jobs, list(range(len(jobs))), [()] * len(jobs), workers, desc)
+
+
+def _pool_dag(fn, jobs, keys, deps, workers, desc=None):
+    """[fn(job) for job in jobs] over ``workers`` spawned 1-thread processes (inline for one worker), where
+    job i starts only after the jobs whose keys are in ``deps[i]`` have finished (keys that name no job
+    count as done); among the ready jobs the earliest in the list goes first. Worker processes live for
+    the whole call, so per-process state (`_worker_state`) is reused by their later jobs."""
     from tqdm.auto import tqdm
-    bar = lambda it: tqdm(it, total=len(jobs), desc=desc, disable=desc is None or not jobs)  # noqa: E731
-    if workers <= 1 or len(jobs) <= 1:
-        return [fn(j) for j in bar(jobs)]
-    import multiprocessing as mp
-    with mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_threads) as pool:
-        return list(bar(pool.imap(fn, jobs)))
+    known = set(keys)
+    deps = [set(d) & known for d in deps]
+    results, started, done = [None] * len(jobs), set(), set()
+    bar = tqdm(total=len(jobs), desc=desc, disable=desc is None or not jobs)
+
+    def ready():
+        return [i for i in range(len(jobs)) if i not in started and deps[i] <= done]
+
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            while len(started) < len(jobs):
+                todo = ready()
+                if not todo:
+                    raise ValueError("jobs with circular dependencies")
+                i = todo[0]
+                started.add(i)
+                results[i] = fn(jobs[i])
+                done.add(keys[i])
+                bar.update()
+            return results
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                                 initializer=_threads) as pool:
+            running = {}
+            while len(done) < len(jobs):
+                for i in ready()[:max(0, workers - len(running))]:
+                    started.add(i)
+                    running[pool.submit(fn, jobs[i])] = i
+                if not running:
+                    raise ValueError("jobs with circular dependencies")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    i = running.pop(f)
+                    results[i] = f.result()          # a failed job raises here, naming its error
+                    done.add(keys[i])
+                    bar.update()
+        return results
+    finally:
+        bar.close()
 
 
 def train_teachers(cfg: MiniConfig, out_dir, names=TEACHERS, workers=None):
@@ -227,8 +255,7 @@ def _train_base_student(cfg: MiniConfig, out_dir) -> dict:
     model = build_model("student", cfg.student, vocab.size, vocab.tok, seed=cfg.seed + 7)
     d = out / "base_student"
     info = train_model(model, vocab.tok, ds, d / "trainer", steps=cfg.base_steps, batch=cfg.student_batch,
-                       lr=cfg.base_lr, seed=cfg.seed, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio,
-                       group_by_length=cfg.group_by_length)
+                       lr=cfg.base_lr, seed=cfg.seed, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio)
     save_model(model, vocab, d, extra={"role": "base_student"})
     scores = evaluate_model(d, out, cfg)
     res = {"setting": "base", **{s: scores[s] for s in SKILLS}, "train_wall_s": info["wall_s"],
@@ -463,20 +490,25 @@ def _worker_state(out_dir):
     key = str(out_dir)
     if _WORKER.get("key") != key:
         from xtoken.align import AlignmentMemo
-        from xtoken.train import TeacherCache
         out = Path(out_dir)
         vocabs = load_vocabs(out)
         corpus = load_corpus(out)
-        teachers = {}
-        for name in TEACHERS:
-            d = out / "teachers" / name
-            if (d / "config.json").exists() and (out / "cache" / f"{name}.npy").exists():
-                teachers[name] = {"model": load_model(d)[0], "tok": vocabs[FAMILY_TOKENIZER[name]].tok,
-                                  "cache": TeacherCache.load(out / "cache" / f"{name}.npy"),
-                                  "w": _load_w(out, name) if name != "llama" else None}
         _WORKER.clear()
-        _WORKER.update(key=key, vocabs=vocabs, corpus=corpus, teachers=teachers, memo=AlignmentMemo())
+        _WORKER.update(key=key, vocabs=vocabs, corpus=corpus, teachers={}, memo=AlignmentMemo())
     return _WORKER
+
+
+def _worker_teacher(st, out_dir, name: str) -> dict:
+    """A teacher's model, tokenizer, cache and W, read on first use (a worker may start runs before
+    the last teacher exists)."""
+    if name not in st["teachers"]:
+        from xtoken.train import TeacherCache
+        out = Path(out_dir)
+        st["teachers"][name] = {"model": load_model(out / "teachers" / name)[0],
+                                "tok": st["vocabs"][FAMILY_TOKENIZER[name]].tok,
+                                "cache": TeacherCache.load(out / "cache" / f"{name}.npy"),
+                                "w": _load_w(out, name) if name != "llama" else None}
+    return st["teachers"][name]
 
 
 def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=True) -> dict:
@@ -486,14 +518,13 @@ def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=T
     out = Path(out_dir)
     st = _worker_state(out)
     student = st["vocabs"]["llama"]
+    ds = st["corpus"]["train"]
     if "base" not in st:                  # read once per worker; every run starts from a copy
         st["base"] = load_model(out / "base_student")[0]
-        st["train"] = with_lengths(st["corpus"]["train"], student.tok, cfg.max_length)
-    ds = st["train"]
     model = copy.deepcopy(st["base"])
     teachers = []
     for name, loss, weight in setting.teachers:
-        t = st["teachers"][name]
+        t = _worker_teacher(st, out, name)
         teachers.append(Teacher(name, t["model"], t["tok"], loss=loss, projection=t["w"], weight=float(weight),
                                 cache=t["cache"]))
     probe = _probe(out, cfg)
@@ -502,10 +533,10 @@ def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=T
     t0 = time.time()
     info = train_model(model, student.tok, ds, d / "trainer", steps=cfg.student_steps, batch=cfg.student_batch,
                        lr=cfg.student_lr, seed=seed, max_length=cfg.max_length, teachers=teachers,
-                       warmup_ratio=cfg.warmup_ratio, group_by_length=cfg.group_by_length, callbacks=[cb], kd_weight=cfg.kd_weight,
+                       warmup_ratio=cfg.warmup_ratio, callbacks=[cb], kd_weight=cfg.kd_weight,
                        dynamic_kd_scale=cfg.dynamic_kd_scale, teacher_weighting=setting.weighting,
                        log_every=cfg.diag_every, learn_projection=setting.learn_projection,
-                       projection_lr=cfg.projection_lr, alignment_memo=st["memo"])
+                       projection_lr=cfg.projection_lr, memo=st["memo"])
     train_wall = time.time() - t0
     save_model(model, student, d, extra={"role": "student", "setting": setting.to_dict(), "seed": seed})
     learned = {}
@@ -565,7 +596,7 @@ def run_grid(cfg: MiniConfig, settings, seeds=None, out_dir=".", *, workers=None
     import pandas as pd
     seeds = list(cfg.seeds if seeds is None else seeds)
     out = Path(out_dir)
-    jobs, done = [], []
+    jobs, done = [], []                       # done: results in settings x seeds order (None: to run)
     for s in settings:
         s = s if isinstance(s, Setting) else Setting.from_dict(s)
         for seed in seeds:
@@ -573,8 +604,11 @@ def run_grid(cfg: MiniConfig, settings, seeds=None, out_dir=".", *, workers=None
             if skip_done and f.exists():
                 done.append(json.loads(f.read_text()))
             else:
+                done.append(None)
                 jobs.append((cfg.to_dict(), str(out), s.to_dict(), seed))
-    done += _pool_map(_run_job, jobs, workers or cfg.workers, desc=f"{len(jobs)} runs ({len(done)} done before)")
+    new = iter(_pool_map(_run_job, jobs, workers or cfg.workers,
+                         desc=f"{len(jobs)} runs ({len(done) - len(jobs)} done before)"))
+    done = [r if r is not None else next(new) for r in done]
     keep = ["setting", "label", "seed", "arithmetic", "knowledge", "numeral_mass", "digit_split", "single_digit",
             "train_wall_s", "eval_wall_s", "wall_s"]
     rows = []
@@ -658,25 +692,26 @@ def single_teacher_settings(teachers=("qwen3", "phi"), losses=("gold", "p_kl", "
 
 
 def _prepare_job(job):
-    """One job of `prepare`'s pool. A cache job waits for its teacher, whose job was dispatched before it
-    (jobs are handed out in order), so it is running on another worker or finished."""
-    cfg_d, out_dir, kind, name = job
+    """One job of `prepare`'s pool: train a teacher, the base student, cache a teacher, or one grid run
+    (`_pool_dag` starts each only when what it reads is there)."""
+    cfg_d, out_dir, kind, arg = job
     if kind == "teacher":
-        return _train_one_teacher((cfg_d, out_dir, name))
+        return _train_one_teacher((cfg_d, out_dir, arg))
     if kind == "base":
         return train_base_student(MiniConfig.from_dict(cfg_d), out_dir)
-    done = Path(out_dir) / "teachers" / name / "result.json"
-    t0 = time.time()
-    while not done.exists():
-        if time.time() - t0 > 6 * 3600:
-            raise TimeoutError(f"teacher {name!r} did not finish: {done} missing")
-        time.sleep(1.0)
-    return _cache_one((cfg_d, out_dir, name))
+    if kind == "cache":
+        return _cache_one((cfg_d, out_dir, arg))
+    return _run_job((cfg_d, out_dir) + tuple(arg))
 
 
-def prepare(cfg: MiniConfig, out_dir) -> dict:
+def prepare(cfg: MiniConfig, out_dir, runs=None, seeds=None) -> dict:
     """Corpus, teachers, base student and teacher caches in ``out_dir``, each stage skipped when its
     output is already there for the same config (so notebooks 03 and 04 share one preparation).
+
+    ``runs``: grid settings (`Setting`, each for ``seeds``, default ``cfg.seeds``) to run in the same pool:
+    a run starts as soon as the base student and its teachers' caches exist, on a worker that would
+    otherwise wait for the last teacher (3 teachers on 2 workers leave one free for a round). Their
+    results are saved as `run_grid` saves them, so a later `run_grid` reads them back.
 
     Returns {"teachers": DataFrame of teacher scores, "base": the base student's result, "timings"}.
     A different config in an existing ``out_dir`` is refused rather than silently mixed."""
@@ -691,16 +726,33 @@ def prepare(cfg: MiniConfig, out_dir) -> dict:
         t0 = time.time()
         build_corpus(cfg, out)
         t["corpus_s"] = time.time() - t0
-    # one pool for the rest, teachers first: 3 teachers on 2 workers leave a worker free in the second
-    # round, which trains the base student and caches the finished teachers meanwhile
-    jobs = [("teacher", n) for n in TEACHERS if not (out / "teachers" / n / "result.json").exists()]
+    # one pool for the rest, in priority order: teachers (the critical path), base student, caches, runs
+    jobs, keys, deps = [], [], []
+
+    def add(kind, arg, key, needs=()):
+        jobs.append((cfg.to_dict(), str(out), kind, arg))
+        keys.append(key)
+        deps.append(set(needs))
+
+    for n in TEACHERS:
+        if not (out / "teachers" / n / "result.json").exists():
+            add("teacher", n, ("teacher", n))
     if not (out / "base_student" / "result.json").exists():
-        jobs.append(("base", ""))
-    jobs += [("cache", n) for n in TEACHERS if not (out / "cache" / f"{n}.npy").exists()]
+        add("base", "", ("base",))
+    for n in TEACHERS:
+        if not (out / "cache" / f"{n}.npy").exists():
+            add("cache", n, ("cache", n), [("teacher", n)])
+    n_prep = len(jobs)
+    for s in runs or ():
+        s = s if isinstance(s, Setting) else Setting.from_dict(s)
+        for seed in (cfg.seeds if seeds is None else seeds):
+            if not (out / "runs" / s.name / f"seed{seed}" / "result.json").exists():
+                add("run", (s.to_dict(), seed), ("run", s.name, seed),
+                    [("base",)] + [("cache", name) for name, _, _ in s.teachers])
     if jobs:
         t0 = time.time()
-        _pool_map(_prepare_job, [(cfg.to_dict(), str(out), kind, n) for kind, n in jobs], cfg.workers,
-                  desc="teachers, base student, teacher caches")
+        desc = "teachers, base student, teacher caches" + (f", {len(jobs) - n_prep} runs" if len(jobs) > n_prep else "")
+        _pool_dag(_prepare_job, jobs, keys, deps, cfg.workers, desc=desc)
         t["models_s"] = time.time() - t0
     rows = []
     for n in TEACHERS:
