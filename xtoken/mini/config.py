@@ -10,36 +10,28 @@ Field groups (all documented inline below):
   training  steps, batch, lr, warm-up, max_length for teachers, the base student and the grid
   grid      seeds of the grid, n_test (test items per skill evaluated by lm-eval), workers
 
-Measured here (pilot on the 2 CPU cores, 1 torch thread per process, `mini` sizes, corpus seed 0;
-the machine was shared, load average 3-7, so wall times are 2-10x the uncontended ones):
+Sizing history (all on the 2 CPU cores here, 2 worker processes of 1 torch thread):
 
-  corpus         9,000 train (6,000 arithmetic + 3,000 knowledge) / 326 test (200 + 126); restricted
-                 vocabularies: Llama 1,362 ids, Qwen3 372, Phi (o200k) 1,361; longest text 95 tokens
-  teacher qwen3  hidden 128 / 4 layers (0.70M params), 1,500 steps x 32: exact match
-                 arithmetic 0.725, knowledge 0.714 (683 s at load ~3; REFERENCE §5: ~150 ms/step
-                 uncontended -> ~3 min for the 1,200 steps of `mini`)
-  teacher llama  hidden 128 / 4 layers (0.83M), 1,200 steps x 32: arithmetic 0.375, knowledge 0.810
-  teacher phi    hidden 128 / 4 layers (0.83M), 1,200 steps x 32: arithmetic 0.355, knowledge 0.913
-                 (1,017 / 1,034 s, two workers at load ~5; the digit-splitting Qwen3 teacher is the
-                 arithmetic one, the 3-digit-token teachers know the world better)
-  base student   Llama hidden 64 / 2 layers, 800 CE steps x 16 at lr 3e-3:
-                 arithmetic 0.100, knowledge 0.095, numeral mass 0.64 (67 s at load ~2)
-  CE-only        base + 600 CE steps x 16 at lr 1e-3 (seed 0): arithmetic 0.210, knowledge 0.532
-                 (234 s at load ~7; ~30 s at load ~2)
-  same student   1,600 CE steps from scratch: arithmetic 0.335, knowledge 0.698 (so the task is
-                 learnable by the Llama-tokenized student, and the teacher is still clearly ahead)
-  first KD runs  seed 0, hyperparameters fixed before they ran (600 steps, lr 1e-3, CE + 1.0 x KD):
-                 CE-only 0.210 / 0.532 (arithmetic / knowledge), numeral mass 0.63;
-                 P-KL Qwen3 0.185 / 0.563, mass 0.65; GOLD Qwen3 0.025 / 0.278, mass 0.32
-                 (Proposition 1's suppression; P-KL and GOLD ~440 s each at load ~7)
-  lm-eval        one call, both tasks (326 generations, batch 64): 3-10 s (load 2) per model
-  teacher cache  qwen3 over the 9,000 training rows: 212 s at load ~7
+  session 2 pilot   the sizes of `mini` below with teacher_steps 1,200 / student_steps 600 were fixed
+                    from a pilot at load 3-7 (REFERENCE §5 per-step times projected ~23 min).
+  session 3 run     the full default run took 44.7 min on the idle machine (03: 21.4 min, of which
+                    10.5 min teachers + base + caches; 04: 22.7 min for 39 runs): over budget.
+  session 4         profiling a run showed a third of a KD step in per-block loss overhead and in
+                    re-tokenizing and re-aligning the same corpus rows in every run; fixed without
+                    changing the losses' math (values agree to float rounding; loss blocks sized by an element budget, a
+                    per-worker `AlignmentMemo`, the base student copied instead of re-read, grid runs
+                    started in `prepare`'s pool while the third teacher trains). Length-grouped
+                    batches (Trainer's ``group_by_length``) were tried and dropped: 1.8x faster teacher
+                    steps, but batches became skill-homogeneous and the Qwen3 teacher fell from 67%
+                    to 0.5% exact match. The remaining gap was closed by cutting teacher_steps to
+                    1,000 and student_steps to 450 (decided from the projected time, before the run).
+                    Measured, idle machine: notebook 03 14.8 min (teachers 221-258 s each, base 28 s,
+                    grid runs 19-33 s each); the whole `reproduce --scale mini`: see README.
 
-Projected `mini` total, uncontended, from REFERENCE §5 per-step times (`experiment.time_budget`):
-corpus 0.5 min + teachers 2 rounds x ~3 min + base ~0.5 min + caches ~2 min + 84 runs x ~20 s / 2
-workers ~14 min = ~23 min. `smoke` (`experiment.run_all`, 3 teachers, 8 single + 2 multi runs) took
-905 s at load ~7 (corpus 149, teachers 188, base 68, caches 260, runs 239): almost all of it fixed
-per-process costs (loading three 128k-200k tokenizers, lm-eval start-up), not training.
+What the sizes give (`results/`): teachers clearly above every student (Qwen3 43.5% arithmetic,
+Llama "3B" 35% / 80% knowledge, Phi 34% / 81%), a base student at 10% / 9.5%, CE-only ~18% / 42%.
+`smoke` runs every code path in ~3 minutes, almost all of it fixed per-process costs (tokenizer
+loading, lm-eval start-up), not training.
 """
 from __future__ import annotations
 
