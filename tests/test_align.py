@@ -246,3 +246,20 @@ def test_alignment_memo_returns_what_align_computes(llama, qwen):
     assert memo.misses == 4 and _same(short, align(s_rows[1], t_rows[1][:-1], llama, qwen))
     with pytest.raises(ValueError):
         AlignmentMemo(max_rows=0)
+
+
+def test_alignments_own_their_ids(llama, qwen):
+    """The DataLoader moves a collated batch into shared memory, freeing the tensors' old storage: an
+    Alignment must hold copies of the ids, not views (a view read garbage ids in a worker-process test)."""
+    text = "The year 1999 ended."
+    s = torch.tensor([llama(text)["input_ids"]])
+    t = torch.tensor([qwen(text)["input_ids"]])
+    before = (s[0].tolist(), t[0].tolist())
+    a = align_batch(s, t, llama, qwen)[0]
+    s.fill_(7)
+    t.fill_(7)
+    assert (a.student_ids.tolist(), a.teacher_ids.tolist()) == before
+    rows = np.array([llama(text)["input_ids"]])
+    b = align(rows[0], qwen(text)["input_ids"], llama, qwen)
+    rows[0, :] = 7
+    assert b.student_ids.tolist() == before[0]

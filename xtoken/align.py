@@ -337,8 +337,10 @@ def _align_valid(s_ids: np.ndarray, t_ids: np.ndarray, s_table: ByteTable, t_tab
 
 
 def _int_array(x) -> np.ndarray:
+    """An int64 copy the Alignment owns (never a view: a DataLoader worker moves a batch's tensors into
+    shared memory after collation, which frees their old storage under any view of it)."""
     if isinstance(x, np.ndarray):
-        return x.astype(np.int64, copy=False)
+        return np.array(x, dtype=np.int64)
     return np.asarray(x.tolist() if hasattr(x, "tolist") else x, dtype=np.int64)
 
 
@@ -419,7 +421,7 @@ def align_batch(student_ids, teacher_ids, student_tok, teacher_tok, *, student_m
                 **kwargs) -> list[Alignment]:
     """`align` for each row: lists of sequences, or padded [B, L] tensors with attention masks.
     kwargs: window, agree_bytes, memo (see `align`)."""
-    as_np = lambda x: x.cpu().numpy() if isinstance(x, torch.Tensor) else x     # one conversion per batch, not per row
+    as_np = lambda x: x.detach().cpu().numpy().copy() if isinstance(x, torch.Tensor) else x   # one copy per batch, not per row
     student_ids, teacher_ids, student_mask, teacher_mask = map(as_np, (student_ids, teacher_ids, student_mask, teacher_mask))
     out = []
     for b in range(len(student_ids)):
