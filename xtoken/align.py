@@ -421,7 +421,8 @@ def align_batch(student_ids, teacher_ids, student_tok, teacher_tok, *, student_m
                 **kwargs) -> list[Alignment]:
     """`align` for each row: lists of sequences, or padded [B, L] tensors with attention masks.
     kwargs: window, agree_bytes, memo (see `align`)."""
-    as_np = lambda x: x.detach().cpu().numpy().copy() if isinstance(x, torch.Tensor) else x   # one copy per batch, not per row
+    # one conversion per batch, not per row; views are fine here: `align` copies each row it keeps
+    as_np = lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
     student_ids, teacher_ids, student_mask, teacher_mask = map(as_np, (student_ids, teacher_ids, student_mask, teacher_mask))
     out = []
     for b in range(len(student_ids)):

@@ -603,7 +603,7 @@ def run_grid(cfg: MiniConfig, settings, seeds=None, out_dir=".", *, workers=None
     import pandas as pd
     seeds = list(cfg.seeds if seeds is None else seeds)
     out = Path(out_dir)
-    jobs, done = [], []                       # done: results in settings x seeds order (None: to run)
+    done, todo = [], []                   # done: a result per (setting, seed) in order; todo: (position, cost, job)
     for s in settings:
         s = s if isinstance(s, Setting) else Setting.from_dict(s)
         for seed in seeds:
@@ -611,14 +611,13 @@ def run_grid(cfg: MiniConfig, settings, seeds=None, out_dir=".", *, workers=None
             if skip_done and f.exists():
                 done.append(json.loads(f.read_text()))
             else:
+                todo.append((len(done), s.relative_cost(), (cfg.to_dict(), str(out), s.to_dict(), seed)))
                 done.append(None)
-                jobs.append((cfg.to_dict(), str(out), s.to_dict(), seed))
-    order = sorted(range(len(jobs)), key=lambda i: -Setting.from_dict(jobs[i][2]).relative_cost())   # costliest first
-    results = _pool_map(_run_job, [jobs[i] for i in order], workers or cfg.workers,
-                        desc=f"{len(jobs)} runs ({len(done) - len(jobs)} done before)")
-    by_job = dict(zip(order, results))
-    new = iter(by_job[i] for i in range(len(jobs)))
-    done = [r if r is not None else next(new) for r in done]
+    todo.sort(key=lambda x: -x[1])        # costliest first (stable)
+    results = _pool_map(_run_job, [job for _, _, job in todo], workers or cfg.workers,
+                        desc=f"{len(todo)} runs ({len(done) - len(todo)} done before)")
+    for (i, _, _), r in zip(todo, results):
+        done[i] = r
     keep = ["setting", "label", "seed", "arithmetic", "knowledge", "numeral_mass", "digit_split", "single_digit",
             "train_wall_s", "eval_wall_s", "wall_s"]
     rows = []
