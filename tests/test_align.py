@@ -211,7 +211,7 @@ def test_small_window_resync_matches_vectorised():
             continue
         si, ti = rng.randrange(len(s_begin)), rng.randrange(len(t_begin))
         agree = rng.choice([2, 4, 16])
-        assert _resync_small(sb.tobytes(), s_begin, si, tb.tobytes(), t_begin, ti, 4, agree) == \
+        assert _resync_small(sb.tobytes(), s_begin.tolist(), si, tb.tobytes(), t_begin.tolist(), ti, 4, agree) == \
             _resync_in(sb, s_begin, si, tb, t_begin, ti, 4, agree)
 
 
@@ -263,3 +263,98 @@ def test_alignments_own_their_ids(llama, qwen):
     b = align(rows[0], qwen(text)["input_ids"], llama, qwen)
     rows[0, :] = 7
     assert b.student_ids.tolist() == before[0]
+
+
+def reference_walk(s_bytes, s_ends, t_bytes, t_ends, window, agree_bytes):
+    """`_text_walk` as first written (up to commit 1544e40), kept as the slow, plain definition: per
+    agreeing stretch, `np.intersect1d` of both sides' end offsets relative to the stretch start; each
+    resynchronisation is the numpy search over the small window, then over the full one."""
+    from xtoken.align import _agreement, _resync_in
+    ns, nt = len(s_ends), len(t_ends)
+    s_begin = np.concatenate([[0], s_ends[:-1]]).astype(np.int64)
+    t_begin = np.concatenate([[0], t_ends[:-1]]).astype(np.int64)
+    out_s, out_t, un_s, un_t = [np.zeros((0, 2), dtype=np.int64)], [np.zeros((0, 2), dtype=np.int64)], [], []
+    si = ti = sb = tb = 0
+    while si < ns and ti < nt:
+        agree = _agreement(s_bytes, sb, t_bytes, tb)
+        s_hi = int(np.searchsorted(s_ends, sb + agree, side="right"))
+        t_hi = int(np.searchsorted(t_ends, tb + agree, side="right"))
+        _, i_s, i_t = np.intersect1d(s_ends[si:s_hi] - sb, t_ends[ti:t_hi] - tb, assume_unique=True, return_indices=True)
+        if len(i_s):
+            s_stop, t_stop = si + i_s + 1, ti + i_t + 1
+            out_s.append(np.stack([np.concatenate([[si], s_stop[:-1]]), s_stop], 1))
+            out_t.append(np.stack([np.concatenate([[ti], t_stop[:-1]]), t_stop], 1))
+            si, ti = int(s_stop[-1]), int(t_stop[-1])
+            sb, tb = int(s_ends[si - 1]), int(t_ends[ti - 1])
+        if si >= ns or ti >= nt:
+            break
+        small = min(4, window)
+        found = _resync_in(s_bytes, s_begin, si, t_bytes, t_begin, ti, small, agree_bytes)
+        if found is None and window > small:
+            found = _resync_in(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes)
+        if found is None:
+            break
+        un_s += range(si, found[0])
+        un_t += range(ti, found[1])
+        si, ti = found
+        sb, tb = int(s_begin[si]), int(t_begin[ti])
+    un_s += range(si, ns)
+    un_t += range(ti, nt)
+    return np.concatenate(out_s), np.concatenate(out_t), np.array(un_s, dtype=np.int64), np.array(un_t, dtype=np.int64)
+
+
+def _walk_inputs(rng, data):
+    """Random token cuts of `data`: (bytes array, cumulative token ends)."""
+    n = len(data)
+    cuts = sorted(rng.sample(range(1, n), min(n - 1, rng.randint(0, n // 2 + 1)))) if n > 1 else []
+    ends = np.array(cuts + [n] if n else [], dtype=np.int64)
+    return np.frombuffer(data, dtype=np.uint8), ends
+
+
+def test_text_walk_matches_reference_on_random_bytes():
+    """The walk equals the plain reference (same chunks, same unpaired tokens, same order) on near-equal
+    byte strings: substitutions, insertions and deletions (an NFC rewrite is one), truncation of either
+    side, texts present on one side only; windows from 1 to 32, agreement from 1 to 16 bytes."""
+    from xtoken.align import _text_walk
+    rng = random.Random(1)
+    accents = [b"e\xcc\x81", b"\xc3\xa9", b"a\xcc\x88", b"\xc3\xa4", b"x", b""]
+    for case in range(1500):
+        base = bytearray(rng.choice(b"ab c") for _ in range(rng.randint(0, 120)))
+        other = bytearray(base)
+        for _ in range(rng.randint(0, 6)):      # edits on the teacher side
+            k = rng.randrange(len(other) + 1)
+            other[k:k + rng.randint(0, 3)] = rng.choice(accents)
+        if rng.random() < 0.2:                  # truncation at different places
+            other = other[:rng.randint(0, len(other))]
+        if rng.random() < 0.5:
+            base, other = other, base
+        (sb, s_ends), (tb, t_ends) = _walk_inputs(rng, bytes(base)), _walk_inputs(rng, bytes(other))
+        window, agree = rng.choice([1, 2, 4, 8, 32]), rng.choice([1, 2, 4, 16])
+        got = _text_walk(sb, s_ends, tb, t_ends, window, agree)
+        ref = reference_walk(sb, s_ends, tb, t_ends, window, agree)
+        for g, r in zip(got, ref):
+            assert g.dtype == r.dtype and np.array_equal(g, r), (case, window, agree)
+
+
+def test_align_matches_reference_walk_on_nfd_text(llama, qwen, phi, monkeypatch):
+    """`align` with the walk equals `align` with the reference walk on real tokenizations that disagree
+    (decomposed accents Qwen's NFC rewrites, numbers, truncation, a BOS on one side), two pairs."""
+    import xtoken.align as A
+    rng = random.Random(2)
+    words = "the of and 2024 apples 12.50 café naïve résumé déjà über Ångström x_1".split()
+    rows = []
+    for k in range(60):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 80)))
+        text = unicodedata.normalize(rng.choice(["NFD", "NFC"]), text)
+        s_tok, t_tok = (llama, qwen) if k % 3 else (llama, phi)
+        s_ids = s_tok(text, add_special_tokens=k % 2 == 0)["input_ids"]
+        t_ids = t_tok(text)["input_ids"]
+        if k % 5 == 0:
+            t_ids = t_ids[:rng.randint(0, len(t_ids))]
+        rows.append((s_ids, t_ids, s_tok, t_tok, rng.choice([4, 32])))
+    got = [A.align(*row[:4], window=row[4]) for row in rows]
+    monkeypatch.setattr(A, "_text_walk", reference_walk)
+    ref = [A.align(*row[:4], window=row[4]) for row in rows]
+    assert sum(len(a.student_unpaired) for a in ref) > 60        # the disagreements are there
+    for a, b in zip(got, ref):
+        assert _same(a, b)

@@ -14,7 +14,8 @@ How (linear time, no O(n*m) dynamic programme):
    Special tokens (BOS, chat markers) have no bytes; they are taken out of the byte walk, so a BOS
    on one side only never shifts it.
 2. Fast path: the cumulative byte lengths of both sides are their token end offsets; where the two
-   sides' offsets coincide (`np.intersect1d`), a chunk closes. Before trusting the offsets, the
+   sides' offsets coincide (each student end looked up in a table of teacher ends by byte offset), a
+   chunk closes. Before trusting the offsets, the
    concatenated bytes of both sides are compared (one vectorised comparison), because equal offsets
    only mean something when the bytes agree.
 3. Bounded local fallback where the bytes disagree (a normalizer that rewrote text on one side,
@@ -147,48 +148,62 @@ class Alignment:
 def _text_walk(s_bytes, s_ends, t_bytes, t_ends, window: int, agree_bytes: int):
     """Chunks over text tokens only (indices into the text-token arrays), plus unpaired text tokens.
 
-    `*_ends` are cumulative byte ends of each text token. Returns (s_start, s_stop, t_start, t_stop,
-    s_unpaired, t_unpaired) with chunk k = text tokens [s_start[k], s_stop[k]) ~ [t_start[k], t_stop[k]).
+    `*_ends` are cumulative byte ends of each text token. Returns (s_chunks, t_chunks, s_unpaired,
+    t_unpaired): chunk k = text tokens [s_chunks[k, 0], s_chunks[k, 1]) ~ [t_chunks[k, 0], t_chunks[k, 1]).
+
+    The walk alternates two steps from a pair of token boundaries (si, ti) at byte offsets (sb, tb):
+    an agreeing stretch (the bytes agree from there up to the first difference, and its chunks close
+    wherever both sides end a token: where a student end, shifted by tb - sb, is a teacher end), then a
+    resynchronisation from the last chunk's end. Clean text is a single stretch. A stretch costs a fixed
+    handful of numpy calls and only appends its chunk stops; the chunk starts are filled in once at the
+    end, so a sample with ~50 disagreements pays no per-stretch stacking or set intersection.
     """
     ns, nt = len(s_ends), len(t_ends)
-    s_begin = np.concatenate([[0], s_ends[:-1]]) if ns else s_ends
-    t_begin = np.concatenate([[0], t_ends[:-1]]) if nt else t_ends
-    out_s, out_t, un_s, un_t = [], [], [], []
-    s_py = t_py = None
-    si = ti = 0          # next text token on each side; both sit at a token boundary
-    sb = tb = 0          # their byte offsets
+    # t_stop_at[x] = 1 + index of the teacher token whose bytes end at offset x; 0 where none ends
+    t_stop_at = np.zeros(len(t_bytes) + 1, dtype=np.int64)
+    t_stop_at[t_ends] = np.arange(1, nt + 1)
+    s_stops, t_stops = [], []     # per stretch: its chunks' stops (exclusive token indices) on each side
+    firsts = []                   # per stretch with chunks: (index of its first chunk, si, ti where it starts)
+    n_chunks = 0
+    un_s, un_t = [], []
+    py = None                     # Python copies for the small-window resync, made at the first disagreement
+    si = ti = sb = tb = 0         # next text token on each side, and its byte offset
     while si < ns and ti < nt:
         agree = _agreement(s_bytes, sb, t_bytes, tb)
-        # token ends inside the agreed run, relative to its start; chunks close where both sides end
-        s_hi = int(np.searchsorted(s_ends, sb + agree, side="right"))
-        t_hi = int(np.searchsorted(t_ends, tb + agree, side="right"))
-        _, i_s, i_t = np.intersect1d(s_ends[si:s_hi] - sb, t_ends[ti:t_hi] - tb,
-                                     assume_unique=True, return_indices=True)
-        if len(i_s):
-            s_stop, t_stop = si + i_s + 1, ti + i_t + 1
-            out_s.append(np.stack([np.concatenate([[si], s_stop[:-1]]), s_stop], 1))
-            out_t.append(np.stack([np.concatenate([[ti], t_stop[:-1]]), t_stop], 1))
-            si, ti = int(s_stop[-1]), int(t_stop[-1])
+        s_hi = int(s_ends.searchsorted(sb + agree, side="right"))     # student ends inside the agreed run,
+        t_stop = t_stop_at[s_ends[si:s_hi] + (tb - sb)]                # moved to teacher offsets (<= tb + agree)
+        hit = np.flatnonzero(t_stop)                                   # the common ends: chunks close there
+        if len(hit):
+            firsts.append((n_chunks, si, ti))
+            s_stops.append(si + 1 + hit)
+            t_stops.append(t_stop[hit])
+            n_chunks += len(hit)
+            si, ti = si + 1 + int(hit[-1]), int(t_stop[hit[-1]])
             sb, tb = int(s_ends[si - 1]), int(t_ends[ti - 1])
         if si >= ns or ti >= nt:
             break
         # the sides disagree (or one side's bytes ran out): resynchronise within the window
-        if s_py is None:
-            s_py, t_py = s_bytes.tobytes(), t_bytes.tobytes()              # for the small-window search
-        found = _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes, s_py, t_py)
+        if py is None:
+            s_begin, t_begin = np.concatenate([[0], s_ends[:-1]]), np.concatenate([[0], t_ends[:-1]])
+            py = (s_bytes.tobytes(), s_begin.tolist(), t_bytes.tobytes(), t_begin.tolist())
+        found = _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes, *py)
         if found is None:
             break
         new_si, new_ti = found
-        un_s.append(np.arange(si, new_si))
-        un_t.append(np.arange(ti, new_ti))
+        un_s.extend(range(si, new_si))
+        un_t.extend(range(ti, new_ti))
         si, ti = new_si, new_ti
         sb, tb = int(s_begin[si]), int(t_begin[ti])
-    un_s.append(np.arange(si, ns))
-    un_t.append(np.arange(ti, nt))
-    empty = np.zeros((0, 2), dtype=np.int64)
-    cs = np.concatenate(out_s) if out_s else empty
-    ct = np.concatenate(out_t) if out_t else empty
-    return cs, ct, np.concatenate(un_s).astype(np.int64), np.concatenate(un_t).astype(np.int64)
+    un_s.extend(range(si, ns))
+    un_t.extend(range(ti, nt))
+    cs, ct = np.zeros((n_chunks, 2), dtype=np.int64), np.zeros((n_chunks, 2), dtype=np.int64)
+    if n_chunks:
+        cs[:, 1], ct[:, 1] = np.concatenate(s_stops), np.concatenate(t_stops)
+        # a chunk starts where the previous one stopped, except the first chunk of each stretch
+        cs[1:, 0], ct[1:, 0] = cs[:-1, 1], ct[:-1, 1]
+        k, s0, t0 = np.array(firsts, dtype=np.int64).T
+        cs[k, 0], ct[k, 0] = s0, t0
+    return cs, ct, np.array(un_s, dtype=np.int64), np.array(un_t, dtype=np.int64)
 
 
 def _agreement(s_bytes, sb, t_bytes, tb) -> int:
@@ -205,51 +220,51 @@ def _agreement(s_bytes, sb, t_bytes, tb) -> int:
     return n
 
 
-def _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes, s_py=None, t_py=None):
+def _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes, s_py, s_begin_py, t_py, t_begin_py):
     """Nearest pair of token starts (i >= si, j >= ti, not both equal) after which the bytes agree.
 
     "Agree": the next `agree_bytes` bytes are equal; or the first tokens from there are byte-identical
     (another disagreement may follow soon: NFC rewrites every accented letter); or both sides' remaining
     bytes are equal. Nearest: fewest skipped tokens, then the longest agreement, then the most balanced
-    skip. None if no pair in
-    the window qualifies.
+    skip. None if no pair in the window qualifies. `*_py`: the same bytes and token starts as Python
+    `bytes` and lists, for the small-window search.
     """
     small = min(4, window)                                # a small window first: most mismatches are local
-    s_py = s_bytes.tobytes() if s_py is None else s_py
-    t_py = t_bytes.tobytes() if t_py is None else t_py
-    found = _resync_small(s_py, s_begin, si, t_py, t_begin, ti, small, agree_bytes)
+    found = _resync_small(s_py, s_begin_py, si, t_py, t_begin_py, ti, small, agree_bytes)
     if found is None and window > small:
         found = _resync_in(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes)
     return found
 
 
-def _resync_small(s_bytes: bytes, s_begin, si, t_bytes: bytes, t_begin, ti, window, agree_bytes):
+def _resync_small(s_bytes: bytes, s_begin: list, si, t_bytes: bytes, t_begin: list, ti, window, agree_bytes):
     """`_resync_in` for a small window in plain Python (same criteria, same choice): on (window+1)^2
-    candidate pairs the numpy version's fixed per-call cost (~0.1 ms) dominates."""
-    def starts(begin, i0, n_bytes):
-        b = begin[i0:i0 + window + 2].tolist()
-        nxt = b[1:] + ([n_bytes] if i0 + len(b) >= len(begin) else [])  # next token's start, or the end
-        return b[:window + 1], nxt
-    sb, s_next = starts(s_begin, si, len(s_bytes))
-    tb, t_next = starts(t_begin, ti, len(t_bytes))
-    best = None
-    for di, (x0, x1) in enumerate(zip(sb, s_next)):
-        x, s_first, rem_s = s_bytes[x0:x0 + agree_bytes], x1 - x0, len(s_bytes) - x0
-        for dj, (y0, y1) in enumerate(zip(tb, t_next)):
-            if di == dj == 0:
-                continue
-            y = t_bytes[y0:y0 + agree_bytes]
-            m = min(len(x), len(y))
-            if m == 0 or x[0] != y[0]:                                     # no agreement (most pairs)
-                continue
-            run = m if x[:m] == y[:m] else next(k for k in range(m) if x[k] != y[k])   # agreed bytes, capped
-            same_first = s_first == y1 - y0 and run >= min(s_first, agree_bytes)
-            both_end = rem_s == len(t_bytes) - y0 and run >= rem_s
-            if run >= agree_bytes or same_first or both_end:
-                key = (di + dj, -run, abs(di - dj), di)                    # fewest skipped, longest, balanced
-                if best is None or key < best[0]:
-                    best = (key, si + di, ti + dj)
-    return None if best is None else best[1:]
+    candidate pairs the numpy version's fixed per-call cost (~0.1 ms) dominates. Pairs are tried by
+    number of skipped tokens, fewest first, so the search stops at the first count with a qualifying pair."""
+    def candidates(data, begin, i0):
+        """Per candidate start: its next agree_bytes bytes (fewer at the end) and its first token's length."""
+        b = begin[i0:i0 + window + 2]
+        nxt = b[1:] + ([len(data)] if i0 + len(b) >= len(begin) else [])  # next token's start, or the end
+        return [(data[x0:x0 + agree_bytes], x1 - x0) for x0, x1 in zip(b[:window + 1], nxt)]
+    ss, ts = candidates(s_bytes, s_begin, si), candidates(t_bytes, t_begin, ti)
+    for skipped in range(1, len(ss) + len(ts) - 1):
+        best = None
+        for di in range(max(0, skipped - len(ts) + 1), min(skipped, len(ss) - 1) + 1):
+            dj = skipped - di
+            (x, s_first), (y, t_first) = ss[di], ts[dj]
+            # The criteria on these capped windows: equal windows always qualify (agree_bytes equal bytes, or
+            # both sides' remaining bytes equal); unequal ones only if the first tokens are byte-identical.
+            if x == y:
+                run = len(x)                                               # agreed bytes, capped
+            elif s_first == t_first and x[:min(s_first, agree_bytes)] == y[:min(s_first, agree_bytes)]:
+                run = next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+            else:
+                continue                                                   # no agreement (most pairs)
+            key = (-run, abs(di - dj), di)                                 # then longest, balanced
+            if run and (best is None or key < best[0]):
+                best = (key, si + di, ti + dj)
+        if best is not None:
+            return best[1:]
+    return None
 
 
 def _resync_in(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes):
