@@ -327,11 +327,13 @@ def _random_projection(v_s, v_t, k, seed):
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_projected_kl_fast_path_matches_autograd_reference(direction, seed):
+@pytest.mark.parametrize("v_t,k", [(30, 5), (400, 2)])
+def test_projected_kl_fast_path_matches_autograd_reference(direction, seed, v_t, k):
     """_ProjectedKL (image-only r, gather + small scatter, hand-written backward) == project_to_teacher +
-    generalized_kl under autograd: value, gradient on log q and on the W entries."""
-    v_s, v_t = 40, 30
-    W = _random_projection(v_s, v_t, 3, seed)
+    generalized_kl under autograd: value, gradient on log q and on the W entries. Two W patterns: many
+    entries per teacher column (30 ids: mostly scatter-add) and mostly one (400 ids: mostly gather)."""
+    v_s = 40
+    W = _random_projection(v_s, v_t, k, seed)
     prep = _prepared(W, "pkl", v_s, v_t, "cpu")
     g = torch.Generator().manual_seed(seed + 10)
     z = (torch.randn(5, v_s, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
@@ -421,3 +423,66 @@ def test_rowdot_narrow_and_wide_paths(width):
     x, y = torch.rand(7, width, generator=g, dtype=torch.float64), torch.rand(7, width, generator=g, dtype=torch.float64)
     assert torch.allclose(_rowdot(x, y), (x * y).sum(-1), rtol=1e-12)
     assert _rowdot(x[:0], y[:0]).shape == (0,)
+
+
+def test_prepared_w_is_cached_per_projection():
+    """`_prepared` builds W's flat entries once per (projection, loss, widths, device) and returns the cached
+    dict afterwards: the cache must neither rebuild every call (1 ms per loss call at mini vocabularies) nor
+    grow with the number of calls (a leak of W-sized tensors per training step). Regression: a loop variable
+    once shadowed the cache key, so every call missed and stored a new entry."""
+    from xtoken import losses as L
+    W = _random_projection(40, 30, 3, 0)
+    first = L._prepared(W, "hkl", 40, 30, "cpu")
+    n = len(L._PREP)
+    for _ in range(5):
+        assert L._prepared(W, "hkl", 40, 30, "cpu") is first
+    assert len(L._PREP) == n
+    assert L._prepared(W, "pkl", 40, 30, "cpu") is not first                  # another loss: another entry
+
+
+def test_chunk_plan_is_the_rows_token_tables_stacked(llama, qwen):
+    """The batched `_chunk_plan` equals `Alignment.token_table` row by row, chunk indices running on across
+    rows (rows of different lengths and padding, one row without predictable chunks)."""
+    from xtoken.align import align
+    from xtoken.losses import _chunk_plan
+    texts = ["Tom has 201 apples and 35 pears.", "Hello", "Zürich's 1999 budget: 12,345.67 francs."]
+    aligns = []
+    for i, t in enumerate(texts):
+        s, q = llama.encode(t, add_special_tokens=False), qwen.encode(t, add_special_tokens=False)
+        pad = [0] * i                                                       # left padding, masks say so
+        aligns.append(align(pad + s, q, llama, qwen, student_mask=[0] * i + [1] * len(s)))
+    sides, n = _chunk_plan(aligns, "cpu")
+    assert n == sum(int(a.predictable.sum()) for a in aligns)
+    for side in ("student", "teacher"):
+        base, want = 0, [[] for _ in range(5)]
+        for b, a in enumerate(aligns):
+            chunk, pos, ids, off = a.token_table(side)
+            for lst, x in zip(want, (np.full(len(pos), b), pos, ids, off, chunk + base)):
+                lst.append(x)
+            base += int(a.predictable.sum())
+        for got, parts in zip(sides[side], want):
+            assert got.tolist() == np.concatenate(parts).tolist()
+
+
+@pytest.mark.parametrize("kind", ["gold", "hkl"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("neg_inf", [False, True])
+def test_hybrid_from_teacher_log_probs_matches_probabilities(kind, direction, neg_inf):
+    """hybrid_divergence given log q_T (no full q_T: the losses' fast path) == given q_T (xlogy path): value,
+    gradient and common mass; also when the teacher has -inf logits (0 log 0 = 0, no NaN)."""
+    v_s, v_t = 40, 30
+    W = _random_projection(v_s, v_t, 3, 1)
+    prep = _prepared(W, kind, v_s, v_t, "cpu")
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(6, v_s, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    t = torch.randn(6, v_t, generator=g, dtype=torch.float64) * 3
+    if neg_inf:
+        t[:, prep["t_common"][:3]] = -torch.inf
+    log_q_t = torch.log_softmax(t, -1)
+    out = {}
+    for name, args in (("q", (log_q_t.exp(), None)), ("log", (None, log_q_t))):
+        d, gm, q_t_c = hybrid_divergence(torch.log_softmax(z, -1), args[0], prep, direction, log_q_t=args[1])
+        out[name] = (d.detach(), torch.autograd.grad(d.sum(), z)[0], gm, q_t_c)
+    assert torch.isfinite(out["log"][0]).all()
+    for a, b in zip(out["q"], out["log"]):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)

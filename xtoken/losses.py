@@ -218,17 +218,20 @@ def _rowdot(x, y):
     return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
 
 
-def _sparse_sum(x, w, src, dst, first, rest):
-    """out[:, j] = sum_{e: dst_e = j} w_e x[:, src_e] for a sparse pattern given as entry lists (src, dst, w).
+def _sparse_sum(x, w, plan: dict, into: str):
+    """x @ W restricted to W's image (``into="image"``: x [n, V_S] -> [n, n_image]) or x @ W^T back onto the
+    student rows (``into="rows"``: x [n, n_image] -> [n, V_S]); W given by its entry lists in ``plan`` and
+    the entry values ``w`` (fixed, or learned and differentiable upstream).
 
-    ``first[j]`` is one entry of output column j (-1 if none), ``rest`` the other entries. Most of W's
-    columns (and rows) hold a single entry, so a dense gather of the first entries plus a scatter-add of
-    the few others replaces a scatter-add of all of them (same sum, fewer scattered writes)."""
-    has = first >= 0
-    e = first.clamp_min(0)
-    out = x.index_select(1, src[e]).mul_(torch.where(has, w[e], torch.zeros_like(w[e])))
+    Most of W's columns (and rows) hold a single entry, so a dense gather of each output column's first
+    entry plus a scatter-add of the few others replaces a scatter-add of all of them (same sum, fewer
+    scattered writes). (A CSR sparse-dense product was measured too: no faster inside the loss, at the
+    miniature's or the full vocabularies.)"""
+    src, dst = (plan["rows"], plan["img_cols"]) if into == "image" else (plan["img_cols"], plan["rows"])
+    first, has, rest = plan[into + "_first"], plan[into + "_has"], plan[into + "_rest"]
+    out = x.index_select(1, src.index_select(0, first)).mul_(torch.where(has, w.index_select(0, first), 0.0))
     if len(rest):
-        out.index_add_(1, dst[rest], x.index_select(1, src[rest]).mul_(w[rest]))
+        out.index_add_(1, dst.index_select(0, rest), x.index_select(1, src.index_select(0, rest)).mul_(w.index_select(0, rest)))
     return out
 
 
@@ -297,7 +300,7 @@ class _ProjectedKL(torch.autograd.Function):
     def forward(ctx, log_q_s, q_t, neg_ent_t, plan, w, reverse: bool):
         rows, img_cols, image = plan["rows"], plan["img_cols"], plan["image_ids"]
         q_s = log_q_s.exp()
-        r = _sparse_sum(q_s, w, rows, img_cols, plan["col_first"], plan["col_rest"])   # r = W^T q on the image
+        r = _sparse_sum(q_s, w, plan, "image")                              # r = W^T q on the image
         q_ti = q_t.index_select(1, image)
         log_r = r.clamp_min(EPS).log_()
         if reverse:     # sum_img r (log r - log q_T) - sum r + sum q_T
@@ -330,7 +333,7 @@ class _ProjectedKL(torch.autograd.Function):
         grad_q = None
         if ctx.needs_input_grad[0]:
             # u[s] = sum_k W[s, t_k] dD/dr[t_k]; forward: sum_k W[s, t_k] - sum_k W[s, t_k] q_T[t_k] / r[t_k]
-            u = _sparse_sum(d_r, w, img_cols, rows, plan["row_first"], plan["row_rest"])
+            u = _sparse_sum(d_r, w, plan, "rows")
             if not ctx.reverse:
                 u.neg_().add_(torch.zeros(q_s.shape[1], dtype=w.dtype, device=w.device).index_add_(0, rows, w))
             grad_q = u.mul_(q_s).mul_(g.unsqueeze(1))
@@ -350,27 +353,42 @@ def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direct
     return d, r, prep["image_ids"], q_s
 
 
-def hybrid_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direction: str = "forward",
-                      common_weight: float = 1.0, uld_weight: float = 1.0, uld_top_k: int | None = None):
-    """GOLD / H-KL per chunk: common-set KL + ULD sorted L1 on the uncommon rest.
+def hybrid_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor | None, prep: dict, direction: str = "forward",
+                      common_weight: float = 1.0, uld_weight: float = 1.0, uld_top_k: int | None = None,
+                      log_q_t: torch.Tensor | None = None, need_g: bool = True):
+    """GOLD / H-KL per chunk: common-set KL + ULD sorted L1 on the uncommon rest. Returns (d, g, q_t_c):
+    d per chunk, g the student mass per common teacher id (None unless ``need_g`` or computed anyway), q_t_c
+    the teacher's.
 
-    prep: from `_prepared` with the pairing (strict for GOLD, top-1 for H-KL)."""
-    q_s = log_q_s.exp()
+    prep: from `_prepared` with the pairing (strict for GOLD, top-1 for H-KL). Give q_t, or log_q_t (the chain
+    rule's teacher side; q_t may then be None): with log q_T the common term needs no xlogy pass, and only the
+    columns each term reads are exponentiated (with a strict 1-to-1 pairing the full-width q_S is never formed)."""
     s_c, t_c, group = prep["s_common"], prep["t_common"], prep["group"]
-    q_t_c = q_t.index_select(1, t_c)                                                   # teacher mass on C, per teacher id
+    teacher_cols = lambda cols: log_q_t.index_select(1, cols).exp() if q_t is None else q_t.index_select(1, cols)
+    log_q_t_c = None if log_q_t is None else log_q_t.index_select(1, t_c)
+    q_t_c = log_q_t_c.exp() if q_t is None else q_t.index_select(1, t_c)                  # teacher mass on C
+    g = None
     if prep["singleton"]:                                                 # strict 1-to-1: exact logs
         log_g = log_q_s.index_select(1, s_c.index_select(0, prep["group_first"]))
-        g = log_g.exp()
     else:                                                                 # shared teacher ids: summed group mass
-        g = torch.zeros_like(q_t_c).index_add(1, group, q_s.index_select(1, s_c))
+        g = torch.zeros_like(q_t_c).index_add(1, group, log_q_s.index_select(1, s_c).exp())
         log_g = torch.log(g.clamp_min(EPS))
     # plain KL terms on C (GOLD's common term; teacher probabilities from the full softmax)
     if direction == "forward":      # sum_C q_T (log q_T - log g)
-        common = torch.xlogy(q_t_c, q_t_c).sum(-1) - (q_t_c * log_g).sum(-1)
+        common = None
+        if log_q_t_c is not None:
+            common = (q_t_c * (log_q_t_c - log_g)).sum(-1)
+            if not bool(common.isfinite().all()):                         # -inf teacher logits: 0 log 0 = 0 below
+                common = None
+        if common is None:
+            common = torch.xlogy(q_t_c, q_t_c).sum(-1) - (q_t_c * log_g).sum(-1)
     else:                           # sum_C g (log g - log q_T)
+        g = log_g.exp() if g is None else g
         common = (g * (log_g - torch.log(q_t_c.clamp_min(EPS)))).sum(-1)
-    uld = sorted_l1(q_s.index_select(1, prep["s_uncommon"]), q_t.index_select(1, prep["t_uncommon"]), uld_top_k)
-    return common_weight * common + uld_weight * uld, q_s, g, q_t_c
+    uld = sorted_l1(log_q_s.index_select(1, prep["s_uncommon"]).exp(), teacher_cols(prep["t_uncommon"]), uld_top_k)
+    if g is None and need_g:
+        g = log_g.detach().exp()
+    return common_weight * common + uld_weight * uld, g, q_t_c
 
 
 # ---- W preparation (cached per Projection object) -----------------------------------------------
@@ -395,13 +413,15 @@ def _prepared(proj, kind: str, student_width: int, teacher_width: int, device) -
     image[image_ids] = True
     prep["image"] = image.to(device)                                      # teacher ids some student row reaches
     prep["image_ids"], prep["img_cols"] = image_ids.to(device), img_cols.to(device)   # and each entry's column among them
-    for name, key, width in (("col", img_cols, len(image_ids)), ("row", rows, student_width)):
-        first = torch.full((width,), len(key), dtype=torch.long).scatter_reduce_(
-            0, key, torch.arange(len(key)), reduce="amin")             # each column's (row's) first entry
-        rest = torch.ones(len(key), dtype=torch.bool)
-        rest[first[first < len(key)]] = False
-        prep[name + "_first"] = torch.where(first < len(key), first, -1).to(device)
-        prep[name + "_rest"] = rest.nonzero().squeeze(1).to(device)
+    for name, dst, width in (("image", img_cols, len(image_ids)), ("rows", rows, student_width)):
+        first = torch.full((width,), len(dst), dtype=torch.long).scatter_reduce_(
+            0, dst, torch.arange(len(dst)), reduce="amin")             # each output column's first entry
+        has = first < len(dst)
+        rest = torch.ones(len(dst), dtype=torch.bool)
+        rest[first[has]] = False
+        rest = rest.nonzero().squeeze(1)
+        prep[name + "_first"], prep[name + "_has"] = first.clamp_max(max(len(dst) - 1, 0)).to(device), has.to(device)
+        prep[name + "_rest"] = rest.to(device)
     prep["empty"] = (proj.row_kind[:student_width] == EMPTY).nonzero().squeeze(1).to(device)
     if kind in ("gold", "hkl"):
         pair = proj.exact_pairs() if kind == "gold" else proj.top1()
@@ -424,17 +444,31 @@ def _prepared(proj, kind: str, student_width: int, teacher_width: int, device) -
 # ---- batching: chunk tables, blocks, eager per-block gradients ----------------------------------
 
 def _chunk_plan(alignments, device):
-    """Flat token tables over the predictable chunks of all rows: student and teacher sides."""
+    """Flat token tables over the predictable chunks of all rows, student and teacher sides:
+    (row, logit position, token id, offset in chunk, chunk index), chunk-major. `Alignment.token_table`
+    for the whole batch at once (one set of array ops per side, not one per row)."""
+    keep = [np.flatnonzero(a.predictable) for a in alignments]
+    counts = np.array([len(k) for k in keep], dtype=np.int64)
+    n_chunks = int(counts.sum())
+    row_of_chunk = np.repeat(np.arange(len(alignments)), counts)
     sides = {}
     for side in ("student", "teacher"):
-        parts, base = [], 0
-        for b, a in enumerate(alignments):
-            chunk, pos, ids, off = a.token_table(side)
-            parts.append((np.full(len(pos), b), pos, ids, off, chunk + base))
-            base += int(a.predictable.sum())
-        cat = [np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, dtype=np.int64) for i in range(5)]
-        sides[side] = [torch.as_tensor(x.astype(np.int64), device=device) for x in cat]
-    return sides, base
+        if n_chunks == 0:
+            sides[side] = [torch.zeros(0, dtype=torch.long, device=device) for _ in range(5)]
+            continue
+        spans = np.concatenate([(a.student_spans if side == "student" else a.teacher_spans)[k]
+                                for a, k in zip(alignments, keep)])
+        rows = [a.student_ids if side == "student" else a.teacher_ids for a in alignments]
+        row_start = np.zeros(len(rows), dtype=np.int64)
+        row_start[1:] = np.cumsum([len(r) for r in rows])[:-1]
+        lens = spans[:, 1] - spans[:, 0]
+        chunk = np.repeat(np.arange(n_chunks), lens)
+        offset = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        pos = np.repeat(spans[:, 0], lens) + offset
+        batch = row_of_chunk[chunk]
+        ids = np.concatenate(rows)[row_start[batch] + pos]
+        sides[side] = [torch.as_tensor(x.astype(np.int64), device=device) for x in (batch, pos - 1, ids, offset, chunk)]
+    return sides, n_chunks
 
 
 def _block(table, lo: int, hi: int):
@@ -464,7 +498,9 @@ class _EagerBlockGrad(torch.autograd.Function):
 
 
 def _run_blocks(student_logits, n_items: int, chunk_size: int, block_fn, extra: torch.Tensor | None = None):
-    """Sum over blocks of block_fn(lo, hi, grad, extra_leaf) -> (loss_sum, rows_index, leaf); gradients buffered.
+    """Mean over the n_items of block_fn(lo, hi, grad, extra_leaf) -> (loss_sum, rows_index, leaf); gradients
+    buffered. Each block's sum is divided by n_items before it is differentiated, so the buffer already holds
+    the mean's gradient and a plain ``loss.backward()`` hands it on without a [B, L, V] rescaling copy.
 
     extra: an optional second differentiable input shared by all blocks (learned W entries); each
     block sees it as a fresh leaf ``extra_leaf`` and its gradient is summed over the blocks."""
@@ -475,10 +511,12 @@ def _run_blocks(student_logits, n_items: int, chunk_size: int, block_fn, extra: 
     x_leaf = None if extra is None else extra.detach().requires_grad_(needs_x)
     grad_x = torch.zeros_like(extra) if needs_x else torch.zeros(0)
     total = torch.zeros((), dtype=torch.float64)
+    inv_n = 1.0 / max(n_items, 1)
     for lo in range(0, n_items, chunk_size):
         hi = min(lo + chunk_size, n_items)
         with torch.enable_grad():
             loss_sum, (b, p), leaf = block_fn(lo, hi, needs_s, x_leaf)
+            loss_sum = loss_sum * inv_n
             if (needs_s or needs_x) and loss_sum.requires_grad:
                 inputs = ([leaf] if needs_s else []) + ([x_leaf] if needs_x else [])
                 gs = torch.autograd.grad(loss_sum, inputs, allow_unused=True)
@@ -506,10 +544,6 @@ def _log_softmax(x, temperature: float):
     return torch.log_softmax(x if temperature == 1 else x / temperature, dim=-1)
 
 
-def _mean(total, n):
-    return total / max(n, 1)
-
-
 # ---- the losses ---------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -521,7 +555,7 @@ def _p_kl_metrics(stats, q_s, q_t, r, image, prep):
 
 
 @torch.no_grad()
-def _hybrid_metrics(stats, q_s, q_t, g, q_t_c, prep):
+def _hybrid_metrics(stats, q_s, q_t, g, q_t_c, prep):          # q_s, q_t: full chunk distributions
     stats["teacher_common_mass"] += q_t_c.sum().item()
     stats["student_common_mass"] += g.sum().item()
     stats["mass_lost_empty_rows"] += q_s[:, prep["empty"]].sum().item()
@@ -568,18 +602,24 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
         with torch.no_grad():
             t_rows = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).index_select(0, tb * teacher_logits.shape[1] + tp)
             logp_t = _log_softmax(t_rows[:, :v_t], temperature)
+            log_q_t = neg_ent_t = None
             if kind == "pkl" and merge == "w":
                 q_t, neg_ent_t = _w_merge(logp_t, tch, toff, n, gamma)
+            elif merge == "chain":
+                log_q_t = chain_rule_log_q(logp_t, tch, tid, toff, n)
+                q_t = log_q_t.exp() if kind == "uld" or metrics else None    # GOLD / H-KL read log q_T
             else:
-                q_t, neg_ent_t = teacher_merge(logp_t, tch, tid, toff, n, merge, gamma), None
+                q_t = teacher_merge(logp_t, tch, tid, toff, n, merge, gamma)
         log_q_s = chain_rule_log_q(logp_s, sch, sid, soff, n)
         if kind == "pkl":
             d, r, image, q_s = p_kl_divergence(log_q_s, q_t, prep, direction, w_leaf, neg_ent_t)
             if metrics:
                 _p_kl_metrics(stats, q_s, q_t, r, image, prep)
         elif kind in ("gold", "hkl"):
-            d, q_s, g, q_t_c = hybrid_divergence(log_q_s, q_t, prep, direction, common_weight, uld_weight, uld_top_k)
+            d, g, q_t_c = hybrid_divergence(log_q_s, q_t, prep, direction, common_weight, uld_weight, uld_top_k,
+                                            log_q_t, need_g=metrics)
             if metrics:
+                q_s = log_q_s.detach().exp()
                 _hybrid_metrics(stats, q_s, q_t, g, q_t_c, prep)
         else:                                                             # uld
             q_s = log_q_s.exp()
@@ -590,12 +630,11 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
         return d.sum(), (sb, sp), leaf
 
     block = _block_size(chunk_size, max(v_s, v_t), BLOCK_ELEMENTS, 64)
-    total = _run_blocks(student_logits, n_chunks, block, block_fn, w_entries)
+    loss = _run_blocks(student_logits, n_chunks, block, block_fn, w_entries)
     out = {k: v / max(n_chunks, 1) for k, v in stats.items()} if metrics else {}
     out.update(n_chunks=float(n_chunks),
                unpaired_student=float(sum(len(a.student_unpaired) for a in alignments)),
                unpaired_teacher=float(sum(len(a.teacher_unpaired) for a in alignments)))
-    loss = _mean(total, n_chunks)
     out["loss"] = float(loss.detach())
     return loss, out
 
@@ -656,7 +695,7 @@ def kl_loss(student_logits, teacher_logits, mask=None, *, temperature=1.0, direc
 
     n = len(b_all)
     block = _block_size(chunk_size, v, KL_BLOCK_ELEMENTS, 256)
-    loss = _mean(_run_blocks(student_logits, n, block, block_fn), n)
+    loss = _run_blocks(student_logits, n, block, block_fn)
     out = {"loss": float(loss.detach()), "n_positions": float(n)}
     if metrics:
         out.update(top1_agreement=stats["top1_agreement"] / max(n, 1), teacher_common_mass=1.0,
