@@ -77,3 +77,25 @@ def test_task_configs_need_data(tmp_path):
     with pytest.raises(FileNotFoundError):
         task_configs(["xtoken_mini_arithmetic"], data_dir=tmp_path)
     assert task_configs(["gsm8k"]) == ["gsm8k"]   # lm-eval's own tasks pass through by name
+
+
+def test_reused_tokenizer_and_env_report_change_nothing(memorised):
+    """Per-process reuse (the tokenizer of a local model directory, torch's environment report) gives the
+    same generations, scores and report as lm-eval loading everything itself."""
+    from lm_eval.models.huggingface import HFLM
+
+    from xtoken import evaluate as ev
+    d, _ = memorised
+    plain = HFLM(pretrained=str(d / "model"), batch_size=4, device="cpu", dtype="float32", add_bos_token=True)
+    runs = [evaluate(d / "model", MINI_TASKS, data_dir=d / "right", lm=plain, log_samples=True, return_raw=True)]
+    for _ in range(2):
+        runs.append(evaluate(d / "model", MINI_TASKS, data_dir=d / "right", batch_size=4, log_samples=True,
+                             return_raw=True))
+    assert load_lm(d / "model", batch_size=4).tokenizer is load_lm(d / "model", batch_size=4).tokenizer
+    (df0, raw0), *rest = runs
+    for df, raw in rest:
+        assert df.equals(df0)
+        assert raw["pretty_env_info"] == raw0["pretty_env_info"]
+        for task in MINI_TASKS:
+            assert [s["resps"] for s in raw["samples"][task]] == [s["resps"] for s in raw0["samples"][task]]
+    assert len(ev._ENV_REPORT) == 1

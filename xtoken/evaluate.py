@@ -11,10 +11,17 @@ HF_HUB_OFFLINE are set when ``offline=True``).
 Overhead: the model is loaded once per call (an `HFLM` built here and passed to
 `lm_eval.simple_evaluate`, which is what ``model="hf"`` would build) and every task runs in that one
 call with batched greedy generation; pass ``lm=`` to reuse an already loaded `HFLM` across calls.
+Two fixed costs that cannot change within a process are paid once per process (the miniature evaluates
+~70 students per run, 3.3 s each, half of it these two): the tokenizer of a local model directory, loaded
+exactly as `HFLM` would load it and kept by the content of its files (every miniature student has the same
+one: 1.2 s each, mostly parsing tokenizer.json), and torch's environment report that lm-eval adds to its
+results (`collect_env` lists pip packages in subprocesses: 0.6 s each).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import os
 from pathlib import Path
 
@@ -56,6 +63,28 @@ def task_configs(tasks, data_dir=None, max_gen_toks=None) -> list:
     return out
 
 
+_TOKENIZERS: dict = {}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def _local_tokenizer(model_dir, **kwargs):
+    """The tokenizer of a local model directory, ``AutoTokenizer.from_pretrained(model_dir, **kwargs)``, loaded
+    once per process per content of its files (None for a hub id: HFLM loads it). lm-eval only sets a missing
+    pad token on it (the same on every reuse) and restores the padding side it changes."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        return None
+    h = hashlib.sha1(repr(sorted(kwargs.items())).encode())
+    for name in TOKENIZER_FILES:
+        if (d / name).exists():
+            h.update(name.encode() + (d / name).read_bytes())
+    key = h.hexdigest()
+    if key not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(str(d), **kwargs)
+    return _TOKENIZERS[key]
+
+
 def load_lm(model_dir, *, batch_size=64, device="cpu", dtype="float32", max_length=None):
     """One `lm_eval` HFLM over a model directory (load once, evaluate many tasks)."""
     _set_offline()
@@ -64,7 +93,32 @@ def load_lm(model_dir, *, batch_size=64, device="cpu", dtype="float32", max_leng
               add_bos_token=True)   # the tokenizer's own default specials, as in training
     if max_length:
         kw["max_length"] = max_length
+    # what HFLM._create_tokenizer would load (revision "main", no remote code, fast, add_bos_token)
+    tok = _local_tokenizer(model_dir, revision="main", trust_remote_code=False, use_fast=True, add_bos_token=True)
+    if tok is not None:
+        kw["tokenizer"] = tok
     return HFLM(**kw)
+
+
+_ENV_REPORT: list = []
+
+
+@contextlib.contextmanager
+def _env_report_once():
+    """lm-eval adds torch's environment report to every result (``collect_env.get_pretty_env_info``, which
+    runs pip and conda in subprocesses); within one process it is the same report, so compute it once."""
+    import torch.utils.collect_env as ce
+    original = ce.get_pretty_env_info
+
+    def once():
+        if not _ENV_REPORT:
+            _ENV_REPORT.append(original())
+        return _ENV_REPORT[0]
+    ce.get_pretty_env_info = once
+    try:
+        yield
+    finally:
+        ce.get_pretty_env_info = original
 
 
 def evaluate(model_dir, tasks=MINI_TASKS, *, data_dir=None, limit=None, batch_size=64, device="cpu",
@@ -87,9 +141,10 @@ def evaluate(model_dir, tasks=MINI_TASKS, *, data_dir=None, limit=None, batch_si
     # indexing lm-eval's ~10k built-in task YAMLs costs tens of seconds: skip it when not needed
     ours = all((TASK_DIR / f"{t}.yaml").exists() for t in tasks)
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=not ours)
-    res = lm_eval.simple_evaluate(model=lm, tasks=task_configs(tasks, data_dir, max_gen_toks),
-                                  num_fewshot=num_fewshot, limit=limit, task_manager=tm,
-                                  log_samples=log_samples, bootstrap_iters=1000, verbosity="ERROR")
+    with _env_report_once():
+        res = lm_eval.simple_evaluate(model=lm, tasks=task_configs(tasks, data_dir, max_gen_toks),
+                                      num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                                      log_samples=log_samples, bootstrap_iters=1000, verbosity="ERROR")
     rows = []
     for task, metrics in res["results"].items():
         n = res.get("n-samples", {}).get(task, {}).get("effective")
