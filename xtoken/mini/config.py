@@ -26,7 +26,11 @@ Sizing history (all on the 2 CPU cores here, 2 worker processes of 1 torch threa
                     to 0.5% exact match. The remaining gap was closed by cutting teacher_steps to
                     1,000 and student_steps to 450 (decided from the projected time, before the run).
                     Measured, idle machine: notebook 03 14.8 min (teachers 221-258 s each, base 28 s,
-                    grid runs 19-33 s each); the whole `reproduce --scale mini`: see README.
+                    grid runs 19-33 s each); the whole run 30.1 and 31.9 min (at the budget's edge).
+  session 5         no size change. Loss fixes (W's prepared entries were rebuilt on every call, GOLD/H-KL
+                    exponentiated full rows they only read slices of) made cross-tokenizer runs ~10%
+                    faster, and lm-eval's per-call tokenizer load and environment report (1.8 of 3.3 s per
+                    evaluation) are paid once per worker; scores unchanged. See README for the measured run.
 
 What the sizes give (`results/`): teachers clearly above every student (Qwen3 43.5% arithmetic,
 Llama "3B" 35% / 80% knowledge, Phi 34% / 81%), a base student at 10% / 9.5%, CE-only ~18% / 42%.
