@@ -1,7 +1,7 @@
 """`python -m xtoken reproduce`: run notebooks 01-05 in order with papermill.
 
 Scales:
-  mini   the embedded default: real tokenizers, tiny models, synthetic task; ~30 min on 2 CPU cores.
+  mini   the embedded default: real tokenizers, tiny models, synthetic task; ~25 min on 2 CPU cores.
          Executes the notebooks in place (notebooks/ and results/ are what the repo commits).
   smoke  every code path at toy sizes (< 5 min); writes to runs/smoke/ so committed results stay.
   paper  real checkpoints, a GPU, lm-eval's real tasks; writes to runs/paper/.
