@@ -64,7 +64,7 @@ def task_configs(tasks, data_dir=None, max_gen_toks=None) -> list:
 
 
 _TOKENIZERS: dict = {}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 def _local_tokenizer(model_dir, **kwargs):
@@ -75,7 +75,7 @@ def _local_tokenizer(model_dir, **kwargs):
     if not d.is_dir():
         return None
     h = hashlib.sha1(repr(sorted(kwargs.items())).encode())
-    for name in TOKENIZER_FILES:
+    for name in _TOKENIZER_FILES:
         if (d / name).exists():
             h.update(name.encode() + (d / name).read_bytes())
     key = h.hexdigest()

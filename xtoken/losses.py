@@ -227,11 +227,10 @@ def _sparse_sum(x, w, plan: dict, into: str):
     entry plus a scatter-add of the few others replaces a scatter-add of all of them (same sum, fewer
     scattered writes). (A CSR sparse-dense product was measured too: no faster inside the loss, at the
     miniature's or the full vocabularies.)"""
-    src, dst = (plan["rows"], plan["img_cols"]) if into == "image" else (plan["img_cols"], plan["rows"])
     first, has, rest = plan[into + "_first"], plan[into + "_has"], plan[into + "_rest"]
-    out = x.index_select(1, src.index_select(0, first)).mul_(torch.where(has, w.index_select(0, first), 0.0))
+    out = x.index_select(1, plan[into + "_src_first"]).mul_(torch.where(has, w.index_select(0, first), 0.0))
     if len(rest):
-        out.index_add_(1, dst.index_select(0, rest), x.index_select(1, src.index_select(0, rest)).mul_(w.index_select(0, rest)))
+        out.index_add_(1, plan[into + "_dst_rest"], x.index_select(1, plan[into + "_src_rest"]).mul_(w.index_select(0, rest)))
     return out
 
 
@@ -413,15 +412,19 @@ def _prepared(proj, kind: str, student_width: int, teacher_width: int, device) -
     image[image_ids] = True
     prep["image"] = image.to(device)                                      # teacher ids some student row reaches
     prep["image_ids"], prep["img_cols"] = image_ids.to(device), img_cols.to(device)   # and each entry's column among them
-    for name, dst, width in (("image", img_cols, len(image_ids)), ("rows", rows, student_width)):
+    # for _sparse_sum, per direction: each output column's first entry (gathered densely) and the other entries
+    for name, src, dst, width in (("image", rows, img_cols, len(image_ids)), ("rows", img_cols, rows, student_width)):
         first = torch.full((width,), len(dst), dtype=torch.long).scatter_reduce_(
-            0, dst, torch.arange(len(dst)), reduce="amin")             # each output column's first entry
+            0, dst, torch.arange(len(dst)), reduce="amin")
         has = first < len(dst)
         rest = torch.ones(len(dst), dtype=torch.bool)
         rest[first[has]] = False
         rest = rest.nonzero().squeeze(1)
-        prep[name + "_first"], prep[name + "_has"] = first.clamp_max(max(len(dst) - 1, 0)).to(device), has.to(device)
-        prep[name + "_rest"] = rest.to(device)
+        first = first.clamp_max(max(len(dst) - 1, 0))               # columns without entries: any entry, weight 0
+        src_first = src[first] if len(src) else torch.zeros_like(first)   # (an all-empty W: any column, weight 0)
+        prep.update({name + "_first": first.to(device), name + "_has": has.to(device), name + "_rest": rest.to(device),
+                     name + "_src_first": src_first.to(device), name + "_src_rest": src[rest].to(device),
+                     name + "_dst_rest": dst[rest].to(device)})
     prep["empty"] = (proj.row_kind[:student_width] == EMPTY).nonzero().squeeze(1).to(device)
     if kind in ("gold", "hkl"):
         pair = proj.exact_pairs() if kind == "gold" else proj.top1()
