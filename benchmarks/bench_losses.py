@@ -2,6 +2,10 @@
 
     python benchmarks/bench_losses.py [--n 1024] [--chunk-size 64]
 
+Blocks: each loss's own default sizing (on CPU every block tensor within 2^23 elements: kl 65 positions per
+block, the cross-tokenizer losses ~51 chunks, capped by the teacher's token rows); --chunk-size forces one
+block size on all of them.
+
 Random logits with the real vocabulary widths: student 128,256 (Llama-3.2), teacher 151,936
 (Qwen3's padded logits; 151,669 real tokens). N student positions of real Llama/Qwen token
 sequences of prose with numbers, aligned by xtoken.align; W is the real Llama -> Qwen projection.
@@ -112,7 +116,7 @@ def run_one(name: str, n: int, chunk_size: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1024)
-    ap.add_argument("--chunk-size", type=int, default=64)
+    ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--one")
     ap.add_argument("--only", nargs="*", default=NAMES)
     args = ap.parse_args()
@@ -125,8 +129,9 @@ def main():
         build_projection(load_tokenizer("llama"), load_tokenizer("qwen3")).save(W_PATH)
     rows = {}
     for name in args.only:
-        out = subprocess.run([sys.executable, __file__, "--one", name, "--n", str(args.n),
-                              "--chunk-size", str(args.chunk_size)], capture_output=True, text=True)
+        cmd = [sys.executable, __file__, "--one", name, "--n", str(args.n)]
+        cmd += [] if args.chunk_size is None else ["--chunk-size", str(args.chunk_size)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("{")]
         if not line:
             print(f"{name}: failed\n{out.stderr[-2000:]}")
@@ -134,7 +139,8 @@ def main():
         rows[name] = json.loads(line[-1])
     ref = rows.get("kl")
     r0 = next(iter(rows.values()))
-    print(f"N student positions {r0['n_student']}, teacher {r0['n_teacher']}; chunk_size {args.chunk_size}; one thread")
+    print(f"N student positions {r0['n_student']}, teacher {r0['n_teacher']}; "
+          f"chunk_size {args.chunk_size or 'default'}; one thread")
     print(f"{'loss':11} {'fwd+bwd s':>9} {'x kl':>6} | {'peak MB':>8} {'x kl':>6} | {'value':>10}")
     for name, r in rows.items():
         tr = r["time_s"] / ref["time_s"] if ref else float("nan")

@@ -416,6 +416,44 @@ def test_default_blocks_follow_the_vocabulary_width():
     assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-12) and torch.allclose(outs[0][1], outs[1][1])
 
 
+def test_cpu_blocks_keep_every_side_within_the_budget(monkeypatch):
+    """On CPU the default blocks hold at most budget // width token rows on *each* side (the teacher's
+    multi-token chunks count), cover the chunks in order, give a wider-than-budget chunk a block of its own,
+    and change nothing but the summation order."""
+    from xtoken import losses
+    s_starts = np.array([0, 1, 2, 3, 4, 5, 6, 7])                       # 7 chunks, one student token each
+    t_starts = np.array([0, 2, 3, 8, 9, 10, 12, 13])                   # teacher: 2, 1, 5, 1, 1, 2, 1 tokens
+    bounds = losses._block_bounds(7, None, [s_starts, t_starts], [10, 10], budget=30)   # 3 rows per side
+    assert bounds == [(0, 2), (2, 3), (3, 5), (5, 7)]                   # chunk 2 (5 teacher rows) alone
+    for lo, hi in bounds:
+        assert hi - lo >= 1 and (t_starts[hi] - t_starts[lo] <= 3 or hi - lo == 1)
+    assert losses._block_bounds(7, 3, [s_starts, t_starts], [10, 10], budget=30) == [(0, 3), (3, 6), (6, 7)]
+    s, t, aligns = tiny_inputs(batch=3, seed=7)
+    outs = {}
+    for budget in (losses.CPU_BLOCK_ELEMENTS, 6):                      # one block; one or two rows per block
+        monkeypatch.setattr(losses, "CPU_BLOCK_ELEMENTS", budget)
+        for name, fn in (("kl", None), ("p_kl", p_kl_loss), ("h_kl", h_kl_loss)):
+            x = s.clone().requires_grad_(True)
+            loss = kl_loss(x, s.detach().flip(0))[0] if fn is None else fn(x, t, aligns, tiny_projection())[0]
+            loss.backward()
+            outs.setdefault(name, []).append((loss.item(), x.grad))
+    for name, (one, many) in outs.items():
+        assert one[0] == pytest.approx(many[0], rel=1e-12), name
+        assert torch.allclose(one[1], many[1], rtol=1e-10, atol=1e-14), name
+        if name != "kl":                                                # the padded student column: no gradient
+            assert one[1][..., -1].abs().max() == 0 and many[1][..., -1].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fast_argmax_is_torchs(dtype):
+    """numpy's argmax on CPU: the same index as torch's, first maximum on ties."""
+    from xtoken.losses import _argmax
+    x = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[1, 10] = x[1, 500] = x[1].max() + 1                              # a tie: the first wins
+    x[2] = 0
+    assert torch.equal(_argmax(x), x.argmax(-1)) and _argmax(x)[1] == 10 and _argmax(x)[2] == 0
+
+
 @pytest.mark.parametrize("width", [5, 372, 8192, 20_000])
 def test_rowdot_narrow_and_wide_paths(width):
     from xtoken.losses import _rowdot
