@@ -3,7 +3,7 @@
     python benchmarks/bench_losses.py [--n 1024] [--chunk-size 64]
 
 Blocks: each loss's own default sizing (on CPU every block tensor within 2^23 elements: kl 65 positions per
-block, the cross-tokenizer losses ~51 chunks, capped by the teacher's token rows); --chunk-size forces one
+block, the cross-tokenizer losses 32-55 chunks, capped by the teacher's token rows); --chunk-size forces one
 block size on all of them.
 
 Random logits with the real vocabulary widths: student 128,256 (Llama-3.2), teacher 151,936

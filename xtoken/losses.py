@@ -83,12 +83,22 @@ it logs.
 Memory: chunks are processed in blocks of `chunk_size`; each block's loss is differentiated at once
 (`torch.autograd.grad`) and its gradient written into one buffer shaped like the student logits, so
 peak extra memory is one block's work, whatever the batch size. ``chunk_size=None`` (default) sizes
-blocks by a fixed element budget: 64 chunks at Qwen3's 151,936 columns (256 positions at 128,256 for
-`kl_loss`), proportionally more at narrower vocabularies, where each block's ~50 small tensor ops
-would otherwise cost more than their arithmetic (the miniature's 372-1,362-id vocabularies run in one
-block per batch). log_softmax runs in the logits' dtype
-on a block's rows; padded vocabulary columns (Qwen3: 151,669 tokens, 151,936 logits) are sliced off,
-i.e. have zero probability.
+blocks by a fixed element budget, proportionally larger at narrower vocabularies, where each block's ~50
+small tensor ops would otherwise cost more than their arithmetic (the miniature's 372-1,362-id
+vocabularies run in one block per batch). On GPUs: 64 chunks at Qwen3's 151,936 columns (256 positions
+at 128,256 for `kl_loss`). On CPU: every block tensor within 2^23 elements (32 MiB in fp32), counting
+the token rows of *both* sides (Qwen spells numbers digit by digit), so 32-55 chunks (42 on average)
+at Qwen3's width in benchmarks/bench_losses.py, and 65 positions for `kl_loss` at Llama's. glibc maps
+larger buffers afresh and page-faults them on every use, which cost 3-4x the arithmetic of such a
+temporary here (benchmarks/README.md).
+Softmaxes run in the logits' dtype on a block's rows; padded vocabulary columns (Qwen3: 151,669 tokens,
+151,936 logits) are dropped when the rows are gathered, i.e. have zero probability.
+
+P-KL never forms log q: its student side is one softmax of each chunk's first-token logits times the
+continuation mass m = prod_{j>a} p_j(y_j) (the split of (C1), `_first_and_log_mass`), its teacher side
+one softmax per token (sum_v p log p = p.x - logsumexp(x), a dot product), and its backward applies the
+softmax Jacobian by hand (`_ProjectedKL`): one softmax where the log-softmax route takes a log-softmax
+and an exp on each side, and no log-softmax backward (P-KL 1.34 -> 1.14 s in bench_losses, 512 positions).
 """
 from __future__ import annotations
 
@@ -162,6 +172,20 @@ def chain_rule_log_q(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor,
     return first + log_mass.unsqueeze(1)
 
 
+def _first_and_log_mass(x, chunk, ids, offset, n_chunks: int):
+    """(C1) split for a softmax: the logit rows of each chunk's first token, and log m = sum_{j>a} log p_j(y_j)
+    (None when every chunk is one token), so that q = softmax(first) * m. Continuation rows only are
+    log-normalized (logsumexp), differentiably."""
+    if len(chunk) == n_chunks:
+        return x, None
+    first = (offset == 0).nonzero().squeeze(1)
+    rest = (offset > 0).nonzero().squeeze(1)
+    x_rest = x.index_select(0, rest)
+    log_p = x_rest.gather(1, ids.index_select(0, rest).unsqueeze(1)).squeeze(1) - torch.logsumexp(x_rest, -1)
+    log_m = torch.zeros(n_chunks, dtype=x.dtype, device=x.device).index_add(0, chunk.index_select(0, rest), log_p)
+    return x.index_select(0, first), log_m
+
+
 def teacher_merge(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, offset: torch.Tensor,
                   n_chunks: int, merge: str = "w", gamma: float = 0.1) -> torch.Tensor:
     """Teacher chunk distribution q_T [n_chunks, V] (not log): merge = "w" (C2), "chain" (C1),
@@ -177,26 +201,40 @@ def teacher_merge(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, of
         return mean.index_add(0, chunk, logp / n.unsqueeze(1)).exp()
     if merge != "w":
         raise ValueError(f"merge must be 'w', 'chain', 'first' or 'mean', not {merge!r}")
-    return _w_merge(logp, chunk, offset, n_chunks, gamma)[0]
-
-
-def _w_merge(logp, chunk, offset, n_chunks: int, gamma: float):
-    """(C2) and each chunk's sum_v q_T log q_T (the teacher's side of (D)): for one-token chunks from
-    log p itself (no log pass), for the mixtures of longer chunks by xlogy on those rows only."""
     p = logp.exp()
-    neg_ent = _rowdot(p, logp)                                            # sum_v p log p per token row
-    if not bool(neg_ent.isfinite().all()):                                # -inf logits: 0 log 0 = 0
-        neg_ent = torch.xlogy(p, p).sum(-1)
+    return _w_merge(p, _neg_entropy(p, logp, torch.zeros_like(p[:, 0])), chunk, offset, n_chunks, gamma)[0]
+
+
+def _neg_entropy(p, x, lse):
+    """sum_v p log p per row, with p = softmax(x) and lse = logsumexp(x): sum_v p (x - lse) = p.x - lse
+    (a dot product, no log pass); xlogy where x has -inf entries (0 log 0 = 0)."""
+    neg_ent = _rowdot(p, x) - lse
+    return neg_ent if bool(neg_ent.isfinite().all()) else torch.xlogy(p, p).sum(-1)
+
+
+def _teacher_probs(x):
+    """p = softmax(x) per row and sum_v p log p, from one softmax (no log-softmax, no exp pass):
+    logsumexp(x) = max x - log max p, the largest probability being the best-conditioned one."""
+    p = torch.softmax(x, -1)
+    lse = x.amax(-1) - p.amax(-1).log()
+    return p, _neg_entropy(p, x, lse)
+
+
+def _w_merge(p, neg_ent, chunk, offset, n_chunks: int, gamma: float):
+    """(C2) and each chunk's sum_v q_T log q_T (the teacher's side of (D)) from the per-token probabilities
+    p and their sum_v p log p: one-token chunks take both as they are, the mixtures of longer chunks are
+    summed onto their first token's row and take xlogy on those rows only. p is consumed."""
     if len(chunk) == n_chunks:                                            # every chunk one token: omega = 1
         return p, neg_ent
-    lens = torch.zeros(n_chunks, dtype=torch.long, device=logp.device).index_add(0, chunk, torch.ones_like(chunk))
-    n = lens[chunk].to(logp.dtype)
+    lens = torch.zeros(n_chunks, dtype=torch.long, device=p.device).index_add(0, chunk, torch.ones_like(chunk))
+    n = lens[chunk].to(p.dtype)
     # omega_i = gamma^i / sum_{i<n} gamma^i  (beta cancels)
-    omega = gamma ** offset.to(logp.dtype) * (1 - gamma) / (1 - gamma ** n)
-    q = torch.zeros(n_chunks, logp.shape[1], dtype=logp.dtype, device=logp.device)
-    q.index_add_(0, chunk, p.mul_(omega.unsqueeze(1)))
-    first = offset == 0
-    neg = torch.zeros(n_chunks, dtype=logp.dtype, device=logp.device).index_add_(0, chunk[first], neg_ent[first])
+    omega = gamma ** offset.to(p.dtype) * (1 - gamma) / (1 - gamma ** n)
+    first = (offset == 0).nonzero().squeeze(1)                            # chunk-major: the chunks in order
+    rest = (offset > 0).nonzero().squeeze(1)
+    q = p.index_select(0, first).mul_(omega.index_select(0, first).unsqueeze(1))
+    q.index_add_(0, chunk.index_select(0, rest), p.index_select(0, rest).mul_(omega.index_select(0, rest).unsqueeze(1)))
+    neg = neg_ent.index_select(0, first)
     multi = (lens > 1).nonzero().squeeze(1)
     q_m = q.index_select(0, multi)
     return q, neg.index_copy_(0, multi, torch.xlogy(q_m, q_m).sum(-1))
@@ -316,24 +354,30 @@ class _SortedL1(torch.autograd.Function):
 
 
 class _ProjectedKL(torch.autograd.Function):
-    """Per row: D(q_T || W^T q) (forward) or D(W^T q || q_T) (reverse), from log q [n, V_S].
+    """Per row: D(q_T || W^T q) (forward) or D(W^T q || q_T) (reverse), from the logits z [n, V_S] of each
+    chunk's first student token and the log-mass of its continuation, log m = sum_{j>a} log p_j(y_j) [n]
+    (None: one-token chunks), so that q = softmax(z) * m is (C1). One softmax, no log-softmax or exp pass.
 
     r = W^T q is computed only on W's *image* (the teacher ids some student row reaches, ~110k of
     Qwen's 151,669 for Llama): elsewhere r = 0, so those columns' terms of (D) are known without a
     pass over them: forward q_T[t] (log q_T[t] - log EPS) - q_T[t] (zero gradient, r clamped at EPS),
     reverse 0. Hand-written backward (fewer full-width passes than autograd's): with r = W^T q,
       forward:  dD/dr = 1 - q_T / r,   reverse: dD/dr = log r - log q_T,
-      dD/dlog q[s] = q[s] * sum_k W[s, t_k] dD/dr[t_k]   (a gather over W's entries, then a scatter-add),
-      dD/dW[s, t]  = q[s] * dD/dr[t]                      (only when the weights are learned, issue 8).
+      a[s] = dD/dq[s] = sum_k W[s, t_k] dD/dr[t_k]         (a gather over W's entries, then a scatter-add),
+      dD/dz = m p * (a - sum_s p[s] a[s]),  dD/dlog m = m sum_s p[s] a[s]    (softmax's Jacobian, p = softmax(z)),
+      dD/dW[s, t] = q[s] * dD/dr[t]                       (only when the weights are learned, issue 8).
     r is clamped at EPS under the logs. neg_ent_t: sum_v q_T log q_T per row if the caller has it
-    (from the teacher's log-softmax), else computed here.
+    (from the teacher's softmax), else computed here. Returns (d, r, p, m): p and m without gradient.
     """
 
     @staticmethod
-    def forward(ctx, log_q_s, q_t, neg_ent_t, plan, w, reverse: bool):
-        rows, img_cols, image = plan["rows"], plan["img_cols"], plan["image_ids"]
-        q_s = log_q_s.exp()
-        r = _sparse_sum(q_s, w, plan, "image")                              # r = W^T q on the image
+    def forward(ctx, z, log_m, q_t, neg_ent_t, plan, w, reverse: bool):
+        image = plan["image_ids"]
+        p = torch.softmax(z, -1)
+        m = None if log_m is None else log_m.exp()
+        r = _sparse_sum(p, w, plan, "image")                                # r = W^T q on the image
+        if m is not None:
+            r.mul_(m.unsqueeze(1))
         q_ti = q_t.index_select(1, image)
         log_r = r.clamp_min(EPS).log_()
         if reverse:     # sum_img r (log r - log q_T) - sum r + sum q_T
@@ -348,29 +392,43 @@ class _ProjectedKL(torch.autograd.Function):
             # r < EPS this is the gradient of the unclamped divergence with EPS for r: still bounded, since
             # q_S[s] W[s, t] <= r[t] makes each student term q_S[s] W[s, t] q_T[t] / EPS <= q_T[t].
             d_r = q_ti.div_(r.clamp_min(EPS))
-        ctx.save_for_backward(q_s, d_r, w)
+        ctx.save_for_backward(p, m, d_r, w)
         ctx.reverse, ctx.plan = reverse, plan
-        ctx.mark_non_differentiable(r, q_s)
-        return d, r, q_s
+        m_out = torch.ones_like(d) if m is None else m
+        ctx.mark_non_differentiable(r, p, m_out)
+        return d, r, p, m_out
 
     @staticmethod
-    def backward(ctx, g, _g_r, _g_q):
-        q_s, d_r, w = ctx.saved_tensors
+    def backward(ctx, g, _g_r, _g_p, _g_m):
+        p, m, d_r, w = ctx.saved_tensors
         plan = ctx.plan
-        rows, img_cols = plan["rows"], plan["img_cols"]
-        grad_w = None
-        if ctx.needs_input_grad[4]:                                       # learned W: dD/dW[e] = q[rows_e] dD/dr[cols_e]
-            d_r_e = d_r.index_select(1, img_cols)
+        gm = g if m is None else g * m                                    # the upstream gradient times the mass
+        grad_w = grad_z = grad_log_m = None
+        if ctx.needs_input_grad[5]:                                       # learned W: dD/dW[e] = q[rows_e] dD/dr[cols_e]
+            d_r_e = d_r.index_select(1, plan["img_cols"])
             d_r_e = d_r_e if ctx.reverse else d_r_e.neg_().add_(1.0)
-            grad_w = (q_s.index_select(1, rows) * d_r_e).mul_(g.unsqueeze(1)).sum(0)
-        grad_q = None
-        if ctx.needs_input_grad[0]:
-            # u[s] = sum_k W[s, t_k] dD/dr[t_k]; forward: sum_k W[s, t_k] - sum_k W[s, t_k] q_T[t_k] / r[t_k]
-            u = _sparse_sum(d_r, w, plan, "rows")
+            grad_w = (p.index_select(1, plan["rows"]) * d_r_e).mul_(gm.unsqueeze(1)).sum(0)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            # a[s] = sum_k W[s, t_k] dD/dr[t_k]; forward: sum_k W[s, t_k] - sum_k W[s, t_k] q_T[t_k] / r[t_k]
+            a = _sparse_sum(d_r, w, plan, "rows")
             if not ctx.reverse:
-                u.neg_().add_(torch.zeros(q_s.shape[1], dtype=w.dtype, device=w.device).index_add_(0, rows, w))
-            grad_q = u.mul_(q_s).mul_(g.unsqueeze(1))
-        return grad_q, None, None, None, grad_w, None
+                a.neg_().add_(_row_sums(w, plan, p.shape[1]))
+            pa = _rowdot(p, a)                                            # sum_s p[s] a[s]
+            if ctx.needs_input_grad[1]:
+                grad_log_m = gm * pa
+            if ctx.needs_input_grad[0]:
+                grad_z = a.sub_(pa.unsqueeze(1)).mul_(p).mul_(gm.unsqueeze(1))
+        return grad_z, grad_log_m, None, None, None, grad_w, None
+
+
+def _row_sums(w, plan: dict, width: int) -> torch.Tensor:
+    """sum_t W[s, t] per student row: cached for W's own entries, recomputed for learned ones."""
+    if w is plan["w"]:
+        hit = plan.get("row_sums")
+        if hit is None or hit.dtype != w.dtype:
+            hit = plan["row_sums"] = torch.zeros(width, dtype=w.dtype, device=w.device).index_add_(0, plan["rows"], w)
+        return hit
+    return torch.zeros(width, dtype=w.dtype, device=w.device).index_add_(0, plan["rows"], w)
 
 
 def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direction: str = "forward",
@@ -382,8 +440,9 @@ def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direct
     pass a tensor that requires grad to learn them (`xtoken.projection.LearnableProjection`).
     neg_ent_t: optional sum_v q_T log q_T per row (saves a log pass when the caller has log q_T)."""
     w = prep["w"] if w is None else w
-    d, r, q_s = _ProjectedKL.apply(log_q_s, q_t, neg_ent_t, prep, w.to(log_q_s.dtype), direction == "reverse")
-    return d, r, prep["image_ids"], q_s
+    log_m = torch.logsumexp(log_q_s, -1)                                  # exp(log q) = softmax(log q) * sum exp(log q)
+    d, r, p, m = _ProjectedKL.apply(log_q_s, log_m, q_t, neg_ent_t, prep, w.to(log_q_s.dtype), direction == "reverse")
+    return d, r, prep["image_ids"], p * m.unsqueeze(1)
 
 
 def hybrid_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor | None, prep: dict, direction: str = "forward",
@@ -589,9 +648,9 @@ def _log_softmax(x, temperature: float):
 # ---- the losses ---------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _p_kl_metrics(stats, q_s, q_t, r, image, prep):
-    stats["mass_lost_empty_rows"] += q_s[:, prep["empty"]].sum().item()
-    stats["top1_agreement"] += (image[_argmax(r)] == _argmax(q_t)).sum().item()
+def _p_kl_metrics(stats, p_s, m_s, q_t, r, prep):             # q_S = p_s * m_s (row masses)
+    stats["mass_lost_empty_rows"] += (p_s.index_select(1, prep["empty"]).sum(-1) * m_s).sum().item()
+    stats["top1_agreement"] += (prep["image_ids"][_argmax(r)] == _argmax(q_t)).sum().item()
     stats["student_common_mass"] += r.sum().item()                       # mass W carries to the teacher side
     stats["teacher_common_mass"] += (q_t @ prep["image"].to(q_t.dtype)).sum().item()   # teacher mass W can reach
 
@@ -640,22 +699,28 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
         tb, tp, tid, toff, tch = _block(sides["teacher"], lo, hi)
         sid = sid if s_map is None else s_map[sid]
         tid = tid if t_map is None else t_map[tid]
-        leaf, logp_s = _rows(student_logits, sb, sp, v_s, temperature, grad)
+        if kind == "pkl":           # P-KL works from the logits: one softmax per side (_ProjectedKL)
+            leaf = _gather_rows(student_logits, sb, sp, v_s).requires_grad_(grad)
+            z, log_m = _first_and_log_mass(leaf if temperature == 1 else leaf / temperature, sch, sid, soff, n)
+        else:
+            leaf, logp_s = _rows(student_logits, sb, sp, v_s, temperature, grad)
+            log_q_s = chain_rule_log_q(logp_s, sch, sid, soff, n)
         with torch.no_grad():
-            logp_t = _log_softmax(_gather_rows(teacher_logits, tb, tp, v_t), temperature)
+            x_t = _gather_rows(teacher_logits, tb, tp, v_t)
             log_q_t = neg_ent_t = None
             if kind == "pkl" and merge == "w":
-                q_t, neg_ent_t = _w_merge(logp_t, tch, toff, n, gamma)
+                p_t, neg_ent_t = _teacher_probs(x_t if temperature == 1 else x_t.div_(temperature))
+                q_t, neg_ent_t = _w_merge(p_t, neg_ent_t, tch, toff, n, gamma)
             elif merge == "chain":
-                log_q_t = chain_rule_log_q(logp_t, tch, tid, toff, n)
+                log_q_t = chain_rule_log_q(_log_softmax(x_t, temperature), tch, tid, toff, n)
                 q_t = log_q_t.exp() if kind == "uld" or metrics else None    # GOLD / H-KL read log q_T
             else:
-                q_t = teacher_merge(logp_t, tch, tid, toff, n, merge, gamma)
-        log_q_s = chain_rule_log_q(logp_s, sch, sid, soff, n)
+                q_t = teacher_merge(_log_softmax(x_t, temperature), tch, tid, toff, n, merge, gamma)
         if kind == "pkl":
-            d, r, image, q_s = p_kl_divergence(log_q_s, q_t, prep, direction, w_leaf, neg_ent_t)
+            w = prep["w"] if w_leaf is None else w_leaf
+            d, r, p_s, m_s = _ProjectedKL.apply(z, log_m, q_t, neg_ent_t, prep, w.to(z.dtype), direction == "reverse")
             if metrics:
-                _p_kl_metrics(stats, q_s, q_t, r, image, prep)
+                _p_kl_metrics(stats, p_s, m_s, q_t, r, prep)
         elif kind in ("gold", "hkl"):
             d, g, q_t_c = hybrid_divergence(log_q_s, q_t, prep, direction, common_weight, uld_weight, uld_top_k,
                                             log_q_t, need_g=metrics)
@@ -666,11 +731,11 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
             q_s = log_q_s.exp()
             d = sorted_l1(q_s, q_t, uld_top_k)
         if metrics:
-            stats["student_chunk_mass"] += q_s.detach().sum().item()
+            stats["student_chunk_mass"] += (m_s if kind == "pkl" else q_s.detach()).sum().item()
             stats["teacher_chunk_mass"] += q_t.sum().item()
         return d.sum(), (sb, sp), leaf
 
-    if device.type == "cpu":     # token rows of each side within the budget (~51 Qwen chunks per block)
+    if device.type == "cpu":     # token rows of each side within the budget (32-55 Qwen chunks per block)
         starts = [torch.searchsorted(sides[k][4], torch.arange(n_chunks + 1, device=device)).cpu().numpy()
                   for k in ("student", "teacher")]
         bounds = _block_bounds(n_chunks, chunk_size, starts, [v_s, v_t], CPU_BLOCK_ELEMENTS)
