@@ -6,6 +6,10 @@ Blocks: each loss's own default sizing (on CPU every block tensor within 2^23 el
 block, the cross-tokenizer losses 32-55 chunks, capped by the teacher's token rows); --chunk-size forces one
 block size on all of them.
 
+--no-page-faults runs every subprocess with glibc told never to mmap a buffer nor give freed heap back
+(MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=1 TiB): after the warm-up no temporary is page-faulted, so the
+times are the arithmetic alone. The default is the allocator a user gets.
+
 Random logits with the real vocabulary widths: student 128,256 (Llama-3.2), teacher 151,936
 (Qwen3's padded logits; 151,669 real tokens). N student positions of real Llama/Qwen token
 sequences of prose with numbers, aligned by xtoken.align; W is the real Llama -> Qwen projection.
@@ -20,7 +24,7 @@ sequences of prose with numbers, aligned by xtoken.align; W is the real Llama ->
 
 Peak memory: ru_maxrss after the loss's first forward+backward minus ru_maxrss once the inputs exist
 (the subprocess is fresh, so the delta is the loss's own peak extra memory). Time: the best of that
-run and two more (TRL: that run only, its per-group Python loops take minutes). Ratios are against kl measured in the same invocation.
+run and --repeats more, default two (TRL: that run only, its per-group Python loops take minutes). Ratios are against kl measured in the same invocation.
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ def texts(n_tokens: int, llama, qwen):
     return s_ids, t_ids
 
 
-def run_one(name: str, n: int, chunk_size: int) -> dict:
+def run_one(name: str, n: int, chunk_size: int, repeats: int = 2) -> dict:
     import torch
     torch.set_num_threads(1)
     from xtoken import load_tokenizer
@@ -104,7 +108,7 @@ def run_one(name: str, n: int, chunk_size: int) -> dict:
     first = time.perf_counter() - t0
     peak = rss_mb() - base
     times = [first]
-    for _ in range(0 if name.startswith("trl") else 2):     # TRL's Python loops take minutes: one run
+    for _ in range(0 if name.startswith("trl") else repeats):     # TRL's Python loops take minutes: one run
         student.grad = None
         t0 = time.perf_counter()
         fn().backward()
@@ -119,9 +123,11 @@ def main():
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--one")
     ap.add_argument("--only", nargs="*", default=NAMES)
+    ap.add_argument("--repeats", type=int, default=2, help="timed calls after the first (the best is kept)")
+    ap.add_argument("--no-page-faults", action="store_true", help="glibc: no mmap, no trimming (see above)")
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.n, args.chunk_size)))
+        print(json.dumps(run_one(args.one, args.n, args.chunk_size, args.repeats)))
         return
     if not os.path.exists(W_PATH):
         from xtoken import load_tokenizer
@@ -129,9 +135,12 @@ def main():
         build_projection(load_tokenizer("llama"), load_tokenizer("qwen3")).save(W_PATH)
     rows = {}
     for name in args.only:
-        cmd = [sys.executable, __file__, "--one", name, "--n", str(args.n)]
+        cmd = [sys.executable, __file__, "--one", name, "--n", str(args.n), "--repeats", str(args.repeats)]
         cmd += [] if args.chunk_size is None else ["--chunk-size", str(args.chunk_size)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ)
+        if args.no_page_faults:
+            env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in out.stdout.splitlines() if x.startswith("{")]
         if not line:
             print(f"{name}: failed\n{out.stderr[-2000:]}")
@@ -140,7 +149,8 @@ def main():
     ref = rows.get("kl")
     r0 = next(iter(rows.values()))
     print(f"N student positions {r0['n_student']}, teacher {r0['n_teacher']}; "
-          f"chunk_size {args.chunk_size or 'default'}; one thread")
+          f"chunk_size {args.chunk_size or 'default'}; one thread; "
+          f"allocator {'glibc, no mmap / no trim' if args.no_page_faults else 'default'}")
     print(f"{'loss':11} {'fwd+bwd s':>9} {'x kl':>6} | {'peak MB':>8} {'x kl':>6} | {'value':>10}")
     for name, r in rows.items():
         tr = r["time_s"] / ref["time_s"] if ref else float("nan")

@@ -220,7 +220,7 @@ def _teacher_probs(x):
     return p, _neg_entropy(p, x, lse)
 
 
-def _w_merge(p, neg_ent, chunk, offset, n_chunks: int, gamma: float):
+def _w_merge(p, neg_ent, chunk, offset, n_chunks: int, gamma: float, ws: dict | None = None):
     """(C2) and each chunk's sum_v q_T log q_T (the teacher's side of (D)) from the per-token probabilities
     p and their sum_v p log p: one-token chunks take both as they are, the mixtures of longer chunks are
     summed onto their first token's row and take xlogy on those rows only. p is consumed."""
@@ -232,8 +232,9 @@ def _w_merge(p, neg_ent, chunk, offset, n_chunks: int, gamma: float):
     omega = gamma ** offset.to(p.dtype) * (1 - gamma) / (1 - gamma ** n)
     first = (offset == 0).nonzero().squeeze(1)                            # chunk-major: the chunks in order
     rest = (offset > 0).nonzero().squeeze(1)
-    q = p.index_select(0, first).mul_(omega.index_select(0, first).unsqueeze(1))
-    q.index_add_(0, chunk.index_select(0, rest), p.index_select(0, rest).mul_(omega.index_select(0, rest).unsqueeze(1)))
+    q = torch.index_select(p, 0, first, **_out(ws, "q_t", p)).mul_(omega.index_select(0, first).unsqueeze(1))
+    p_rest = torch.index_select(p, 0, rest, **_out(ws, "q_t_rest", p)).mul_(omega.index_select(0, rest).unsqueeze(1))
+    q.index_add_(0, chunk.index_select(0, rest), p_rest)
     neg = neg_ent.index_select(0, first)
     multi = (lens > 1).nonzero().squeeze(1)
     q_m = q.index_select(0, multi)
@@ -290,7 +291,20 @@ def _rowdot(x, y):
     return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
 
 
-def _sparse_sum(x, w, plan: dict, into: str):
+def _out(ws: dict | None, name: str, like: torch.Tensor) -> dict:
+    """``out=`` for a block temporary: a buffer kept in the call's workspace ``ws`` and reused by every block
+    (torch resizes it in place; its storage only grows), so on CPU it is page-faulted in once per loss call
+    instead of once per block. No workspace (None): a fresh tensor."""
+    if ws is None:
+        return {}
+    key = (name, like.dtype, like.device)
+    buf = ws.get(key)
+    if buf is None or not buf.untyped_storage().resizable():             # (numpy views pin a storage: `_argmax`)
+        buf = ws[key] = torch.empty(0, dtype=like.dtype, device=like.device)
+    return {"out": buf.resize_(0)}                                        # (resize_ keeps the storage)
+
+
+def _sparse_sum(x, w, plan: dict, into: str, ws: dict | None = None):
     """x @ W restricted to W's image (``into="image"``: x [n, V_S] -> [n, n_image]) or x @ W^T back onto the
     student rows (``into="rows"``: x [n, n_image] -> [n, V_S]); W given by its entry lists in ``plan`` and
     the entry values ``w`` (fixed, or learned and differentiable upstream).
@@ -300,9 +314,11 @@ def _sparse_sum(x, w, plan: dict, into: str):
     scattered writes). (A CSR sparse-dense product was measured too: no faster inside the loss, at the
     miniature's or the full vocabularies.)"""
     first, has, rest = plan[into + "_first"], plan[into + "_has"], plan[into + "_rest"]
-    out = x.index_select(1, plan[into + "_src_first"]).mul_(torch.where(has, w.index_select(0, first), 0.0))
+    out = torch.index_select(x, 1, plan[into + "_src_first"], **_out(ws, "sparse_" + into, x))
+    out.mul_(torch.where(has, w.index_select(0, first), 0.0))
     if len(rest):
-        out.index_add_(1, plan[into + "_dst_rest"], x.index_select(1, plan[into + "_src_rest"]).mul_(w.index_select(0, rest)))
+        extra = torch.index_select(x, 1, plan[into + "_src_rest"], **_out(ws, "sparse_rest_" + into, x))
+        out.index_add_(1, plan[into + "_dst_rest"], extra.mul_(w.index_select(0, rest)))
     return out
 
 
@@ -371,15 +387,21 @@ class _ProjectedKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, log_m, q_t, neg_ent_t, plan, w, reverse: bool):
+    def forward(ctx, z, log_m, q_t, neg_ent_t, plan, w, reverse: bool, ws: dict | None = None):
         image = plan["image_ids"]
         p = torch.softmax(z, -1)
         m = None if log_m is None else log_m.exp()
-        r = _sparse_sum(p, w, plan, "image")                                # r = W^T q on the image
+        r = _sparse_sum(p, w, plan, "image", ws)                            # r = W^T q on the image
         if m is not None:
             r.mul_(m.unsqueeze(1))
-        q_ti = q_t.index_select(1, image)
-        log_r = r.clamp_min(EPS).log_()
+        q_ti = torch.index_select(q_t, 1, image, **_out(ws, "q_ti", q_t))
+        r_c = torch.clamp_min(r, EPS, **_out(ws, "r_c", r))
+        if not reverse:
+            # dD/dr = 1 - q_T / r (the 1 added in backward), with r clamped at EPS as in the value. Where
+            # r < EPS this is the gradient of the unclamped divergence with EPS for r: still bounded, since
+            # q_S[s] W[s, t] <= r[t] makes each student term q_S[s] W[s, t] q_T[t] / EPS <= q_T[t].
+            d_r = torch.div(q_ti, r_c, **_out(ws, "d_r", r))
+        log_r = r_c.log_()
         if reverse:     # sum_img r (log r - log q_T) - sum r + sum q_T
             d_r = log_r.sub_(q_ti.clamp_min_(EPS).log_())                    # dD/dr = log r - log q_T
             d = _rowdot(r, d_r) - r.sum(-1) + q_t.sum(-1)
@@ -388,12 +410,8 @@ class _ProjectedKL(torch.autograd.Function):
                 neg_ent_t = torch.xlogy(q_t, q_t).sum(-1)
             m_t = q_t.sum(-1)
             d = neg_ent_t - _rowdot(q_ti, log_r) - (m_t - q_ti.sum(-1)) * np.log(EPS) - m_t + r.sum(-1)
-            # dD/dr = 1 - q_T / r (the 1 added in backward), with r clamped at EPS as in the value. Where
-            # r < EPS this is the gradient of the unclamped divergence with EPS for r: still bounded, since
-            # q_S[s] W[s, t] <= r[t] makes each student term q_S[s] W[s, t] q_T[t] / EPS <= q_T[t].
-            d_r = q_ti.div_(r.clamp_min(EPS))
         ctx.save_for_backward(p, m, d_r, w)
-        ctx.reverse, ctx.plan = reverse, plan
+        ctx.reverse, ctx.plan, ctx.ws = reverse, plan, ws
         m_out = torch.ones_like(d) if m is None else m
         ctx.mark_non_differentiable(r, p, m_out)
         return d, r, p, m_out
@@ -410,7 +428,7 @@ class _ProjectedKL(torch.autograd.Function):
             grad_w = (p.index_select(1, plan["rows"]) * d_r_e).mul_(gm.unsqueeze(1)).sum(0)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             # a[s] = sum_k W[s, t_k] dD/dr[t_k]; forward: sum_k W[s, t_k] - sum_k W[s, t_k] q_T[t_k] / r[t_k]
-            a = _sparse_sum(d_r, w, plan, "rows")
+            a = _sparse_sum(d_r, w, plan, "rows", ctx.ws)
             if not ctx.reverse:
                 a.neg_().add_(_row_sums(w, plan, p.shape[1]))
             pa = _rowdot(p, a)                                            # sum_s p[s] a[s]
@@ -418,7 +436,7 @@ class _ProjectedKL(torch.autograd.Function):
                 grad_log_m = gm * pa
             if ctx.needs_input_grad[0]:
                 grad_z = a.sub_(pa.unsqueeze(1)).mul_(p).mul_(gm.unsqueeze(1))
-        return grad_z, grad_log_m, None, None, None, grad_w, None
+        return grad_z, grad_log_m, None, None, None, grad_w, None, None
 
 
 def _row_sums(w, plan: dict, width: int) -> torch.Tensor:
@@ -628,11 +646,12 @@ def _run_blocks(student_logits, n_items: int, bounds: list[tuple[int, int]], blo
     return total
 
 
-def _gather_rows(logits, b, p, width: int) -> torch.Tensor:
+def _gather_rows(logits, b, p, width: int, ws: dict | None = None) -> torch.Tensor:
     """Logit rows (b, p) without the padded columns beyond ``width``: one contiguous [n, width] copy (gathered
-    from the sliced view, so log_softmax needs no second copy)."""
+    from the sliced view, so log_softmax needs no second copy; into the workspace ``ws`` if given)."""
     flat = logits.detach().reshape(-1, logits.shape[-1])
-    return (flat[:, :width] if width < flat.shape[1] else flat).index_select(0, b * logits.shape[1] + p)
+    flat = flat[:, :width] if width < flat.shape[1] else flat
+    return torch.index_select(flat, 0, b * logits.shape[1] + p, **_out(ws, "rows", flat))
 
 
 def _rows(logits, b, p, width: int, temperature: float, grad: bool):
@@ -690,6 +709,7 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
     sides, n_chunks = _chunk_plan(alignments, device)
     s_map = None if student_id_map is None else torch.as_tensor(student_id_map, device=device)
     t_map = None if teacher_id_map is None else torch.as_tensor(teacher_id_map, device=device)
+    ws = {}                     # the call's reused block buffers (`_out`)
     stats = {"teacher_common_mass": 0.0, "student_common_mass": 0.0, "top1_agreement": 0.0,
              "mass_lost_empty_rows": 0.0, "student_chunk_mass": 0.0, "teacher_chunk_mass": 0.0}
 
@@ -706,11 +726,11 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
             leaf, logp_s = _rows(student_logits, sb, sp, v_s, temperature, grad)
             log_q_s = chain_rule_log_q(logp_s, sch, sid, soff, n)
         with torch.no_grad():
-            x_t = _gather_rows(teacher_logits, tb, tp, v_t)
+            x_t = _gather_rows(teacher_logits, tb, tp, v_t, ws)
             log_q_t = neg_ent_t = None
             if kind == "pkl" and merge == "w":
                 p_t, neg_ent_t = _teacher_probs(x_t if temperature == 1 else x_t.div_(temperature))
-                q_t, neg_ent_t = _w_merge(p_t, neg_ent_t, tch, toff, n, gamma)
+                q_t, neg_ent_t = _w_merge(p_t, neg_ent_t, tch, toff, n, gamma, ws)
             elif merge == "chain":
                 log_q_t = chain_rule_log_q(_log_softmax(x_t, temperature), tch, tid, toff, n)
                 q_t = log_q_t.exp() if kind == "uld" or metrics else None    # GOLD / H-KL read log q_T
@@ -718,7 +738,8 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
                 q_t = teacher_merge(_log_softmax(x_t, temperature), tch, tid, toff, n, merge, gamma)
         if kind == "pkl":
             w = prep["w"] if w_leaf is None else w_leaf
-            d, r, p_s, m_s = _ProjectedKL.apply(z, log_m, q_t, neg_ent_t, prep, w.to(z.dtype), direction == "reverse")
+            d, r, p_s, m_s = _ProjectedKL.apply(z, log_m, q_t, neg_ent_t, prep, w.to(z.dtype), direction == "reverse",
+                                                ws)
             if metrics:
                 _p_kl_metrics(stats, p_s, m_s, q_t, r, prep)
         elif kind in ("gold", "hkl"):
@@ -789,12 +810,13 @@ def kl_loss(student_logits, teacher_logits, mask=None, *, temperature=1.0, direc
     b_all, p_all = keep.nonzero(as_tuple=True)
     b_all, p_all = b_all.to(student_logits.device), p_all.to(student_logits.device)
     stats = {"top1_agreement": 0.0}
+    ws = {}                     # the call's reused block buffers (`_out`)
 
     def block_fn(lo, hi, grad, _):
         b, p = b_all[lo:hi], p_all[lo:hi]
         leaf, logp_s = _rows(student_logits, b, p, v, temperature, grad)
         with torch.no_grad():
-            logp_t = torch.log_softmax(_gather_rows(teacher_logits, b, p, v) / temperature, dim=-1)
+            logp_t = torch.log_softmax(_gather_rows(teacher_logits, b, p, v, ws) / temperature, dim=-1)
             if metrics:
                 stats["top1_agreement"] += (_argmax(logp_s) == _argmax(logp_t)).sum().item()
         if direction == "forward":
