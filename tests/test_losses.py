@@ -86,6 +86,37 @@ def brute_l1(a, b):
     return sum(abs(x - y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("name", ["p_kl", "gold", "h_kl"])
+def test_metrics_brute_force(name):
+    """Every logged metric against the full chunk distributions (the losses read them from the slices
+    they exponentiate, or from the mass and the logits, never from a full-width exp)."""
+    s, t, aligns = tiny_inputs(seed=3)
+    s[0, 2, 1] = 4.0                                                    # a confident chunk: a clear argmax
+    W = tiny_projection()
+    fn = {"p_kl": p_kl_loss, "gold": gold_loss, "h_kl": h_kl_loss}[name]
+    _, m = fn(s, t, aligns, W, student_vocab_size=5, teacher_vocab_size=4)
+    chunks = brute_chunks(s.numpy(), t.numpy(), 1.0, "w" if name == "p_kl" else "chain")
+    pair = {"gold": W.exact_pairs(), "h_kl": W.top1()}.get(name)
+    want = {k: [] for k in ("student_chunk_mass", "teacher_chunk_mass", "mass_lost_empty_rows", "top1_agreement",
+                            "student_common_mass", "teacher_common_mass")}
+    for q_s, q_t in chunks:
+        want["student_chunk_mass"].append(q_s.sum())
+        want["teacher_chunk_mass"].append(q_t.sum())
+        want["mass_lost_empty_rows"].append(q_s[4])
+        if name == "p_kl":
+            r = q_s @ W_DENSE
+            want["top1_agreement"].append(float(r.argmax() == q_t.argmax()))
+            want["student_common_mass"].append(r.sum())
+            want["teacher_common_mass"].append(q_t[W_DENSE.sum(0) > 0].sum())
+        else:
+            common = pair.numpy()[:5] >= 0
+            want["top1_agreement"].append(float(pair[int(q_s.argmax())] == q_t.argmax()))
+            want["student_common_mass"].append(q_s[common].sum())
+            want["teacher_common_mass"].append(q_t[np.unique(pair.numpy()[:5][common])].sum())
+    for k, v in want.items():
+        assert m[k] == pytest.approx(np.mean(v), rel=1e-10, abs=1e-12), k
+
+
 @pytest.mark.parametrize("T", [1.0, 2.0])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_p_kl_brute_force(T, direction):

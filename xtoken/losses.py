@@ -167,9 +167,11 @@ def chain_rule_log_q(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor,
     if len(chunk) == n_chunks:                                            # every chunk one token: log q = log p_a
         return logp
     first = logp.index_select(0, (offset == 0).nonzero().squeeze(1))     # log p_a(v)
-    cont = logp.gather(1, ids.unsqueeze(1)).squeeze(1) * (offset > 0)     # log p_j(y_j), j > a
-    log_mass = torch.zeros(n_chunks, dtype=logp.dtype, device=logp.device).index_add(0, chunk, cont)
-    return first + log_mass.unsqueeze(1)
+    rest = (offset > 0).nonzero().squeeze(1)
+    cont = logp.gather(1, ids.unsqueeze(1)).squeeze(1).index_select(0, rest)   # log p_j(y_j), j > a
+    log_mass = torch.zeros(n_chunks, dtype=logp.dtype, device=logp.device).index_add(0, chunk.index_select(0, rest), cont)
+    multi = torch.unique(chunk.index_select(0, rest))                     # only longer chunks get a mass added
+    return first.index_add_(0, multi, log_mass.index_select(0, multi).unsqueeze(1).expand(-1, logp.shape[1]))
 
 
 def _first_and_log_mass(x, chunk, ids, offset, n_chunks: int):
@@ -465,7 +467,7 @@ def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direct
 
 def hybrid_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor | None, prep: dict, direction: str = "forward",
                       common_weight: float = 1.0, uld_weight: float = 1.0, uld_top_k: int | None = None,
-                      log_q_t: torch.Tensor | None = None, need_g: bool = True):
+                      log_q_t: torch.Tensor | None = None, need_g: bool = True, rest_mass: dict | None = None):
     """GOLD / H-KL per chunk: common-set KL + ULD sorted L1 on the uncommon rest. Returns (d, g, q_t_c):
     d per chunk, g the student mass per common teacher id (None unless ``need_g`` or computed anyway), q_t_c
     the teacher's.
@@ -495,7 +497,10 @@ def hybrid_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor | None, prep: dic
     else:                           # sum_C g (log g - log q_T)
         g = log_g.exp() if g is None else g
         common = (g * (log_g - torch.log(q_t_c.clamp_min(EPS)))).sum(-1)
-    uld = sorted_l1(log_q_s.index_select(1, prep["s_uncommon"]).exp(), teacher_cols(prep["t_uncommon"]), uld_top_k)
+    q_s_u, q_t_u = log_q_s.index_select(1, prep["s_uncommon"]).exp(), teacher_cols(prep["t_uncommon"])
+    uld = sorted_l1(q_s_u, q_t_u, uld_top_k)
+    if rest_mass is not None:                                             # the uncommon mass of each side (metrics)
+        rest_mass.update(student=q_s_u.detach().sum(), teacher=q_t_u.sum())
     if g is None and need_g:
         g = log_g.detach().exp()
     return common_weight * common + uld_weight * uld, g, q_t_c
@@ -675,11 +680,14 @@ def _p_kl_metrics(stats, p_s, m_s, q_t, r, prep):             # q_S = p_s * m_s 
 
 
 @torch.no_grad()
-def _hybrid_metrics(stats, q_s, q_t, g, q_t_c, prep):          # q_s, q_t: full chunk distributions
+def _hybrid_metrics(stats, log_q_s, log_q_t, g, q_t_c, rest_mass, prep):
+    """From the slices the loss exponentiated (common and uncommon partition each vocabulary): no full-width exp."""
     stats["teacher_common_mass"] += q_t_c.sum().item()
     stats["student_common_mass"] += g.sum().item()
-    stats["mass_lost_empty_rows"] += q_s[:, prep["empty"]].sum().item()
-    stats["top1_agreement"] += (prep["pair"][_argmax(q_s)] == _argmax(q_t)).sum().item()
+    stats["student_chunk_mass"] += g.sum().item() + rest_mass["student"].item()
+    stats["teacher_chunk_mass"] += q_t_c.sum().item() + rest_mass["teacher"].item()
+    stats["mass_lost_empty_rows"] += log_q_s.detach().index_select(1, prep["empty"]).exp().sum().item()
+    stats["top1_agreement"] += (prep["pair"][_argmax(log_q_s)] == _argmax(log_q_t)).sum().item()
 
 
 def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projection=None, *, temperature=1.0,
@@ -733,7 +741,7 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
                 q_t, neg_ent_t = _w_merge(p_t, neg_ent_t, tch, toff, n, gamma, ws)
             elif merge == "chain":
                 log_q_t = chain_rule_log_q(_log_softmax(x_t, temperature), tch, tid, toff, n)
-                q_t = log_q_t.exp() if kind == "uld" or metrics else None    # GOLD / H-KL read log q_T
+                q_t = None if kind in ("gold", "hkl") else log_q_t.exp()    # GOLD / H-KL read log q_T
             else:
                 q_t = teacher_merge(_log_softmax(x_t, temperature), tch, tid, toff, n, merge, gamma)
         if kind == "pkl":
@@ -743,15 +751,15 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
             if metrics:
                 _p_kl_metrics(stats, p_s, m_s, q_t, r, prep)
         elif kind in ("gold", "hkl"):
+            rest_mass = {} if metrics else None
             d, g, q_t_c = hybrid_divergence(log_q_s, q_t, prep, direction, common_weight, uld_weight, uld_top_k,
-                                            log_q_t, need_g=metrics)
+                                            log_q_t, need_g=metrics, rest_mass=rest_mass)
             if metrics:
-                q_s = log_q_s.detach().exp()
-                _hybrid_metrics(stats, q_s, q_t, g, q_t_c, prep)
+                _hybrid_metrics(stats, log_q_s, log_q_t, g, q_t_c, rest_mass, prep)
         else:                                                             # uld
             q_s = log_q_s.exp()
             d = sorted_l1(q_s, q_t, uld_top_k)
-        if metrics:
+        if metrics and kind in ("pkl", "uld"):
             stats["student_chunk_mass"] += (m_s if kind == "pkl" else q_s.detach()).sum().item()
             stats["teacher_chunk_mass"] += q_t.sum().item()
         return d.sum(), (sb, sp), leaf
