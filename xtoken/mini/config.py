@@ -31,6 +31,8 @@ Sizing history (all on the 2 CPU cores here, 2 worker processes of 1 torch threa
                     exponentiated full rows they only read slices of) made cross-tokenizer runs ~10%
                     faster, and lm-eval's per-call tokenizer load and environment report (1.8 of 3.3 s per
                     evaluation) are paid once per worker; scores unchanged. See README for the measured run.
+  session 6         no size change. P-KL computed from one softmax per side (values to float rounding):
+                    the default run took 24.5 min from a fresh clone, every score and table unchanged.
 
 What the sizes give (`results/`): teachers clearly above every student (Qwen3 43.5% arithmetic,
 Llama "3B" 35% / 80% knowledge, Phi 34% / 81%), a base student at 10% / 9.5%, CE-only ~18% / 42%.
