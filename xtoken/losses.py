@@ -160,18 +160,30 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
 
 # ---- chunk-level distributions ------------------------------------------------------------------
 
+def _first_rest(offset: torch.Tensor):
+    """Token-row indices of each chunk's first token (in chunk order: the tables are chunk-major) and of the
+    continuation tokens."""
+    return (offset == 0).nonzero().squeeze(1), (offset > 0).nonzero().squeeze(1)
+
+
+def _continuation_log_mass(log_p_rest, chunk, rest, n_chunks: int):
+    """log m = sum_{j>a} log p_j(y_j) per chunk, from the continuation tokens' log-probabilities."""
+    return torch.zeros(n_chunks, dtype=log_p_rest.dtype, device=log_p_rest.device).index_add(
+        0, chunk.index_select(0, rest), log_p_rest)
+
+
 def chain_rule_log_q(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, offset: torch.Tensor,
                      n_chunks: int) -> torch.Tensor:
     """(C1) in log space. logp [n_tokens, V] per token of the chunks (chunk-major order);
     chunk/ids/offset [n_tokens]. Returns log q [n_chunks, V]."""
     if len(chunk) == n_chunks:                                            # every chunk one token: log q = log p_a
         return logp
-    first = logp.index_select(0, (offset == 0).nonzero().squeeze(1))     # log p_a(v)
-    rest = (offset > 0).nonzero().squeeze(1)
+    first, rest = _first_rest(offset)
     cont = logp.gather(1, ids.unsqueeze(1)).squeeze(1).index_select(0, rest)   # log p_j(y_j), j > a
-    log_mass = torch.zeros(n_chunks, dtype=logp.dtype, device=logp.device).index_add(0, chunk.index_select(0, rest), cont)
+    log_mass = _continuation_log_mass(cont, chunk, rest, n_chunks)
     multi = torch.unique(chunk.index_select(0, rest))                     # only longer chunks get a mass added
-    return first.index_add_(0, multi, log_mass.index_select(0, multi).unsqueeze(1).expand(-1, logp.shape[1]))
+    return logp.index_select(0, first).index_add_(                       # log p_a(v) + log m
+        0, multi, log_mass.index_select(0, multi).unsqueeze(1).expand(-1, logp.shape[1]))
 
 
 def _first_and_log_mass(x, chunk, ids, offset, n_chunks: int):
@@ -180,12 +192,10 @@ def _first_and_log_mass(x, chunk, ids, offset, n_chunks: int):
     log-normalized (logsumexp), differentiably."""
     if len(chunk) == n_chunks:
         return x, None
-    first = (offset == 0).nonzero().squeeze(1)
-    rest = (offset > 0).nonzero().squeeze(1)
+    first, rest = _first_rest(offset)
     x_rest = x.index_select(0, rest)
     log_p = x_rest.gather(1, ids.index_select(0, rest).unsqueeze(1)).squeeze(1) - torch.logsumexp(x_rest, -1)
-    log_m = torch.zeros(n_chunks, dtype=x.dtype, device=x.device).index_add(0, chunk.index_select(0, rest), log_p)
-    return x.index_select(0, first), log_m
+    return x.index_select(0, first), _continuation_log_mass(log_p, chunk, rest, n_chunks)
 
 
 def teacher_merge(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, offset: torch.Tensor,
@@ -232,8 +242,7 @@ def _w_merge(p, neg_ent, chunk, offset, n_chunks: int, gamma: float, ws: dict | 
     n = lens[chunk].to(p.dtype)
     # omega_i = gamma^i / sum_{i<n} gamma^i  (beta cancels)
     omega = gamma ** offset.to(p.dtype) * (1 - gamma) / (1 - gamma ** n)
-    first = (offset == 0).nonzero().squeeze(1)                            # chunk-major: the chunks in order
-    rest = (offset > 0).nonzero().squeeze(1)
+    first, rest = _first_rest(offset)
     q = torch.index_select(p, 0, first, **_out(ws, "q_t", p)).mul_(omega.index_select(0, first).unsqueeze(1))
     p_rest = torch.index_select(p, 0, rest, **_out(ws, "q_t_rest", p)).mul_(omega.index_select(0, rest).unsqueeze(1))
     q.index_add_(0, chunk.index_select(0, rest), p_rest)
@@ -443,12 +452,12 @@ class _ProjectedKL(torch.autograd.Function):
 
 def _row_sums(w, plan: dict, width: int) -> torch.Tensor:
     """sum_t W[s, t] per student row: cached for W's own entries, recomputed for learned ones."""
+    if w is plan["w"] and "row_sums" in plan:
+        return plan["row_sums"]
+    sums = torch.zeros(width, dtype=w.dtype, device=w.device).index_add_(0, plan["rows"], w)
     if w is plan["w"]:
-        hit = plan.get("row_sums")
-        if hit is None or hit.dtype != w.dtype:
-            hit = plan["row_sums"] = torch.zeros(width, dtype=w.dtype, device=w.device).index_add_(0, plan["rows"], w)
-        return hit
-    return torch.zeros(width, dtype=w.dtype, device=w.device).index_add_(0, plan["rows"], w)
+        plan["row_sums"] = sums
+    return sums
 
 
 def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direction: str = "forward",
@@ -682,10 +691,11 @@ def _p_kl_metrics(stats, p_s, m_s, q_t, r, prep):             # q_S = p_s * m_s 
 @torch.no_grad()
 def _hybrid_metrics(stats, log_q_s, log_q_t, g, q_t_c, rest_mass, prep):
     """From the slices the loss exponentiated (common and uncommon partition each vocabulary): no full-width exp."""
-    stats["teacher_common_mass"] += q_t_c.sum().item()
-    stats["student_common_mass"] += g.sum().item()
-    stats["student_chunk_mass"] += g.sum().item() + rest_mass["student"].item()
-    stats["teacher_chunk_mass"] += q_t_c.sum().item() + rest_mass["teacher"].item()
+    teacher_common, student_common = q_t_c.sum().item(), g.sum().item()
+    stats["teacher_common_mass"] += teacher_common
+    stats["student_common_mass"] += student_common
+    stats["student_chunk_mass"] += student_common + rest_mass["student"].item()
+    stats["teacher_chunk_mass"] += teacher_common + rest_mass["teacher"].item()
     stats["mass_lost_empty_rows"] += log_q_s.detach().index_select(1, prep["empty"]).exp().sum().item()
     stats["top1_agreement"] += (prep["pair"][_argmax(log_q_s)] == _argmax(log_q_t)).sum().item()
 
@@ -824,7 +834,7 @@ def kl_loss(student_logits, teacher_logits, mask=None, *, temperature=1.0, direc
         b, p = b_all[lo:hi], p_all[lo:hi]
         leaf, logp_s = _rows(student_logits, b, p, v, temperature, grad)
         with torch.no_grad():
-            logp_t = torch.log_softmax(_gather_rows(teacher_logits, b, p, v, ws) / temperature, dim=-1)
+            logp_t = _log_softmax(_gather_rows(teacher_logits, b, p, v, ws), temperature)   # (no division at T = 1)
             if metrics:
                 stats["top1_agreement"] += (_argmax(logp_s) == _argmax(logp_t)).sum().item()
         if direction == "forward":
