@@ -555,3 +555,25 @@ def test_hybrid_from_teacher_log_probs_matches_probabilities(kind, direction, ne
     assert torch.isfinite(out["log"][0]).all()
     for a, b in zip(out["q"], out["log"]):
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("t_spans", [T_SPANS, [(1, 2), (2, 5), (5, 6)]])   # every chunk longer; one-token chunks too
+def test_w_merge_image_is_the_full_merge_read_on_the_image(t_spans):
+    """P-KL's teacher side (`_w_merge_image`: first and continuation rows gathered apart, (C2) formed at full
+    width for the longer chunks only) == `teacher_merge(..., "w")` read on W's image: q_T there, sum q_T log q_T,
+    the mass off the image and argmax q_T."""
+    from xtoken import losses as L
+    s, t, _ = tiny_inputs()
+    aligns = [manual_alignment(S_IDS, T_IDS, S_SPANS, t_spans)] * 2
+    prep = L._prepared(tiny_projection(), "pkl", 5, 4, "cpu")
+    sides, n = L._chunk_plan(aligns, "cpu")
+    table = L._block(sides["teacher"], 0, n)
+    x_first, x_rest, rest, _ = L._split_rows(t, table, 4, 2.0)
+    q_ti, neg_ent, off, top = L._w_merge_image(x_first, x_rest, table, rest, n, G, prep)
+    b, p, ids, offset, chunk = table
+    q = L.teacher_merge(torch.log_softmax(t[b, p, :4] / 2.0, -1), chunk, ids, offset, n, "w", G)
+    assert prep["off_image_ids"].tolist() == [3]                          # no student row reaches teacher id 3
+    assert torch.allclose(q_ti, q[:, prep["image_ids"]], atol=1e-12)
+    assert torch.allclose(neg_ent, torch.xlogy(q, q).sum(-1), atol=1e-12)
+    assert torch.allclose(off, q[:, 3], atol=1e-12)
+    assert torch.equal(top, q.argmax(-1))

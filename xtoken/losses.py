@@ -94,11 +94,19 @@ temporary here (benchmarks/README.md).
 Softmaxes run in the logits' dtype on a block's rows; padded vocabulary columns (Qwen3: 151,669 tokens,
 151,936 logits) are dropped when the rows are gathered, i.e. have zero probability.
 
+Every loss gathers a block's first-token rows (one per chunk) and continuation rows separately from the
+logits (`_split_rows`), so neither side copies a [tokens, V] block to pick the first rows out of it, and
+the student's backward writes each leaf's gradient straight into the buffer (no zero-filled block and
+scatter). The continuations enter only through log m = sum_{j>a} log p_j(y_j).
+
 P-KL never forms log q: its student side is one softmax of each chunk's first-token logits times the
-continuation mass m = prod_{j>a} p_j(y_j) (the split of (C1), `_first_and_log_mass`), its teacher side
-one softmax per token (sum_v p log p = p.x - logsumexp(x), a dot product), and its backward applies the
-softmax Jacobian by hand (`_ProjectedKL`): one softmax where the log-softmax route takes a log-softmax
-and an exp on each side, and no log-softmax backward (P-KL 1.34 -> 1.14 s in bench_losses, 512 positions).
+continuation mass m = prod_{j>a} p_j(y_j) (the split of (C1)), and its backward applies the softmax
+Jacobian by hand (`_ProjectedKL`): one softmax where the log-softmax route takes a log-softmax and an exp on
+each side, and no log-softmax backward. Its teacher side (`_w_merge_image`) is one softmax per token
+(sum_v p log p = p.x - logsumexp(x), a dot product), read only where P-KL reads it: the columns of W's image
+and the mass off it; the (C2) mixtures are formed at full width for the longer chunks' rows only.
+GOLD and H-KL reorder the student's columns once (common, then uncommon) with a permutation whose backward
+is a gather (`_PermutedColumns`).
 """
 from __future__ import annotations
 
@@ -186,16 +194,50 @@ def chain_rule_log_q(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor,
         0, multi, log_mass.index_select(0, multi).unsqueeze(1).expand(-1, logp.shape[1]))
 
 
-def _first_and_log_mass(x, chunk, ids, offset, n_chunks: int):
-    """(C1) split for a softmax: the logit rows of each chunk's first token, and log m = sum_{j>a} log p_j(y_j)
-    (None when every chunk is one token), so that q = softmax(first) * m. Continuation rows only are
-    log-normalized (logsumexp), differentiably."""
-    if len(chunk) == n_chunks:
-        return x, None
-    first, rest = _first_rest(offset)
-    x_rest = x.index_select(0, rest)
-    log_p = x_rest.gather(1, ids.index_select(0, rest).unsqueeze(1)).squeeze(1) - torch.logsumexp(x_rest, -1)
-    return x.index_select(0, first), _continuation_log_mass(log_p, chunk, rest, n_chunks)
+def _chunk_log_mass(x_rest, ids_rest, chunk_rest, n_chunks: int):
+    """log m = sum_{j>a} log p_j(y_j) per chunk from the continuation tokens' logit rows (log-softmax, then
+    the observed ids' entries: the same numbers as `chain_rule_log_q`'s)."""
+    log_p = torch.log_softmax(x_rest, -1).gather(1, ids_rest.unsqueeze(1)).squeeze(1)
+    return torch.zeros(n_chunks, dtype=log_p.dtype, device=log_p.device).index_add(0, chunk_rest, log_p)
+
+
+def _split_rows(logits, table, width: int, temperature: float, grad: bool = False, ws: dict | None = None,
+                name: str = ""):
+    """A block's token rows as two gathers from the logits: each chunk's first token (one row per chunk, in
+    chunk order) and the continuation tokens, padded columns dropped, divided by the temperature. Splitting
+    at the gather saves the [n_tokens, V] copy (and, for the student, its backward's zero-filled buffer and
+    scatter) that selecting the first rows out of one gathered block costs.
+
+    Returns (x_first, x_rest, rest, parts): x_rest None when every chunk is one token; rest the table's
+    continuation rows; parts [(b, p, leaf)] the leaves for `_run_blocks` (requiring grad if ``grad``)."""
+    b, p, _, off, _ = table
+    first, rest = _first_rest(off)
+    xs, parts = [], []
+    for part, idx in (("first", first), ("rest", rest)):
+        if part == "rest" and len(idx) == 0:
+            xs.append(None)
+            continue
+        bi, pi = b.index_select(0, idx), p.index_select(0, idx)
+        leaf = _gather_rows(logits, bi, pi, width, ws, name + part)
+        leaf = leaf.detach().requires_grad_(True) if grad else leaf        # (an alias of the workspace buffer)
+        parts.append((bi, pi, leaf))
+        xs.append(leaf if temperature == 1 else leaf / temperature if grad else leaf.div_(temperature))
+    return xs[0], xs[1], rest, parts
+
+
+def _chain_log_q(x_first, x_rest, table, rest, n_chunks: int):
+    """(C1) in log space from `_split_rows`' rows: log_softmax of the first rows, plus log m on the rows of
+    the longer chunks (out of place when the rows require grad: log_softmax's backward reads its output).
+    Returns (log q, log m), log m None when every chunk is one token (m = 1: each row's mass is its m)."""
+    log_q = torch.log_softmax(x_first, -1)
+    if x_rest is None:
+        return log_q, None
+    _, _, ids, _, chunk = table
+    chunk_rest = chunk.index_select(0, rest)
+    log_mass = _chunk_log_mass(x_rest, ids.index_select(0, rest), chunk_rest, n_chunks)
+    multi = torch.unique(chunk_rest)
+    add = log_mass.index_select(0, multi).unsqueeze(1).expand(-1, log_q.shape[1])
+    return (log_q.index_add(0, multi, add) if log_q.requires_grad else log_q.index_add_(0, multi, add)), log_mass
 
 
 def teacher_merge(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, offset: torch.Tensor,
@@ -225,14 +267,16 @@ def _neg_entropy(p, x, lse):
 
 
 def _teacher_probs(x):
-    """p = softmax(x) per row and sum_v p log p, from one softmax (no log-softmax, no exp pass):
-    logsumexp(x) = max x - log max p, the largest probability being the best-conditioned one."""
+    """p = softmax(x) per row, sum_v p log p and argmax p, from one softmax (no log-softmax, no exp pass):
+    logsumexp(x) = x_i - log p_i at i = argmax p, the best-conditioned entry (one argmax pass, which the
+    metrics' teacher top-1 reuses, instead of a max over x and one over p)."""
     p = torch.softmax(x, -1)
-    lse = x.amax(-1) - p.amax(-1).log()
-    return p, _neg_entropy(p, x, lse)
+    top = _argmax(p)
+    at = lambda y: y.gather(1, top.unsqueeze(1)).squeeze(1)
+    return p, _neg_entropy(p, x, at(x) - at(p).log()), top
 
 
-def _w_merge(p, neg_ent, chunk, offset, n_chunks: int, gamma: float, ws: dict | None = None):
+def _w_merge(p, neg_ent, chunk, offset, n_chunks: int, gamma: float):
     """(C2) and each chunk's sum_v q_T log q_T (the teacher's side of (D)) from the per-token probabilities
     p and their sum_v p log p: one-token chunks take both as they are, the mixtures of longer chunks are
     summed onto their first token's row and take xlogy on those rows only. p is consumed."""
@@ -243,13 +287,50 @@ def _w_merge(p, neg_ent, chunk, offset, n_chunks: int, gamma: float, ws: dict | 
     # omega_i = gamma^i / sum_{i<n} gamma^i  (beta cancels)
     omega = gamma ** offset.to(p.dtype) * (1 - gamma) / (1 - gamma ** n)
     first, rest = _first_rest(offset)
-    q = torch.index_select(p, 0, first, **_out(ws, "q_t", p)).mul_(omega.index_select(0, first).unsqueeze(1))
-    p_rest = torch.index_select(p, 0, rest, **_out(ws, "q_t_rest", p)).mul_(omega.index_select(0, rest).unsqueeze(1))
+    q = p.index_select(0, first).mul_(omega.index_select(0, first).unsqueeze(1))
+    p_rest = p.index_select(0, rest).mul_(omega.index_select(0, rest).unsqueeze(1))
     q.index_add_(0, chunk.index_select(0, rest), p_rest)
     neg = neg_ent.index_select(0, first)
     multi = (lens > 1).nonzero().squeeze(1)
     q_m = q.index_select(0, multi)
     return q, neg.index_copy_(0, multi, torch.xlogy(q_m, q_m).sum(-1))
+
+
+def _w_merge_image(x_first, x_rest, table, rest, n_chunks: int, gamma: float, prep: dict):
+    """(C2) where P-KL reads it, from `_split_rows`' teacher rows: q_T on W's image (q_ti [n_chunks, n_image]),
+    and per chunk sum_v q_T log q_T, the mass off the image and argmax q_T (a teacher id). One-token chunks
+    take their token's softmax as it is (omega = 1, the only columns copied being the image's); the
+    mixtures of longer chunks are formed at full width, for their rows only (the same mixtures as `_w_merge`)."""
+    p, neg_ent, top = _teacher_probs(x_first)
+    q_ti = p.index_select(1, prep["image_ids"])
+    off = p.index_select(1, prep["off_image_ids"]).sum(-1)
+    if x_rest is None:
+        return q_ti, neg_ent, off, top
+    _, _, _, offset, chunk = table
+    lens = torch.zeros(n_chunks, dtype=torch.long, device=p.device).index_add(0, chunk, torch.ones_like(chunk))
+    # omega_i = gamma^i / sum_{i<n} gamma^i  (beta cancels), per token row of the block
+    omega = gamma ** offset.to(p.dtype) * (1 - gamma) / (1 - gamma ** lens[chunk].to(p.dtype))
+    first, _ = _first_rest(offset)
+    multi = (lens > 1).nonzero().squeeze(1)
+    row_of = torch.zeros_like(lens).index_copy_(0, multi, torch.arange(len(multi), device=p.device))
+    q_m = p.index_select(0, multi).mul_(omega.index_select(0, first.index_select(0, multi)).unsqueeze(1))
+    p_rest = torch.softmax(x_rest, -1).mul_(omega.index_select(0, rest).unsqueeze(1))
+    q_m.index_add_(0, row_of.index_select(0, chunk.index_select(0, rest)), p_rest)
+    q_ti.index_copy_(0, multi, q_m.index_select(1, prep["image_ids"]))
+    off.index_copy_(0, multi, q_m.index_select(1, prep["off_image_ids"]).sum(-1))
+    return q_ti, neg_ent.index_copy_(0, multi, _xlogx_sum(q_m)), off, top.index_copy_(0, multi, _argmax(q_m))
+
+
+def _xlogx_sum(q):
+    """sum_v q log q per row of probabilities (0 log 0 = 0): q . log(max(q, tiny)), a log pass and a dot
+    product (xlogy, then a sum, costs twice that here)."""
+    return _rowdot(q, q.clamp_min(torch.finfo(q.dtype).tiny).log_())
+
+
+def _teacher_on_image(q_t: torch.Tensor, prep: dict):
+    """`_w_merge_image`'s outputs from a full teacher chunk distribution q_t [n, V_T] (other merges)."""
+    return (q_t.index_select(1, prep["image_ids"]), torch.xlogy(q_t, q_t).sum(-1),
+            q_t.index_select(1, prep["off_image_ids"]).sum(-1), _argmax(q_t))
 
 
 def project_to_teacher(q_s: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor,
@@ -333,6 +414,20 @@ def _sparse_sum(x, w, plan: dict, into: str, ws: dict | None = None):
     return out
 
 
+class _PermutedColumns(torch.autograd.Function):
+    """x[:, perm] for a permutation of x's columns; backward: the inverse permutation's gather (index_select's
+    backward zero-fills a buffer and scatter-adds into it)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.inverse = inverse
+        return x.index_select(1, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.index_select(1, ctx.inverse), None, None
+
+
 class _SortedL1(torch.autograd.Function):
     """Exact sorted L1, sum_i |a_(i) - b_(i)| (descending, zero-padded), gradient to a only (b is the teacher).
 
@@ -388,24 +483,27 @@ class _ProjectedKL(torch.autograd.Function):
     r = W^T q is computed only on W's *image* (the teacher ids some student row reaches, ~110k of
     Qwen's 151,669 for Llama): elsewhere r = 0, so those columns' terms of (D) are known without a
     pass over them: forward q_T[t] (log q_T[t] - log EPS) - q_T[t] (zero gradient, r clamped at EPS),
-    reverse 0. Hand-written backward (fewer full-width passes than autograd's): with r = W^T q,
+    reverse q_T[t]. So the teacher comes as q_ti (q_T on the image, [n, n_image]), neg_ent_t
+    (sum_v q_T log q_T over every id) and off_t (its mass off the image), all per row (`_w_merge_image`).
+    Hand-written backward (fewer full-width passes than autograd's): with r = W^T q,
       forward:  dD/dr = 1 - q_T / r,   reverse: dD/dr = log r - log q_T,
       a[s] = dD/dq[s] = sum_k W[s, t_k] dD/dr[t_k]         (a gather over W's entries, then a scatter-add),
       dD/dz = m p * (a - sum_s p[s] a[s]),  dD/dlog m = m sum_s p[s] a[s]    (softmax's Jacobian, p = softmax(z)),
       dD/dW[s, t] = q[s] * dD/dr[t]                       (only when the weights are learned, issue 8).
-    r is clamped at EPS under the logs. neg_ent_t: sum_v q_T log q_T per row if the caller has it
-    (from the teacher's softmax), else computed here. Returns (d, r, p, m): p and m without gradient.
+    r is clamped at EPS under the logs. Returns d per row; ``aux`` (a dict, if given) receives p, m (None
+    for one-token chunks), r, and the row sums r_sum = sum r and q_sum = sum q_ti, without gradient.
     """
 
     @staticmethod
-    def forward(ctx, z, log_m, q_t, neg_ent_t, plan, w, reverse: bool, ws: dict | None = None):
-        image = plan["image_ids"]
+    def forward(ctx, z, log_m, q_ti, neg_ent_t, off_t, plan, w, reverse: bool, ws: dict | None = None,
+                aux: dict | None = None):
         p = torch.softmax(z, -1)
         m = None if log_m is None else log_m.exp()
         r = _sparse_sum(p, w, plan, "image", ws)                            # r = W^T q on the image
         if m is not None:
             r.mul_(m.unsqueeze(1))
-        q_ti = torch.index_select(q_t, 1, image, **_out(ws, "q_ti", q_t))
+        r_sum, q_sum = r.sum(-1), q_ti.sum(-1)
+        m_t = q_sum + off_t                                               # sum_v q_T
         r_c = torch.clamp_min(r, EPS, **_out(ws, "r_c", r))
         if not reverse:
             # dD/dr = 1 - q_T / r (the 1 added in backward), with r clamped at EPS as in the value. Where
@@ -414,40 +512,39 @@ class _ProjectedKL(torch.autograd.Function):
             d_r = torch.div(q_ti, r_c, **_out(ws, "d_r", r))
         log_r = r_c.log_()
         if reverse:     # sum_img r (log r - log q_T) - sum r + sum q_T
-            d_r = log_r.sub_(q_ti.clamp_min_(EPS).log_())                    # dD/dr = log r - log q_T
-            d = _rowdot(r, d_r) - r.sum(-1) + q_t.sum(-1)
+            d_r = log_r.sub_(torch.clamp_min(q_ti, EPS, **_out(ws, "q_c", q_ti)).log_())   # dD/dr = log r - log q_T
+            d = _rowdot(r, d_r) - r_sum + m_t
         else:           # sum q_T log q_T - sum_img q_T log r - (mass off the image) log EPS - sum q_T + sum r
-            if neg_ent_t is None:
-                neg_ent_t = torch.xlogy(q_t, q_t).sum(-1)
-            m_t = q_t.sum(-1)
-            d = neg_ent_t - _rowdot(q_ti, log_r) - (m_t - q_ti.sum(-1)) * np.log(EPS) - m_t + r.sum(-1)
+            d = neg_ent_t - _rowdot(q_ti, log_r) - off_t * np.log(EPS) - m_t + r_sum
         ctx.save_for_backward(p, m, d_r, w)
         ctx.reverse, ctx.plan, ctx.ws = reverse, plan, ws
-        m_out = torch.ones_like(d) if m is None else m
-        ctx.mark_non_differentiable(r, p, m_out)
-        return d, r, p, m_out
+        if aux is not None:
+            aux.update(p=p, m=m, r=r, r_sum=r_sum, q_sum=q_sum)
+        return d
 
     @staticmethod
-    def backward(ctx, g, _g_r, _g_p, _g_m):
+    def backward(ctx, g):
         p, m, d_r, w = ctx.saved_tensors
         plan = ctx.plan
         gm = g if m is None else g * m                                    # the upstream gradient times the mass
         grad_w = grad_z = grad_log_m = None
-        if ctx.needs_input_grad[5]:                                       # learned W: dD/dW[e] = q[rows_e] dD/dr[cols_e]
+        if ctx.needs_input_grad[6]:                                       # learned W: dD/dW[e] = q[rows_e] dD/dr[cols_e]
             d_r_e = d_r.index_select(1, plan["img_cols"])
             d_r_e = d_r_e if ctx.reverse else d_r_e.neg_().add_(1.0)
             grad_w = (p.index_select(1, plan["rows"]) * d_r_e).mul_(gm.unsqueeze(1)).sum(0)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             # a[s] = sum_k W[s, t_k] dD/dr[t_k]; forward: sum_k W[s, t_k] - sum_k W[s, t_k] q_T[t_k] / r[t_k]
-            a = _sparse_sum(d_r, w, plan, "rows", ctx.ws)
-            if not ctx.reverse:
-                a.neg_().add_(_row_sums(w, plan, p.shape[1]))
+            # (the sum with -W, then W's row sums added: one pass fewer than negating a)
+            if ctx.reverse:
+                a = _sparse_sum(d_r, w, plan, "rows", ctx.ws)
+            else:
+                a = _sparse_sum(d_r, w.neg(), plan, "rows", ctx.ws).add_(_row_sums(w, plan, p.shape[1]))
             pa = _rowdot(p, a)                                            # sum_s p[s] a[s]
             if ctx.needs_input_grad[1]:
                 grad_log_m = gm * pa
             if ctx.needs_input_grad[0]:
                 grad_z = a.sub_(pa.unsqueeze(1)).mul_(p).mul_(gm.unsqueeze(1))
-        return grad_z, grad_log_m, None, None, None, grad_w, None, None
+        return grad_z, grad_log_m, None, None, None, None, grad_w, None, None, None
 
 
 def _row_sums(w, plan: dict, width: int) -> torch.Tensor:
@@ -461,17 +558,20 @@ def _row_sums(w, plan: dict, width: int) -> torch.Tensor:
 
 
 def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, prep: dict, direction: str = "forward",
-                    w: torch.Tensor | None = None, neg_ent_t: torch.Tensor | None = None):
-    """P-KL per chunk: D(q_T || W^T q_S) (forward) or D(W^T q_S || q_T) (reverse).
+                    w: torch.Tensor | None = None):
+    """P-KL per chunk: D(q_T || W^T q_S) (forward) or D(W^T q_S || q_T) (reverse), from log q_S [n, V_S] and
+    q_T [n, V_T] (the losses themselves never form log q_S nor the full q_T: `_cross_tokenizer`).
 
     Returns (d, r, image, q_S): r = W^T q_S on W's image only, ``image`` the teacher ids of r's columns
-    (r is zero on every other id), q_S = exp(log_q_s) (no gradient). w: W's non-zero entries in ``prep``'s order (default ``prep["w"]``);
-    pass a tensor that requires grad to learn them (`xtoken.projection.LearnableProjection`).
-    neg_ent_t: optional sum_v q_T log q_T per row (saves a log pass when the caller has log q_T)."""
+    (r is zero on every other id), q_S = exp(log_q_s) (no gradient). w: W's non-zero entries in ``prep``'s order
+    (default ``prep["w"]``); pass a tensor that requires grad to learn them (`xtoken.projection.LearnableProjection`)."""
     w = prep["w"] if w is None else w
     log_m = torch.logsumexp(log_q_s, -1)                                  # exp(log q) = softmax(log q) * sum exp(log q)
-    d, r, p, m = _ProjectedKL.apply(log_q_s, log_m, q_t, neg_ent_t, prep, w.to(log_q_s.dtype), direction == "reverse")
-    return d, r, prep["image_ids"], p * m.unsqueeze(1)
+    q_ti, neg_ent_t, off_t, _ = _teacher_on_image(q_t, prep)
+    aux = {}
+    d = _ProjectedKL.apply(log_q_s, log_m, q_ti, neg_ent_t, off_t, prep, w.to(log_q_s.dtype), direction == "reverse",
+                           None, aux)
+    return d, aux["r"], prep["image_ids"], aux["p"] * aux["m"].unsqueeze(1)
 
 
 def hybrid_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor | None, prep: dict, direction: str = "forward",
@@ -489,24 +589,29 @@ def hybrid_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor | None, prep: dic
     log_q_t_c = None if log_q_t is None else log_q_t.index_select(1, t_c)
     q_t_c = log_q_t_c.exp() if q_t is None else q_t.index_select(1, t_c)                  # teacher mass on C
     g = None
+    # the student's columns reordered once, common (in C's order) then uncommon, and split: the backward is
+    # one gather and a concatenation (two index_selects would each zero-fill and scatter a [n, V_S] gradient)
+    log_q_s_c, log_q_s_u = torch.split(_PermutedColumns.apply(log_q_s, prep["s_cols"], prep["s_cols_inv"]),
+                                       [len(s_c), len(prep["s_uncommon"])], dim=1)
     if prep["singleton"]:                                                 # strict 1-to-1: exact logs
-        log_g = log_q_s.index_select(1, s_c.index_select(0, prep["group_first"]))
+        log_g = log_q_s_c
     else:                                                                 # shared teacher ids: summed group mass
-        g = torch.zeros_like(q_t_c).index_add(1, group, log_q_s.index_select(1, s_c).exp())
+        g = torch.zeros_like(q_t_c).index_add(1, group, log_q_s_c.exp())
         log_g = torch.log(g.clamp_min(EPS))
     # plain KL terms on C (GOLD's common term; teacher probabilities from the full softmax)
-    if direction == "forward":      # sum_C q_T (log q_T - log g)
-        common = None
+    if direction == "forward":      # sum_C q_T log q_T - sum_C q_T log g (the first a constant: no gradient pass)
+        neg_ent = None
         if log_q_t_c is not None:
-            common = (q_t_c * (log_q_t_c - log_g)).sum(-1)
-            if not bool(common.isfinite().all()):                         # -inf teacher logits: 0 log 0 = 0 below
-                common = None
-        if common is None:
-            common = torch.xlogy(q_t_c, q_t_c).sum(-1) - (q_t_c * log_g).sum(-1)
+            neg_ent = _rowdot(q_t_c, log_q_t_c)
+            if not bool(neg_ent.isfinite().all()):                        # -inf teacher logits: 0 log 0 = 0 below
+                neg_ent = None
+        if neg_ent is None:
+            neg_ent = torch.xlogy(q_t_c, q_t_c).sum(-1)
+        common = neg_ent - (q_t_c * log_g).sum(-1)
     else:                           # sum_C g (log g - log q_T)
         g = log_g.exp() if g is None else g
         common = (g * (log_g - torch.log(q_t_c.clamp_min(EPS)))).sum(-1)
-    q_s_u, q_t_u = log_q_s.index_select(1, prep["s_uncommon"]).exp(), teacher_cols(prep["t_uncommon"])
+    q_s_u, q_t_u = log_q_s_u.exp(), teacher_cols(prep["t_uncommon"])
     uld = sorted_l1(q_s_u, q_t_u, uld_top_k)
     if rest_mass is not None:                                             # the uncommon mass of each side (metrics)
         rest_mass.update(student=q_s_u.detach().sum(), teacher=q_t_u.sum())
@@ -537,6 +642,7 @@ def _prepared(proj, kind: str, student_width: int, teacher_width: int, device) -
     image[image_ids] = True
     prep["image"] = image.to(device)                                      # teacher ids some student row reaches
     prep["image_ids"], prep["img_cols"] = image_ids.to(device), img_cols.to(device)   # and each entry's column among them
+    prep["off_image_ids"] = (~image).nonzero().squeeze(1).to(device)     # the teacher ids no student row reaches
     # for _sparse_sum, per direction: each output column's first entry (gathered densely) and the other entries
     for name, src, dst, width in (("image", rows, img_cols, len(image_ids)), ("rows", img_cols, rows, student_width)):
         first = torch.full((width,), len(dst), dtype=torch.long).scatter_reduce_(
@@ -561,9 +667,13 @@ def _prepared(proj, kind: str, student_width: int, teacher_width: int, device) -
         first.scatter_reduce_(0, group, torch.arange(len(s_common)), reduce="amin", include_self=False)
         t_mask = torch.ones(teacher_width, dtype=torch.bool)
         t_mask[t_ids] = False
+        s_uncommon = (pair < 0).nonzero().squeeze(1)
+        s_cols = torch.cat([s_common[first] if len(t_ids) == len(s_common) else s_common, s_uncommon])
+        s_cols_inv = torch.empty_like(s_cols)
+        s_cols_inv[s_cols] = torch.arange(len(s_cols))                    # (common and uncommon: every student id)
         prep.update(s_common=s_common.to(device), t_common=t_ids.to(device), group=group.to(device),
                     group_first=first.to(device), singleton=len(t_ids) == len(s_common),
-                    s_uncommon=(pair < 0).nonzero().squeeze(1).to(device),
+                    s_uncommon=s_uncommon.to(device), s_cols=s_cols.to(device), s_cols_inv=s_cols_inv.to(device),
                     t_uncommon=t_mask.nonzero().squeeze(1).to(device), pair=pair.to(device))
     _PREP[key] = (proj, prep)
     return prep
@@ -599,11 +709,13 @@ def _chunk_plan(alignments, device):
     return sides, n_chunks
 
 
-def _block(table, lo: int, hi: int):
-    """Token rows of chunks [lo, hi) (tables are chunk-major, so a contiguous slice)."""
+def _block(table, lo: int, hi: int, id_map: torch.Tensor | None = None):
+    """Token rows of chunks [lo, hi) (tables are chunk-major, so a contiguous slice); token ids through
+    ``id_map`` if given."""
     batch, pos, ids, off, chunk = table
     i, j = torch.searchsorted(chunk, torch.tensor([lo, hi], device=chunk.device)).tolist()
-    return batch[i:j], pos[i:j], ids[i:j], off[i:j], chunk[i:j] - lo
+    ids = ids[i:j] if id_map is None else id_map[ids[i:j]]
+    return batch[i:j], pos[i:j], ids, off[i:j], chunk[i:j] - lo
 
 
 class _EagerBlockGrad(torch.autograd.Function):
@@ -627,7 +739,8 @@ class _EagerBlockGrad(torch.autograd.Function):
 
 def _run_blocks(student_logits, n_items: int, bounds: list[tuple[int, int]], block_fn,
                 extra: torch.Tensor | None = None):
-    """Mean over the n_items of block_fn(lo, hi, grad, extra_leaf) over the blocks ``bounds`` -> (loss_sum, rows_index, leaf); gradients
+    """Mean over the n_items of block_fn(lo, hi, grad, extra_leaf) over the blocks ``bounds``; block_fn returns
+    (loss_sum, parts), parts [(b, p, leaf)]: leaves holding the student logit rows (b, p); gradients
     buffered. Each block's sum is divided by n_items before it is differentiated, so the buffer already holds
     the mean's gradient and a plain ``loss.backward()`` hands it on without a [B, L, V] rescaling copy.
 
@@ -643,14 +756,15 @@ def _run_blocks(student_logits, n_items: int, bounds: list[tuple[int, int]], blo
     inv_n = 1.0 / max(n_items, 1)
     for lo, hi in bounds:
         with torch.enable_grad():
-            loss_sum, (b, p), leaf = block_fn(lo, hi, needs_s, x_leaf)
+            loss_sum, parts = block_fn(lo, hi, needs_s, x_leaf)
             loss_sum = loss_sum * inv_n
             if (needs_s or needs_x) and loss_sum.requires_grad:
-                inputs = ([leaf] if needs_s else []) + ([x_leaf] if needs_x else [])
+                inputs = ([leaf for _, _, leaf in parts] if needs_s else []) + ([x_leaf] if needs_x else [])
                 gs = torch.autograd.grad(loss_sum, inputs, allow_unused=True)
-                if needs_s and gs[0] is not None:                         # (padded columns: no gradient)
-                    grad.view(-1, grad.shape[-1])[:, :gs[0].shape[1]].index_add_(0, b * grad.shape[1] + p,
-                                                                                  gs[0].to(grad.dtype))
+                for (b, p, _), g in zip(parts if needs_s else [], gs):    # (padded columns: no gradient)
+                    if g is not None:
+                        grad.view(-1, grad.shape[-1])[:, :g.shape[1]].index_add_(0, b * grad.shape[1] + p,
+                                                                                  g.to(grad.dtype))
                 if needs_x and gs[-1] is not None:
                     grad_x += gs[-1]
         total += loss_sum.detach().double().cpu()
@@ -660,12 +774,12 @@ def _run_blocks(student_logits, n_items: int, bounds: list[tuple[int, int]], blo
     return total
 
 
-def _gather_rows(logits, b, p, width: int, ws: dict | None = None) -> torch.Tensor:
+def _gather_rows(logits, b, p, width: int, ws: dict | None = None, name: str = "rows") -> torch.Tensor:
     """Logit rows (b, p) without the padded columns beyond ``width``: one contiguous [n, width] copy (gathered
-    from the sliced view, so log_softmax needs no second copy; into the workspace ``ws`` if given)."""
+    from the sliced view, so log_softmax needs no second copy; into the workspace buffer ``name`` if given)."""
     flat = logits.detach().reshape(-1, logits.shape[-1])
     flat = flat[:, :width] if width < flat.shape[1] else flat
-    return torch.index_select(flat, 0, b * logits.shape[1] + p, **_out(ws, "rows", flat))
+    return torch.index_select(flat, 0, b * logits.shape[1] + p, **_out(ws, name, flat))
 
 
 def _rows(logits, b, p, width: int, temperature: float, grad: bool):
@@ -681,20 +795,27 @@ def _log_softmax(x, temperature: float):
 # ---- the losses ---------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _p_kl_metrics(stats, p_s, m_s, q_t, r, prep):             # q_S = p_s * m_s (row masses)
-    stats["mass_lost_empty_rows"] += (p_s.index_select(1, prep["empty"]).sum(-1) * m_s).sum().item()
-    stats["top1_agreement"] += (prep["image_ids"][_argmax(r)] == _argmax(q_t)).sum().item()
-    stats["student_common_mass"] += r.sum().item()                       # mass W carries to the teacher side
-    stats["teacher_common_mass"] += (q_t @ prep["image"].to(q_t.dtype)).sum().item()   # teacher mass W can reach
+def _p_kl_metrics(stats, aux, off_t, top_t, prep):
+    """From `_ProjectedKL`'s ``aux`` (q_S = p m; r = W^T q_S and the row sums) and the teacher's mass off W's
+    image and argmax: no pass beyond the argmax of r."""
+    m_s = aux["m"] if aux["m"] is not None else torch.ones_like(aux["r_sum"])
+    stats["mass_lost_empty_rows"] += (aux["p"].index_select(1, prep["empty"]).sum(-1) * m_s).sum().item()
+    stats["top1_agreement"] += (prep["image_ids"][_argmax(aux["r"])] == top_t).sum().item()
+    stats["student_common_mass"] += aux["r_sum"].sum().item()            # mass W carries to the teacher side
+    stats["teacher_common_mass"] += aux["q_sum"].sum().item()            # teacher mass W can reach
+    stats["student_chunk_mass"] += m_s.sum().item()
+    stats["teacher_chunk_mass"] += (aux["q_sum"] + off_t).sum().item()
 
 
 @torch.no_grad()
-def _hybrid_metrics(stats, log_q_s, log_q_t, g, q_t_c, rest_mass, prep):
-    """From the slices the loss exponentiated (common and uncommon partition each vocabulary): no full-width exp."""
-    teacher_common, student_common = q_t_c.sum().item(), g.sum().item()
+def _hybrid_metrics(stats, log_q_s, log_m_s, log_q_t, q_t_c, rest_mass, prep):
+    """From the slices the loss exponentiated (common and uncommon partition each vocabulary): no full-width
+    exp. The student's common mass is its chunk mass m (log_m_s; None: 1 per chunk) minus the uncommon mass."""
+    student_chunk = float(len(log_q_s)) if log_m_s is None else log_m_s.detach().exp().sum().item()
+    teacher_common, student_common = q_t_c.sum().item(), student_chunk - rest_mass["student"].item()
     stats["teacher_common_mass"] += teacher_common
     stats["student_common_mass"] += student_common
-    stats["student_chunk_mass"] += student_common + rest_mass["student"].item()
+    stats["student_chunk_mass"] += student_chunk
     stats["teacher_chunk_mass"] += teacher_common + rest_mass["teacher"].item()
     stats["mass_lost_empty_rows"] += log_q_s.detach().index_select(1, prep["empty"]).exp().sum().item()
     stats["top1_agreement"] += (prep["pair"][_argmax(log_q_s)] == _argmax(log_q_t)).sum().item()
@@ -733,46 +854,49 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
 
     def block_fn(lo, hi, grad, w_leaf):
         n = hi - lo
-        sb, sp, sid, soff, sch = _block(sides["student"], lo, hi)
-        tb, tp, tid, toff, tch = _block(sides["teacher"], lo, hi)
-        sid = sid if s_map is None else s_map[sid]
-        tid = tid if t_map is None else t_map[tid]
-        if kind == "pkl":           # P-KL works from the logits: one softmax per side (_ProjectedKL)
-            leaf = _gather_rows(student_logits, sb, sp, v_s).requires_grad_(grad)
-            z, log_m = _first_and_log_mass(leaf if temperature == 1 else leaf / temperature, sch, sid, soff, n)
-        else:
-            leaf, logp_s = _rows(student_logits, sb, sp, v_s, temperature, grad)
-            log_q_s = chain_rule_log_q(logp_s, sch, sid, soff, n)
+        s_tab, t_tab = _block(sides["student"], lo, hi, s_map), _block(sides["teacher"], lo, hi, t_map)
+        x_s, x_s_rest, s_rest, parts = _split_rows(student_logits, s_tab, v_s, temperature, grad, ws, "s_")
         with torch.no_grad():
-            x_t = _gather_rows(teacher_logits, tb, tp, v_t, ws)
-            log_q_t = neg_ent_t = None
+            if merge in ("w", "chain"):
+                x_t, x_t_rest, t_rest, _ = _split_rows(teacher_logits, t_tab, v_t, temperature, ws=ws, name="t_")
             if kind == "pkl" and merge == "w":
-                p_t, neg_ent_t = _teacher_probs(x_t if temperature == 1 else x_t.div_(temperature))
-                q_t, neg_ent_t = _w_merge(p_t, neg_ent_t, tch, toff, n, gamma, ws)
-            elif merge == "chain":
-                log_q_t = chain_rule_log_q(_log_softmax(x_t, temperature), tch, tid, toff, n)
-                q_t = None if kind in ("gold", "hkl") else log_q_t.exp()    # GOLD / H-KL read log q_T
+                q_ti, neg_ent_t, off_t, top_t = _w_merge_image(x_t, x_t_rest, t_tab, t_rest, n, gamma, prep)
             else:
-                q_t = teacher_merge(_log_softmax(x_t, temperature), tch, tid, toff, n, merge, gamma)
-        if kind == "pkl":
+                if merge == "chain":
+                    log_q_t = _chain_log_q(x_t, x_t_rest, t_tab, t_rest, n)[0]
+                    q_t = None if kind in ("gold", "hkl") else log_q_t.exp()    # GOLD / H-KL read log q_T
+                else:
+                    tb, tp, tid, toff, tch = t_tab
+                    log_q_t = None
+                    q_t = teacher_merge(_log_softmax(_gather_rows(teacher_logits, tb, tp, v_t, ws), temperature),
+                                        tch, tid, toff, n, merge, gamma)
+                if kind == "pkl":
+                    q_ti, neg_ent_t, off_t, top_t = _teacher_on_image(q_t, prep)
+        if kind == "pkl":           # P-KL works from the logits: one softmax per side (_ProjectedKL)
+            _, _, sid, _, sch = s_tab
+            log_m = None if x_s_rest is None else _chunk_log_mass(x_s_rest, sid.index_select(0, s_rest),
+                                                                  sch.index_select(0, s_rest), n)
             w = prep["w"] if w_leaf is None else w_leaf
-            d, r, p_s, m_s = _ProjectedKL.apply(z, log_m, q_t, neg_ent_t, prep, w.to(z.dtype), direction == "reverse",
-                                                ws)
+            aux = {} if metrics else None
+            d = _ProjectedKL.apply(x_s, log_m, q_ti, neg_ent_t, off_t, prep, w.to(x_s.dtype), direction == "reverse",
+                                   ws, aux)
             if metrics:
-                _p_kl_metrics(stats, p_s, m_s, q_t, r, prep)
-        elif kind in ("gold", "hkl"):
+                _p_kl_metrics(stats, aux, off_t, top_t, prep)
+            return d.sum(), parts
+        log_q_s, log_m_s = _chain_log_q(x_s, x_s_rest, s_tab, s_rest, n)
+        if kind in ("gold", "hkl"):
             rest_mass = {} if metrics else None
-            d, g, q_t_c = hybrid_divergence(log_q_s, q_t, prep, direction, common_weight, uld_weight, uld_top_k,
-                                            log_q_t, need_g=metrics, rest_mass=rest_mass)
+            d, _, q_t_c = hybrid_divergence(log_q_s, q_t, prep, direction, common_weight, uld_weight, uld_top_k,
+                                            log_q_t, need_g=False, rest_mass=rest_mass)
             if metrics:
-                _hybrid_metrics(stats, log_q_s, log_q_t, g, q_t_c, rest_mass, prep)
+                _hybrid_metrics(stats, log_q_s, log_m_s, log_q_t, q_t_c, rest_mass, prep)
         else:                                                             # uld
             q_s = log_q_s.exp()
             d = sorted_l1(q_s, q_t, uld_top_k)
-        if metrics and kind in ("pkl", "uld"):
-            stats["student_chunk_mass"] += (m_s if kind == "pkl" else q_s.detach()).sum().item()
-            stats["teacher_chunk_mass"] += q_t.sum().item()
-        return d.sum(), (sb, sp), leaf
+            if metrics:
+                stats["student_chunk_mass"] += q_s.detach().sum().item()
+                stats["teacher_chunk_mass"] += q_t.sum().item()
+        return d.sum(), parts
 
     if device.type == "cpu":     # token rows of each side within the budget (32-55 Qwen chunks per block)
         starts = [torch.searchsorted(sides[k][4], torch.arange(n_chunks + 1, device=device)).cpu().numpy()
@@ -841,7 +965,7 @@ def kl_loss(student_logits, teacher_logits, mask=None, *, temperature=1.0, direc
             d = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
         else:
             d = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
-        return d.sum(), (b, p), leaf
+        return d.sum(), [(b, p, leaf)]
 
     n = len(b_all)
     bounds = _block_bounds(n, chunk_size, widths=[v], budget=_budget(student_logits.device, KL_BLOCK_ELEMENTS),
