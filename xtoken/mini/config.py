@@ -33,6 +33,9 @@ Sizing history (all on the 2 CPU cores here, 2 worker processes of 1 torch threa
                     evaluation) are paid once per worker; scores unchanged. See README for the measured run.
   session 6         no size change. P-KL computed from one softmax per side (values to float rounding):
                     the default run took 24.5 min from a fresh clone, every score and table unchanged.
+  session 7         no size change. The losses gather first-token and continuation rows apart and P-KL
+                    reads its teacher on W's image only (values to float rounding): every score and
+                    table unchanged (see README for the measured run).
 
 What the sizes give (`results/`): teachers clearly above every student (Qwen3 43.5% arithmetic,
 Llama "3B" 35% / 80% knowledge, Phi 34% / 81%), a base student at 10% / 9.5%, CE-only ~18% / 42%.
