@@ -174,10 +174,9 @@ def _first_rest(offset: torch.Tensor):
     return (offset == 0).nonzero().squeeze(1), (offset > 0).nonzero().squeeze(1)
 
 
-def _continuation_log_mass(log_p_rest, chunk, rest, n_chunks: int):
-    """log m = sum_{j>a} log p_j(y_j) per chunk, from the continuation tokens' log-probabilities."""
-    return torch.zeros(n_chunks, dtype=log_p_rest.dtype, device=log_p_rest.device).index_add(
-        0, chunk.index_select(0, rest), log_p_rest)
+def _continuation_log_mass(log_p_rest, chunk_rest, n_chunks: int):
+    """log m = sum_{j>a} log p_j(y_j) per chunk, from the continuation tokens' log-probabilities and chunks."""
+    return torch.zeros(n_chunks, dtype=log_p_rest.dtype, device=log_p_rest.device).index_add(0, chunk_rest, log_p_rest)
 
 
 def chain_rule_log_q(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, offset: torch.Tensor,
@@ -188,7 +187,7 @@ def chain_rule_log_q(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor,
         return logp
     first, rest = _first_rest(offset)
     cont = logp.gather(1, ids.unsqueeze(1)).squeeze(1).index_select(0, rest)   # log p_j(y_j), j > a
-    log_mass = _continuation_log_mass(cont, chunk, rest, n_chunks)
+    log_mass = _continuation_log_mass(cont, chunk.index_select(0, rest), n_chunks)
     multi = torch.unique(chunk.index_select(0, rest))                     # only longer chunks get a mass added
     return logp.index_select(0, first).index_add_(                       # log p_a(v) + log m
         0, multi, log_mass.index_select(0, multi).unsqueeze(1).expand(-1, logp.shape[1]))
@@ -198,7 +197,7 @@ def _chunk_log_mass(x_rest, ids_rest, chunk_rest, n_chunks: int):
     """log m = sum_{j>a} log p_j(y_j) per chunk from the continuation tokens' logit rows (log-softmax, then
     the observed ids' entries: the same numbers as `chain_rule_log_q`'s)."""
     log_p = torch.log_softmax(x_rest, -1).gather(1, ids_rest.unsqueeze(1)).squeeze(1)
-    return torch.zeros(n_chunks, dtype=log_p.dtype, device=log_p.device).index_add(0, chunk_rest, log_p)
+    return _continuation_log_mass(log_p, chunk_rest, n_chunks)
 
 
 def _split_rows(logits, table, width: int, temperature: float, grad: bool = False, ws: dict | None = None,
