@@ -11,16 +11,19 @@ The Hub is unreachable on many machines (this package's CI included), so for the
 package `quicktok-v1` (ids byte-identical to the reference tokenizers): the same ranks, the same
 pre-tokenizer regex, normalizer, special tokens with their real ids, and BOS behaviour. The
 rebuilt tokenizer is an ordinary `transformers.PreTrainedTokenizerFast`; it is cached as
-`tokenizer.json` under ``$XTOKEN_CACHE`` (default ``~/.cache/xtoken``) so later loads take <1 s.
+`tokenizer.json` under ``$XTOKEN_CACHE`` (default ``~/.cache/xtoken``) so later loads take <1 s
+(one file per family, keyed by a hash of the spec and library versions; see `_prune_cache`).
 tests/test_tokenizers.py pins its ids to fixtures produced from independent sources.
 
 Any other name or a local directory goes through `AutoTokenizer.from_pretrained`.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +33,8 @@ __all__ = ["load_tokenizer", "PAPER_TOKENIZERS", "TokenizerNotFound", "tokenizer
 
 
 class TokenizerNotFound(RuntimeError):
-    """Raised when a tokenizer cannot be found locally and the Hub cannot be reached."""
+    """Raised when a tokenizer cannot be found locally and the Hub cannot be reached, or when a local
+    folder holds no loadable tokenizer."""
 
 
 # Pre-tokenizer patterns, as published with each tokenizer.
@@ -216,20 +220,68 @@ def _rebuild_tokenizer_json(spec: TokenizerSpec) -> str:
     return tk.to_str()
 
 
-def _rebuild(name: str, spec: TokenizerSpec) -> PreTrainedTokenizerFast:
-    import quicktok
+# Bump when the rebuild itself changes in a way that alters tokenizer.json for the same spec.
+_CACHE_FORMAT = 1
+_STALE_TMP_SECONDS = 3600   # a builder's temporary file older than this was left by a killed process
 
-    key = hashlib.sha256(f"{spec}{quicktok.__version__}".encode()).hexdigest()[:16]
-    path = _cache_dir() / f"{spec.family}-{key}.json"
+
+def _cache_key(spec: TokenizerSpec) -> str:
+    """A hash of everything the rebuilt tokenizer.json depends on, identical in every process.
+
+    Built from a canonical JSON of the spec (sets sorted, dicts as sorted pairs), never from a repr:
+    a frozenset's repr follows string hashing, which changes with PYTHONHASHSEED."""
+    import quicktok
+    import tokenizers
+
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    fields["specials"] = sorted(spec.specials.items())
+    fields["not_special"] = sorted(spec.not_special)
+    blob = json.dumps({"spec": fields, "quicktok": quicktok.__version__, "tokenizers": tokenizers.__version__,
+                       "format": _CACHE_FORMAT}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _prune_cache(keep: Path, family: str) -> None:
+    """Remove the family's other cache entries once `keep` is written.
+
+    The cache holds one entry per family (about 8 MB each) rather than a size cap: an entry is a pure
+    function of the spec and the library versions in its key, so with this code installed no other key
+    of the family can ever be read again; an older entry is only the leftover of a previous version
+    (or of a key that used to change from process to process). Two environments with different
+    library versions sharing one cache would each rebuild in turn (a few seconds), never grow it.
+    Temporary files of killed builders go too, once they are an hour old (a live builder's are fresh)."""
+    now = time.time()
+    for other in keep.parent.glob(f"{family}-*"):
+        if other == keep:
+            continue
+        try:
+            if other.suffix == ".json" or now - other.stat().st_mtime > _STALE_TMP_SECONDS:
+                other.unlink()
+        except OSError:   # removed meanwhile by a concurrent loader, or not ours to remove
+            pass
+
+
+def _write_cache_entry(path: Path, spec: TokenizerSpec) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(_rebuild_tokenizer_json(spec))
+    tmp.replace(path)   # atomic: concurrent loaders never read a half-written file
+    _prune_cache(path, spec.family)
+
+
+def _rebuild(name: str, spec: TokenizerSpec) -> PreTrainedTokenizerFast:
+    path = _cache_dir() / f"{spec.family}-{_cache_key(spec)}.json"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(_rebuild_tokenizer_json(spec))
-        tmp.replace(path)   # atomic: concurrent loaders never read a half-written file
-    tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(path), bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad,
-        clean_up_tokenization_spaces=False, model_max_length=131072,
-    )
+        _write_cache_entry(path, spec)
+    kwargs = dict(bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad,
+                  clean_up_tokenization_spaces=False, model_max_length=131072)
+    try:
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path), **kwargs)
+    except Exception:
+        if path.exists():
+            raise
+        _write_cache_entry(path, spec)   # pruned by another process between the check and the read
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path), **kwargs)
     tok.name_or_path = name
     tok.init_kwargs["xtoken_source"] = "offline-rebuild"
     return tok
@@ -253,7 +305,7 @@ def load_tokenizer(name_or_path: str, *, source: str = "auto") -> PreTrainedToke
         raise ValueError(f"source must be 'auto', 'offline' or 'hub', not {source!r}")
     name = resolve_name(name_or_path)
     if source != "hub" and Path(name).is_dir():
-        return AutoTokenizer.from_pretrained(name)
+        return _load_directory(Path(name))
     spec = PAPER_TOKENIZERS.get(name)
     if source != "hub":
         try:  # the local HF cache, if this model's tokenizer was ever downloaded here
@@ -268,6 +320,23 @@ def load_tokenizer(name_or_path: str, *, source: str = "auto") -> PreTrainedToke
         return AutoTokenizer.from_pretrained(name)
     except Exception as err:
         raise TokenizerNotFound(_not_found_message(name, offline=False, err=err)) from None
+
+
+# files `save_pretrained` writes for one kind of tokenizer or another; a folder with none of them holds none
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+
+
+def _load_directory(folder: Path) -> PreTrainedTokenizerFast:
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise TokenizerNotFound(
+            f"no tokenizer files in {folder} (looked for {', '.join(TOKENIZER_FILES[:2])}, ...): pass the folder "
+            f"a tokenizer's save_pretrained() wrote, or a model name such as {next(iter(PAPER_TOKENIZERS))}")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:
+        raise TokenizerNotFound(f"could not load a tokenizer from {folder}: {type(err).__name__}: "
+                                f"{' '.join(str(err).split())[:300]}") from err
 
 
 def _not_found_message(name: str, offline: bool, err: Exception | None = None) -> str:
