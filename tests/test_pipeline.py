@@ -2,6 +2,10 @@
 miniature: corpus, three teachers, base student, caches, GOLD / P-KL / H-KL / KL students, multi-teacher
 weights, lm-eval, tables, REPORT.md) and a failing notebook is named."""
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -33,18 +37,115 @@ def test_smoke_reproduction_of_notebooks_03_to_05(tmp_path):
     assert "Single-teacher distillation" in (results / "REPORT.md").read_text()
 
 
-def test_failing_notebook_is_named(tmp_path, capsys):
+def _write_notebook(path, *cells, params="results_dir = '.'"):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell("results_dir = '.'", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("raise ValueError('boom')")]
+    nb.cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]})]
+    nb.cells += [nbformat.v4.new_markdown_cell(c[3:]) if c.startswith("md:") else nbformat.v4.new_code_cell(c)
+                 for c in cells]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+def test_failing_notebook_is_named_and_the_committed_copy_stays(tmp_path, capsys):
     src = tmp_path / "src"
-    src.mkdir()
-    nbformat.write(nb, src / "01_projection_matrix.ipynb")
-    code = reproduce(scale="smoke", out=str(tmp_path / "out"), results=str(tmp_path / "r"), notebooks_dir=src)
+    committed = _write_notebook(src / "01_projection_matrix.ipynb", "raise ValueError('boom')")
+    before = committed.read_bytes()
+    # executed in place, as the mini scale does with notebooks/
+    code = reproduce(scale="smoke", out=str(src), results=str(tmp_path / "r"), work=str(tmp_path / "w"),
+                     notebooks_dir=src)
     assert code == 1
     err = capsys.readouterr().err
     assert "FAILED in 01_projection_matrix.ipynb" in err and "ValueError: boom" in err and "--start 01" in err
+    assert committed.read_bytes() == before
+    assert sorted(p.name for p in src.iterdir()) == ["01_projection_matrix.ipynb"]
+    failed = tmp_path / "w" / "failed" / "01_projection_matrix.ipynb"
+    assert str(failed) in err
+    outputs = [o for c in nbformat.read(failed, 4).cells for o in c.get("outputs", [])]
+    assert any(o.get("ename") == "ValueError" and o.get("evalue") == "boom" for o in outputs)
+
+
+def test_executed_copy_replaces_the_committed_one_only_when_finished(tmp_path, capsys, monkeypatch):
+    import xtoken.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "HEARTBEAT_S", 0.4)
+    src = tmp_path / "src"
+    target = _write_notebook(
+        src / "01_projection_matrix.ipynb",
+        "md:# a title",
+        # while the notebook runs, the committed copy (this notebook, in the working folder) is untouched
+        "import json\nnb = json.load(open('01_projection_matrix.ipynb'))\n"
+        "assert not any('injected-parameters' in c['metadata'].get('tags', []) for c in nb['cells'])",
+        "import time\ntime.sleep(1.5)",
+        "print('finished')")
+    code = reproduce(scale="smoke", out=str(src), results=str(tmp_path / "r"), work=str(tmp_path / "w"),
+                     notebooks_dir=src)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    executed = nbformat.read(target, 4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    assert executed.cells[-1].outputs[0]["text"] == "finished\n"
+    assert sorted(p.name for p in src.iterdir()) == ["01_projection_matrix.ipynb"]   # no temporary left
+    # progress while it runs: one line per code cell (4 of them with the injected parameters) and a
+    # heartbeat during the long one
+    for i in range(1, 5):
+        assert f"cell {i}/5 " in out, out
+    assert "cell 4/5 running" in out, out
+    assert "cell 5/5 done" in out, out
+
+
+def test_interrupted_run_leaves_the_committed_copy(tmp_path):
+    src = tmp_path / "src"
+    committed = _write_notebook(src / "01_projection_matrix.ipynb",
+                                "import pathlib, time\npathlib.Path('started').touch()\ntime.sleep(120)")
+    before = committed.read_bytes()
+    code = (f"import sys; from xtoken.pipeline import reproduce; sys.exit(reproduce(scale='smoke', out={str(src)!r}, "
+            f"results={str(tmp_path / 'r')!r}, work={str(tmp_path / 'w')!r}, notebooks_dir={str(src)!r}))")
+    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (src / "started").exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (src / "started").exists(), run.communicate()
+        run.send_signal(signal.SIGINT)       # Ctrl-C while a cell runs
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode != 0
+    assert committed.read_bytes() == before
+    assert sorted(p.name for p in src.iterdir()) == ["01_projection_matrix.ipynb", "started"]
+    failed = tmp_path / "w" / "failed" / "01_projection_matrix.ipynb"
+    assert failed.exists() and str(failed) in err
+
+
+def test_missing_notebooks_fail_before_any_folder_is_made(tmp_path, capsys):
+    for src in (tmp_path / "missing", tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        code = reproduce(scale="smoke", out=str(tmp_path / "out"), results=str(tmp_path / "r"),
+                         work=str(tmp_path / "w"), notebooks_dir=src)
+        assert code != 0
+        err = capsys.readouterr().err
+        assert f"no reproduction notebooks in {src}" in err and "clone" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_extra_parameters_reach_the_notebooks_that_declare_them(tmp_path, capsys):
+    src = tmp_path / "src"
+    _write_notebook(src / "01_projection_matrix.ipynb",
+                    "import json, pathlib\n"
+                    "pathlib.Path(results_dir, 'seen.json').write_text(json.dumps([steps, label]))",
+                    params="results_dir = '.'\nsteps = 1\nlabel = 'default'")
+    _write_notebook(src / "02_numeral_audit.ipynb", "assert 'steps' not in globals()")
+    code = reproduce(scale="smoke", out=str(tmp_path / "out"), results=str(tmp_path / "r"),
+                     work=str(tmp_path / "w"), notebooks_dir=src,
+                     parameters={"steps": 3, "label": "abc", "nowhere": 1})
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert json.loads((tmp_path / "r" / "seen.json").read_text()) == [3, "abc"]
+    assert "nowhere" in out and "declared by none" in out
+    with pytest.raises(ValueError, match="--results"):
+        reproduce(scale="smoke", out=str(tmp_path / "o2"), notebooks_dir=src, parameters={"results_dir": "x"})
+    assert not (tmp_path / "o2").exists()
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS[2:])
