@@ -48,7 +48,7 @@ def test_exact_match_against_answer_key(memorised):
     lm = load_lm(d / "model", batch_size=4)
     right = evaluate(d / "model", MINI_TASKS, data_dir=d / "right", lm=lm)
     wrong = evaluate(d / "model", MINI_TASKS, data_dir=d / "wrong", lm=lm)
-    assert list(right.columns) == ["task", "filter", "metric", "value", "stderr", "n"]
+    assert list(right.columns) == ["task", "filter", "metric", "value", "stderr", "n", "num_fewshot"]
     assert sorted(right["task"]) == sorted(MINI_TASKS)
     assert (right["metric"] == "exact_match").all() and (right["n"] == len(ITEMS)).all()
     assert right["value"].tolist() == [1.0, 1.0]
