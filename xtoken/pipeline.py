@@ -79,7 +79,7 @@ class _Progress:
         else:   # papermill completes a cell in a `finally`: an interrupt is still propagating here
             state = "done" if sys.exc_info()[0] is None else "stopped"
         now = time.perf_counter()
-        self._print(f"cell {number}/{self.total} {state:7} {now - t0:6.1f} s, "
+        self._print(f"cell {number:>{len(str(self.total))}}/{self.total} {state:7} {now - t0:6.1f} s, "
                     f"notebook {_clock(now - self.t_notebook)} | {line}")
 
     def _beat(self) -> None:
@@ -90,7 +90,7 @@ class _Progress:
                 number, t0, line = self.current
             now = time.perf_counter()
             if now - t0 >= self.heartbeat_s * 0.9:
-                self._print(f"cell {number}/{self.total} running {_clock(now - t0)}, "
+                self._print(f"cell {number:>{len(str(self.total))}}/{self.total} running {_clock(now - t0)}, "
                             f"notebook {_clock(now - self.t_notebook)} | {line}")
 
 
@@ -190,7 +190,7 @@ def reproduce(scale: str = "mini", out: str | None = None, start: str | None = N
                 else f"{type(err).__name__}: {err}"
             print(f"FAILED in {name}.ipynb, {where}\n"
                   f"  executed copy with the traceback: {failed or 'none (the notebook did not start)'}\n"
-                  f"  {nb_out} is unchanged\n"
+                  f"  {nb_out} {'is unchanged' if nb_out.exists() else 'not written'}\n"
                   f"  resume after fixing: python -m xtoken reproduce --scale {scale} --start {name[:2]}",
                   file=sys.stderr)
             if isinstance(err, pm.PapermillExecutionError):
