@@ -184,10 +184,27 @@ def test_sentencepiece_with_byte_fallback_both_directions(llama, qwen, tmp_path)
     assert back.row("Ġworld") == [] and back.meta["counts"]["too_long"] > 0
 
 
-@pytest.mark.parametrize("teacher,fixture", [("Qwen3-4B", "w_qwen"), ("Phi-4-mini-instruct", "w_phi")])
-def test_committed_w_files_rebuild_to_the_same_bytes(teacher, fixture, request, tmp_path):
-    """results/W_*.safetensors (notebook 01) are exactly what build_projection produces today."""
+@pytest.mark.parametrize("teacher,fixture,tok", [("Qwen3-4B", "w_qwen", "qwen"), ("Phi-4-mini-instruct", "w_phi", "phi")])
+def test_committed_w_files_rebuild_to_the_same_content(teacher, fixture, tok, request, llama, tmp_path):
+    """results/W_*.safetensors (notebook 01) hold exactly what build_projection produces today: every tensor bit
+    for bit and the same metadata. The files predate meta["teacher_tokens"] and meta["digest"], the two keys a
+    save adds now: load derives the first from the teacher tokenizer and has no digest to compare."""
     from pathlib import Path
+
+    from safetensors import safe_open
     committed = Path(__file__).parent.parent / "results" / f"W_Llama-3.2-1B_to_{teacher}.safetensors"
-    rebuilt = request.getfixturevalue(fixture).save(tmp_path / "w.safetensors")
-    assert committed.read_bytes() == rebuilt.read_bytes()
+    built = request.getfixturevalue(fixture)
+    rebuilt = built.save(tmp_path / "w.safetensors")
+    with safe_open(str(committed), framework="pt") as a, safe_open(str(rebuilt), framework="pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            x, y = a.get_tensor(k), b.get_tensor(k)
+            assert x.dtype == y.dtype and x.numpy().tobytes() == y.numpy().tobytes()
+        old, new = json.loads(a.metadata()["xtoken_projection"]), json.loads(b.metadata()["xtoken_projection"])
+    assert set(new) - set(old) == {"teacher_tokens", "digest"}
+    assert {k: new[k] for k in old} == old
+    back = Projection.load(committed, llama, request.getfixturevalue(tok))
+    assert back.digest() == built.digest() == new["digest"]
+    # the tokenizer's id range: len(tok), or its largest id + 1 (Phi-4: 200,010 tokens, ids up to 200,028)
+    t = request.getfixturevalue(tok)
+    assert back.teacher_tokens == built.teacher_tokens == max(len(t), max(t.get_vocab().values()) + 1)

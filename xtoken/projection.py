@@ -21,7 +21,17 @@ student token as uncommon.
 
 Storage: ``indices`` [V_S, k] int64 with -1 padding, ``weights`` [V_S, k] float32, ``row_kind``
 [V_S] uint8. `save` writes safetensors with the tokenizers' fingerprints, so `load` refuses a W
-used with the wrong tokenizers.
+used with the wrong tokenizers (`Projection.check_tokenizers`, which the trainer and the losses call
+too), and with ``meta["digest"]`` (`Projection.digest`), so `load` refuses a file whose content changed.
+`load` validates every file (index range, finite non-negative weights, rows summing to 1 or empty,
+row kinds, metadata) and raises `ProjectionFileError` naming the file and the defect.
+
+Columns. W has ``teacher_vocab_size`` columns, the teacher *model's* logit width (Qwen3: 151,936), and
+records the teacher tokenizer's size in ``meta["teacher_tokens"]`` (151,669): the losses give the columns
+from there on (the model's padding) zero probability. `with_teacher_width` re-sizes the columns for a
+model of another width. A file written before ``teacher_tokens`` was recorded (the committed
+results/W_*.safetensors) still loads: with the teacher tokenizer given, `load` derives it from the
+tokenizer; without, it stays unknown (``None``) and no column is treated as padding.
 
 Learned W (the paper: W "can optionally be fine-tuned together with the student model under the
 P-KL loss"): `LearnableProjection` keeps the pattern (each row's teacher ids) and makes each
@@ -42,8 +52,8 @@ import torch
 from .canonical import special_roles, token_bytes, vocab_kind
 from .tokenizers import model_vocab_size, tokenizer_fingerprint
 
-__all__ = ["Projection", "LearnableProjection", "build_projection", "ProjectionMismatch", "EMPTY", "EXACT",
-           "SPECIAL", "MULTI"]
+__all__ = ["Projection", "LearnableProjection", "build_projection", "ProjectionMismatch", "ProjectionFileError",
+           "EMPTY", "EXACT", "SPECIAL", "MULTI"]
 
 EMPTY, EXACT, SPECIAL, MULTI = 0, 1, 2, 3
 KIND_NAMES = {EMPTY: "empty", EXACT: "exact", SPECIAL: "special", MULTI: "multi"}
@@ -52,6 +62,22 @@ FORMAT_VERSION = 1
 
 class ProjectionMismatch(ValueError):
     """W was built for other tokenizers than the ones it is used with."""
+
+
+class ProjectionFileError(ValueError):
+    """A W file is not a valid projection (not safetensors, foreign, damaged or edited): one defect named."""
+
+
+ROW_SUM_TOLERANCE = 1e-4      # |sum_t W[s, t] - 1| allowed on a non-empty row of a loaded file (float rounding)
+
+
+def _token_count(tok) -> int:
+    """Ids a tokenizer can produce: ``len(tok)``, or its largest id + 1 if that is larger (vocabularies with holes)."""
+    return max(len(token_bytes(tok)), len(tok))
+
+
+def _tok_name(tok) -> str:
+    return getattr(tok, "name_or_path", None) or type(tok).__name__
 
 
 @dataclass
@@ -95,17 +121,102 @@ class Projection:
             warnings.simplefilter("ignore", UserWarning)
             return coo.to_sparse_csr()
 
-    def restrict(self, student_ids, teacher_ids) -> "Projection":
+    @property
+    def teacher_tokens(self) -> int | None:
+        """The teacher tokenizer's size: columns from here on are the model's padding (zero probability in the
+        losses). None when unknown (a W file written before it was recorded, loaded without the teacher tokenizer)."""
+        n = self.meta.get("teacher_tokens")
+        return None if n is None else int(n)
+
+    def with_teacher_width(self, n: int) -> "Projection":
+        """The same W with ``n`` columns (a teacher model whose logits are ``n`` wide). ``n`` must cover the
+        teacher tokenizer (``teacher_tokens``; if unknown, every column W reaches)."""
+        n = int(n)
+        floor = self.teacher_tokens if self.teacher_tokens is not None else int(self.indices.max()) + 1
+        if n < max(floor, 1):
+            what = (f"the teacher tokenizer's {floor} tokens" if self.teacher_tokens is not None
+                    else f"W's largest teacher id + 1 = {floor}")
+            raise ValueError(f"with_teacher_width({n}): the columns must cover {what}")
+        return Projection(self.indices, self.weights, self.row_kind, n, dict(self.meta),
+                          self.student_tok, self.teacher_tok)
+
+    def _recorded_fingerprint(self, side: str) -> str | None:
+        """The fingerprint W records for ``side``'s tokenizer, or None when W cannot tell: a W restricted without
+        the local tokenizers, or one restricted before restricted W recorded them (its fingerprints are then the
+        full tokenizers', whose ids the restricted rows and columns no longer use)."""
+        if "restricted_from" in self.meta and "restricted_from_teacher" not in self.meta:
+            return None
+        return self.meta.get(f"{side}_fingerprint")
+
+    def check_tokenizers(self, student_tok=None, teacher_tok=None, *, source=None) -> "Projection":
+        """Raise `ProjectionMismatch` unless the tokenizers given are the ones W was built (or restricted) for,
+        compared by `xtoken.tokenizers.tokenizer_fingerprint`. A side given as None is not checked; a side whose
+        fingerprint W does not record (see `_recorded_fingerprint`) cannot be. Returns W."""
+        where = source or f"W ({self.meta.get('student', '?')} -> {self.meta.get('teacher', '?')})"
+        for side, tok in (("student", student_tok), ("teacher", teacher_tok)):
+            expected = None if tok is None else self._recorded_fingerprint(side)
+            if expected is None:
+                continue
+            actual = tokenizer_fingerprint(tok)
+            if actual != expected:
+                fix = ("Restrict the full W again with these tokenizers: W.restrict(..., student_tok=..., teacher_tok=...)"
+                       if "restricted_from" in self.meta else
+                       "Rebuild it: python -m xtoken build-w --student ... --teacher ...")
+                raise ProjectionMismatch(
+                    f"{where} was built for {side} tokenizer {self.meta.get(side)!r} (fingerprint {expected}), "
+                    f"not for {_tok_name(tok)!r} (fingerprint {actual}). {fix}")
+        return self
+
+    def _student_id(self, sid) -> int:
+        sid = int(sid)
+        if not 0 <= sid < self.student_vocab_size:
+            raise IndexError(f"student id {sid} is out of range: W has rows 0..{self.student_vocab_size - 1} "
+                             "(negative ids do not count from the end)")
+        return sid
+
+    def restrict(self, student_ids, teacher_ids, student_tok=None, teacher_tok=None) -> "Projection":
         """W restricted to a subset of student rows and teacher columns, re-indexed locally.
 
         Used when a model's output layer covers only some ids (the miniature): row r of the result is
         student id ``student_ids[r]``, column c is teacher id ``teacher_ids[c]``. Entries whose teacher id
         is outside ``teacher_ids`` are dropped and the row renormalized; rows left with nothing are EMPTY
         and counted in ``meta["restricted_lost_rows"]``.
+
+        ``student_tok`` / ``teacher_tok``: the local tokenizers whose ids 0..n-1 are these ids
+        (`xtoken.mini.models.restrict_tokenizer`). Their fingerprints become the result's, so
+        `check_tokenizers` (the trainer, the losses) can verify the pair; when W holds its full tokenizers,
+        each local one must spell its ids as the full one spells ``student_ids`` / ``teacher_ids``. Without
+        them the result's fingerprints are unknown (None) and no tokenizer check applies to it. The full
+        tokenizers' fingerprints stay in ``meta["restricted_from"]`` / ``meta["restricted_from_teacher"]``.
+        ``meta["teacher_tokens"]`` counts the kept columns that are teacher tokens (padded teacher ids may
+        only come last).
         """
-        s = torch.as_tensor(student_ids, dtype=torch.long)
-        t = torch.as_tensor(teacher_ids, dtype=torch.long)
-        col = torch.full((max(self.teacher_vocab_size, int(t.max()) + 1),), -1, dtype=torch.long)
+        s = torch.as_tensor(student_ids, dtype=torch.long).reshape(-1)
+        t = torch.as_tensor(teacher_ids, dtype=torch.long).reshape(-1)
+        if len(t) == 0:
+            raise ValueError("restrict: teacher_ids is empty")
+        for name, ids, n in (("student_ids", s, self.student_vocab_size), ("teacher_ids", t, self.teacher_vocab_size)):
+            if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= n):
+                bad = ids[(ids < 0) | (ids >= n)][0]
+                raise IndexError(f"restrict: {name} holds {int(bad)}, outside W's range 0..{n - 1}")
+        if len(torch.unique(t)) != len(t):
+            raise ValueError("restrict: teacher_ids has duplicates (each column must map to one teacher id)")
+        teacher_tokens = None
+        if self.teacher_tokens is not None:
+            real = t < self.teacher_tokens
+            teacher_tokens = int(real.sum())
+            if not bool(real[:teacher_tokens].all()):
+                raise ValueError(f"restrict: teacher_ids holds padded ids (>= the teacher tokenizer's "
+                                 f"{self.teacher_tokens} tokens) before real ones; put them last")
+        for side, tok, full, ids in (("student", student_tok, self.student_tok, s),
+                                     ("teacher", teacher_tok, self.teacher_tok, t)):
+            if tok is not None and full is not None:
+                n = len(ids) if side == "student" else (teacher_tokens if teacher_tokens is not None else len(ids))
+                local = tok.convert_ids_to_tokens(list(range(n)))
+                if local != full.convert_ids_to_tokens(ids[:n].tolist()):
+                    raise ProjectionMismatch(f"restrict: the {side} tokenizer {_tok_name(tok)!r} does not spell ids "
+                                             f"0..{n - 1} as {_tok_name(full)!r} spells the {side} ids given")
+        col = torch.full((self.teacher_vocab_size,), -1, dtype=torch.long)
         col[t] = torch.arange(len(t))
         idx = self.indices[s]
         local = torch.where(idx >= 0, col[idx.clamp(min=0)], torch.full_like(idx, -1))
@@ -115,9 +226,19 @@ class Projection:
         lost = (total.squeeze(1) == 0) & (kind != EMPTY)
         kind[total.squeeze(1) == 0] = EMPTY
         w = torch.where(total > 0, w / total.clamp(min=1e-30), w)
-        meta = dict(self.meta, restricted_from=self.meta.get("student_fingerprint"),
-                    restricted_lost_rows=int(lost.sum()))
-        return Projection(local, w, kind, len(t), meta)
+        full_s, full_t = self._recorded_fingerprint("student"), self._recorded_fingerprint("teacher")
+        meta = dict(self.meta, restricted_from=full_s, restricted_from_teacher=full_t,
+                    restricted_lost_rows=int(lost.sum()),
+                    student_fingerprint=None if student_tok is None else tokenizer_fingerprint(student_tok),
+                    teacher_fingerprint=None if teacher_tok is None else tokenizer_fingerprint(teacher_tok))
+        meta.pop("digest", None)
+        if teacher_tokens is not None:
+            meta["teacher_tokens"] = teacher_tokens
+        if student_tok is not None:
+            meta["student"] = _tok_name(student_tok)
+        if teacher_tok is not None:
+            meta["teacher"] = _tok_name(teacher_tok)
+        return Projection(local, w, kind, len(t), meta, student_tok, teacher_tok)
 
     # ---- explanation -----------------------------------------------------------------------
     def row(self, token, student_tok=None, teacher_tok=None) -> list[tuple[str, int, float]]:
@@ -134,7 +255,7 @@ class Projection:
             if sid is None or sid == stok.unk_token_id:
                 raise KeyError(f"{token!r} is not a student token")
         else:
-            sid = int(token)
+            sid = self._student_id(token)
         out = []
         for t, w in zip(self.indices[sid].tolist(), self.weights[sid].tolist()):
             if t >= 0:
@@ -164,11 +285,12 @@ class Projection:
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self, path, extra: dict | None = None) -> Path:
-        """Write safetensors (indices int32, weights, row_kind, + ``extra`` tensors) with the meta as JSON."""
+        """Write safetensors (indices int32, weights, row_kind, + ``extra`` tensors) with the meta as JSON,
+        ``meta["digest"]`` being this W's `digest` (checked by `load`)."""
         from safetensors.torch import save_file
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"xtoken_projection": json.dumps(dict(self.meta, format_version=FORMAT_VERSION,
+        meta = {"xtoken_projection": json.dumps(dict(self.meta, format_version=FORMAT_VERSION, digest=self.digest(),
                                                      teacher_vocab_size=self.teacher_vocab_size), sort_keys=True)}
         tensors = {"indices": self.indices.to(torch.int32).contiguous(), "weights": self.weights.contiguous(),
                    "row_kind": self.row_kind.contiguous()}
@@ -178,20 +300,103 @@ class Projection:
 
     @classmethod
     def load(cls, path, student_tok=None, teacher_tok=None) -> "Projection":
-        """Read a W file; with tokenizers given, refuse it unless they are the ones it was built for."""
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["xtoken_projection"])
-            tensors = {k: f.get_tensor(k) for k in ("indices", "weights", "row_kind")}
-        for side, tok in (("student", student_tok), ("teacher", teacher_tok)):
-            if tok is not None and meta.get(f"{side}_fingerprint") != tokenizer_fingerprint(tok):
-                raise ProjectionMismatch(
-                    f"{path} was built for {side} tokenizer {meta.get(side)!r} "
-                    f"(fingerprint {meta.get(f'{side}_fingerprint')}), not for {getattr(tok, 'name_or_path', tok)!r} "
-                    f"(fingerprint {tokenizer_fingerprint(tok)}). Rebuild it: python -m xtoken build-w --student ... --teacher ...")
+        """Read a W file; with tokenizers given, refuse it unless they are the ones it was built for
+        (`ProjectionMismatch`). Every file is validated first (`ProjectionFileError`, one defect named):
+        safetensors with this package's metadata, consistent shapes, teacher ids in range, finite non-negative
+        weights, each row summing to 1 (or empty, with its kind EMPTY), and the content digest when the file
+        records one (files written before digests were recorded load without that check)."""
+        meta, tensors = _read_file(path)
+        _validate(path, meta, tensors)
         tvs = meta.pop("teacher_vocab_size")
-        return cls(tensors["indices"].long(), tensors["weights"], tensors["row_kind"], tvs, meta,
-                   student_tok, teacher_tok)
+        meta.pop("digest", None)
+        w = cls(tensors["indices"].long(), tensors["weights"], tensors["row_kind"], tvs, meta, student_tok, teacher_tok)
+        w.check_tokenizers(student_tok, teacher_tok, source=str(path))
+        if w.teacher_tokens is None and teacher_tok is not None:      # a file from before teacher_tokens
+            w.meta["teacher_tokens"] = min(_token_count(teacher_tok), tvs)
+        return w
+
+
+def _read_file(path) -> tuple[dict, dict]:
+    """(meta, the three W tensors) of a W file, or `ProjectionFileError`."""
+    from safetensors import safe_open
+    err = lambda what: ProjectionFileError(f"{path}: {what}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("xtoken_projection")
+            names = set(f.keys())
+            if raw is None:
+                raise err("no X-Token projection metadata: not a W file written by Projection.save")
+            missing = sorted({"indices", "weights", "row_kind"} - names)
+            if missing:
+                raise err(f"tensor(s) {missing} missing")
+            tensors = {k: f.get_tensor(k) for k in ("indices", "weights", "row_kind")}
+    except ProjectionFileError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as e:                                      # safetensors' own errors: not a valid file
+        raise err(f"not a readable safetensors file ({type(e).__name__}: {e})") from e
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise err(f"projection metadata is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise err("projection metadata is not a JSON object")
+    return meta, tensors
+
+
+def _validate(path, meta: dict, tensors: dict) -> None:
+    """Raise `ProjectionFileError` at the first defect of a W file's content (see `Projection.load`)."""
+    err = lambda what: ProjectionFileError(f"{path}: {what}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise err(f"format_version {version!r} missing or invalid")
+    if version > FORMAT_VERSION:
+        raise err(f"format_version {version} is newer than this package reads ({FORMAT_VERSION}): update xtoken")
+    tvs = meta.get("teacher_vocab_size")
+    if not isinstance(tvs, int) or isinstance(tvs, bool) or tvs < 1:
+        raise err(f"teacher_vocab_size {tvs!r} missing or invalid")
+    idx, w, kind = tensors["indices"], tensors["weights"], tensors["row_kind"]
+    if idx.dim() != 2 or tuple(w.shape) != tuple(idx.shape) or tuple(kind.shape) != (idx.shape[0],):
+        raise err(f"inconsistent shapes: indices {tuple(idx.shape)}, weights {tuple(w.shape)}, "
+                  f"row_kind {tuple(kind.shape)} (need [V_S, k], [V_S, k], [V_S])")
+    if idx.dtype not in (torch.int32, torch.int64) or not w.dtype.is_floating_point or kind.dtype != torch.uint8:
+        raise err(f"unexpected dtypes: indices {idx.dtype}, weights {w.dtype}, row_kind {kind.dtype}")
+    tt = meta.get("teacher_tokens")
+    if tt is not None and (not isinstance(tt, int) or isinstance(tt, bool) or not 1 <= tt <= tvs):
+        raise err(f"teacher_tokens {tt!r} invalid (need 1..teacher_vocab_size = {tvs})")
+    hi = tvs if tt is None else tt
+    bad = (idx < -1) | (idx >= hi)
+    if bool(bad.any()):
+        r, c = (int(x) for x in bad.nonzero()[0])
+        raise err(f"teacher index {int(idx[r, c])} at row {r} is outside -1 (no entry) and 0..{hi - 1}")
+    if not bool(torch.isfinite(w).all()):
+        r, c = (int(x) for x in (~torch.isfinite(w)).nonzero()[0])
+        raise err(f"weight {float(w[r, c])} at row {r} is not finite")
+    if bool((w < 0).any()):
+        r, c = (int(x) for x in (w < 0).nonzero()[0])
+        raise err(f"weight {float(w[r, c])} at row {r} is negative")
+    if bool(((idx < 0) & (w != 0)).any()):
+        r = int(((idx < 0) & (w != 0)).nonzero()[0, 0])
+        raise err(f"row {r} has a non-zero weight on an empty entry (index -1)")
+    if bool((kind > MULTI).any()):
+        r = int((kind > MULTI).nonzero()[0, 0])
+        raise err(f"row {r} has an unknown row kind {int(kind[r])}")
+    sums = w.double().sum(1)
+    empty = sums == 0
+    off = ~empty & ((sums - 1).abs() > ROW_SUM_TOLERANCE)
+    if bool(off.any()):
+        r = int(off.nonzero()[0, 0])
+        raise err(f"row {r} sums to {float(sums[r]):.6g}, not 1 (or 0 for an empty row)")
+    if not torch.equal(empty, kind == EMPTY):
+        r = int((empty != (kind == EMPTY)).nonzero()[0, 0])
+        raise err(f"row {r} is {'empty' if bool(empty[r]) else 'not empty'} but its row kind is "
+                  f"{KIND_NAMES[int(kind[r])]}")
+    digest = meta.get("digest")
+    if digest is not None:
+        actual = Projection(idx.long(), w, kind, tvs).digest()
+        if actual != digest:
+            raise err(f"content digest {actual} differs from the recorded {digest}: the file was altered or damaged")
 
 
 # ---- learned W ---------------------------------------------------------------------------------
@@ -267,8 +472,10 @@ class LearnableProjection(torch.nn.Module):
     def load_state(self, path) -> "LearnableProjection":
         """Restore theta from a file written by `save` (refused unless it was learned from this W)."""
         from safetensors import safe_open
+        meta, _ = _read_file(path)
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["xtoken_projection"])
+            if "theta" not in f.keys() or "theta_rows" not in f.keys():
+                raise ProjectionFileError(f"{path}: no theta: not a learned W written by LearnableProjection.save")
             if meta.get("learned_from") != self.base_digest:
                 raise ProjectionMismatch(f"{path} was learned from another W (digest {meta.get('learned_from')}), "
                                          f"not this one ({self.base_digest})")
@@ -335,9 +542,13 @@ def _retokenize(teacher_tok, pieces: list[bytes]) -> list[list[int]]:
 
 
 def build_projection(student_tok, teacher_tok, *, max_span: int = 4, beta: float = 0.9,
-                     gamma: float = 0.1, top_k: int = 4, progress: bool = False) -> Projection:
+                     gamma: float = 0.1, top_k: int = 4, progress: bool = False,
+                     teacher_vocab_size: int | None = None) -> Projection:
     """Build W for any pair of HF tokenizers (byte-level BPE or SentencePiece with byte fallback).
 
+    ``teacher_vocab_size``: W's columns, the teacher model's logit width (default
+    `xtoken.tokenizers.model_vocab_size`: the paper models' padded widths, else the tokenizer's size); it
+    must cover the teacher tokenizer. The tokenizer's size is recorded as ``meta["teacher_tokens"]``.
     Deterministic: the same tokenizers and arguments give a bit-identical `save` file.
     """
     if not (0 < gamma < 1 and beta > 0 and top_k >= 1 and max_span >= 1):
@@ -345,7 +556,11 @@ def build_projection(student_tok, teacher_tok, *, max_span: int = 4, beta: float
     s_bytes = token_bytes(student_tok)
     t_bytes = token_bytes(teacher_tok)
     n_s = max(len(s_bytes), len(student_tok))
-    n_t = model_vocab_size(teacher_tok)
+    n_tokens = _token_count(teacher_tok)
+    n_t = model_vocab_size(teacher_tok) if teacher_vocab_size is None else int(teacher_vocab_size)
+    if n_t < n_tokens:
+        raise ValueError(f"teacher_vocab_size={n_t} is smaller than the teacher tokenizer ({n_tokens} ids): "
+                         "W's columns are the teacher model's logits, which cover every token")
 
     # pass 1: exact byte matches; teacher ids in ascending order so ties resolve deterministically
     t_index: dict[bytes, int] = {}
@@ -403,6 +618,7 @@ def build_projection(student_tok, teacher_tok, *, max_span: int = 4, beta: float
         "student_fingerprint": tokenizer_fingerprint(student_tok),
         "teacher_fingerprint": tokenizer_fingerprint(teacher_tok),
         "max_span": max_span, "beta": beta, "gamma": gamma, "top_k": top_k, "kind": "built", "counts": counts,
+        "teacher_tokens": n_tokens,
     }
     return Projection(torch.from_numpy(indices), torch.from_numpy(weights), torch.from_numpy(kind), n_t, meta,
                       student_tok, teacher_tok)
