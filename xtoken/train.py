@@ -34,6 +34,10 @@ One step, per micro-batch:
 """
 from __future__ import annotations
 
+import logging
+import math
+import re
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +53,7 @@ __all__ = ["XTokenConfig", "Teacher", "TeacherCache", "DistillCollator", "XToken
 
 LOSSES = ("kl", "gold", "p_kl", "h_kl", "uld")
 WEIGHTINGS = ("static", "ce", "entropy", "max_prob")
+NONFINITE_POLICIES = ("raise", "skip")
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -81,6 +86,13 @@ class XTokenConfig(TrainingArguments):
         "help": "fine-tune each P-KL teacher's W with the student (fixed pattern, softmax rows; the paper's option)"})
     projection_learning_rate: float = field(default=1e-2, metadata={
         "help": "learning rate of the learned W's row parameters (same schedule as the model's)"})
+    nonfinite_teacher: str = field(default="raise", metadata={
+        "choices": list(NONFINITE_POLICIES),
+        "help": "teacher logits (or cached log-probs) with NaN, +inf or an all -inf row at a position the loss "
+                "reads (a real token under the attention mask): 'raise' stops training with an error naming the "
+                "teacher, step, batch row and position; 'skip' drops that optimizer step (no update from any of its "
+                "micro-batches; same decision on every DDP rank) and counts it as 'skipped_steps' in the logs. "
+                "A non-finite loss of the student itself always stops training."})
     # changed defaults
     report_to: Any = field(default="none", metadata={"help": "integrations to report to (default none)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep text/idx columns for the collator"})
@@ -93,10 +105,19 @@ class XTokenConfig(TrainingArguments):
             raise ValueError(f"teacher_weighting must be one of {WEIGHTINGS}, not {self.teacher_weighting!r}")
         if self.weighting_per not in ("batch", "sample"):
             raise ValueError(f"weighting_per must be 'batch' or 'sample', not {self.weighting_per!r}")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
-        if self.projection_learning_rate < 0:
-            raise ValueError("projection_learning_rate must be >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, not {self.temperature!r}")
+        for name in ("kd_weight", "ce_weight", "projection_learning_rate"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, not {value!r}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
+            raise ValueError(f"max_length must be an integer >= 1, not {self.max_length!r}")
+        if self.loss_chunk_size is not None and (isinstance(self.loss_chunk_size, bool) or
+                                                 not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1):
+            raise ValueError(f"loss_chunk_size must be None or an integer >= 1, not {self.loss_chunk_size!r}")
+        if self.nonfinite_teacher not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite_teacher must be one of {NONFINITE_POLICIES}, not {self.nonfinite_teacher!r}")
 
 
 # ---- teachers -----------------------------------------------------------------------------------
@@ -122,6 +143,8 @@ class Teacher:
             raise ValueError(f"Teacher {self.name!r}: loss must be one of {LOSSES}, not {self.loss!r}")
         if self.loss != "kl" and self.projection is None:
             raise ValueError(f"Teacher {self.name!r}: loss {self.loss!r} needs a projection W")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"Teacher {self.name!r}: weight must be finite and >= 0, not {self.weight!r}")
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -417,6 +440,9 @@ class XTokenTrainer(Trainer):
         self.teachers = list(teachers or [])
         if len({t.name for t in self.teachers}) != len(self.teachers):
             raise ValueError("teacher names must be unique")
+        if self.teachers and args.teacher_weighting == "static" and not sum(t.weight for t in self.teachers) > 0:
+            raise ValueError("static teacher weighting needs a teacher with weight > 0 (Teacher.weight: "
+                             f"{[t.weight for t in self.teachers]})")
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class (the student tokenizer) or a data_collator")
