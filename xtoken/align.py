@@ -58,6 +58,8 @@ class ByteTable:
     flat: np.ndarray         # [sum lengths] uint8, every id's bytes back to back
     is_special: np.ndarray   # [V] bool: no bytes (special token, hole, unknown id)
     role: dict               # special id -> role string (bos, end_of_turn, ...)
+    id_limit: int = 0        # ids a row may hold: 0..id_limit-1 (the model's logit width; padded ids have no bytes)
+    name: str = ""           # the tokenizer's name, for error messages
 
 
 _TABLES: dict[int, tuple[object, ByteTable]] = {}
@@ -77,7 +79,9 @@ def byte_table(tok) -> ByteTable:
     flat = np.frombuffer(b"".join(b for b in pieces if b is not None), dtype=np.uint8)
     starts = np.zeros(size, dtype=np.int64)
     starts[1:] = np.cumsum(lengths)[:-1]
-    table = ByteTable(lengths, starts, flat, lengths == 0, special_roles(tok))
+    from .tokenizers import model_vocab_size
+    table = ByteTable(lengths, starts, flat, lengths == 0, special_roles(tok), max(size - 1, model_vocab_size(tok)),
+                      str(getattr(tok, "name_or_path", "") or type(tok).__name__))
     _TABLES[id(tok)] = (tok, table)
     return table
 
@@ -112,6 +116,11 @@ class Alignment:
     def __len__(self) -> int:
         return len(self.student_spans)
 
+    def _side(self, side: str) -> bool:
+        if side not in ("student", "teacher"):
+            raise ValueError(f"side must be 'student' or 'teacher', not {side!r}")
+        return side == "student"
+
     @property
     def predictable(self) -> np.ndarray:
         """[n_chunks] bool: both sides' chunk has a predicting logit (it does not start a valid row)."""
@@ -119,7 +128,7 @@ class Alignment:
 
     def logit_positions(self, side: str = "student") -> list:
         """For each chunk, the logit positions a-1 .. b-2 predicting its tokens; None if not predictable."""
-        spans = self.student_spans if side == "student" else self.teacher_spans
+        spans = self.student_spans if self._side(side) else self.teacher_spans
         return [np.arange(a - 1, b - 1) if ok else None for (a, b), ok in zip(spans.tolist(), self.predictable)]
 
     def token_table(self, side: str, chunks: np.ndarray | None = None):
@@ -128,9 +137,13 @@ class Alignment:
         Returns (chunk, logit_pos, token_id, offset): for every token of every listed chunk, the index
         into `chunks` it belongs to, the logit position predicting it, its id, and its offset in its chunk.
         """
+        student = self._side(side)
         if chunks is None:
             chunks = np.flatnonzero(self.predictable)
-        spans = (self.student_spans if side == "student" else self.teacher_spans)[chunks]
+        chunks = np.asarray(chunks)
+        if len(chunks) and (chunks.min() < 0 or chunks.max() >= len(self)):
+            raise IndexError(f"chunk indices must lie in 0..{len(self) - 1} (this alignment has {len(self)} chunks)")
+        spans = (self.student_spans if student else self.teacher_spans)[chunks]
         ids = self.student_ids if side == "student" else self.teacher_ids
         lens = spans[:, 1] - spans[:, 0]
         chunk = np.repeat(np.arange(len(chunks)), lens)
@@ -140,6 +153,8 @@ class Alignment:
 
     def chunk_bytes(self, k: int, student_tok, teacher_tok) -> tuple[bytes, bytes]:
         """The bytes both sides of chunk k decode to (specials contribute none)."""
+        if not 0 <= int(k) < len(self):
+            raise IndexError(f"chunk {k} out of range: this alignment has chunks 0..{len(self) - 1}")
         (a, b), (c, d) = self.student_spans[k], self.teacher_spans[k]
         return (_gather_bytes(byte_table(student_tok), self.student_ids[a:b]).tobytes(),
                 _gather_bytes(byte_table(teacher_tok), self.teacher_ids[c:d]).tobytes())
@@ -359,6 +374,26 @@ def _int_array(x) -> np.ndarray:
     return np.asarray(x.tolist() if hasattr(x, "tolist") else x, dtype=np.int64)
 
 
+def _check_row(side: str, ids: np.ndarray, mask) -> None:
+    """A 1-D row whose mask (if any) has its length, and whose ids are ids of the tokenizer (no -100)."""
+    if ids.ndim != 1:
+        raise ValueError(f"{side}_ids must be one row (1-D), not shape {ids.shape}: use align_batch for [batch, length]")
+    if mask is not None and np.shape(mask) != ids.shape:
+        raise ValueError(f"{side}_mask has shape {np.shape(mask)}, {side}_ids {ids.shape}: one mask entry per id")
+
+
+def _check_ids(side: str, ids: np.ndarray, first: int, table: ByteTable) -> None:
+    if len(ids) == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= table.id_limit:
+        i = int(np.flatnonzero((ids < 0) | (ids >= table.id_limit))[0])
+        hint = (" (-100 is the labels' ignore value: pass input ids, and an attention mask for padding)"
+                if int(ids[i]) == -100 else "")
+        raise ValueError(f"{side} id {int(ids[i])} at position {first + i} is not an id of {table.name!r}: valid ids "
+                         f"are 0..{table.id_limit - 1}{hint}")
+
+
 def _valid_range(mask) -> tuple[int, int]:
     """(first, end) of the valid region of a row given its attention mask (left or right padding)."""
     nz = np.flatnonzero(np.asarray(mask))
@@ -419,10 +454,14 @@ def align(student_ids, teacher_ids, student_tok, teacher_tok, *, student_mask=No
     `AlignmentMemo` to reuse the result for rows aligned before.
     """
     s, t = _int_array(student_ids), _int_array(teacher_ids)
+    s_table, t_table = byte_table(student_tok), byte_table(teacher_tok)
+    _check_row("student", s, student_mask)
+    _check_row("teacher", t, teacher_mask)
     sv = _valid_range(student_mask) if student_mask is not None else (0, len(s))
     tv = _valid_range(teacher_mask) if teacher_mask is not None else (0, len(t))
-    s_table, t_table = byte_table(student_tok), byte_table(teacher_tok)
     s_valid, t_valid = s[sv[0]:sv[1]], t[tv[0]:tv[1]]
+    _check_ids("student", s_valid, sv[0], s_table)                  # (ids outside the valid region: padding)
+    _check_ids("teacher", t_valid, tv[0], t_table)
     compute = lambda: _align_valid(s_valid, t_valid, s_table, t_table, window, agree_bytes)
     if memo is None:
         ss, ts, su, tu, sp = compute()
@@ -439,6 +478,10 @@ def align_batch(student_ids, teacher_ids, student_tok, teacher_tok, *, student_m
     # one conversion per batch, not per row; views are fine here: `align` copies each row it keeps
     as_np = lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
     student_ids, teacher_ids, student_mask, teacher_mask = map(as_np, (student_ids, teacher_ids, student_mask, teacher_mask))
+    n = len(student_ids)
+    for name, x in (("teacher_ids", teacher_ids), ("student_mask", student_mask), ("teacher_mask", teacher_mask)):
+        if x is not None and len(x) != n:
+            raise ValueError(f"{name} has {len(x)} rows, student_ids {n}: one row per sequence pair")
     out = []
     for b in range(len(student_ids)):
         out.append(align(student_ids[b], teacher_ids[b], student_tok, teacher_tok,

@@ -91,8 +91,24 @@ the token rows of *both* sides (Qwen spells numbers digit by digit), so 32-55 ch
 at Qwen3's width in benchmarks/bench_losses.py, and 65 positions for `kl_loss` at Llama's. glibc maps
 larger buffers afresh and page-faults them on every use, which cost 3-4x the arithmetic of such a
 temporary here (benchmarks/README.md).
-Softmaxes run in the logits' dtype on a block's rows; padded vocabulary columns (Qwen3: 151,669 tokens,
-151,936 logits) are dropped when the rows are gathered, i.e. have zero probability.
+Precision: every loss computes in float32 whatever the logits' dtypes (float64 when either side is float64):
+a block's rows are converted as they are gathered (float32 logits are not copied again), and the gradient is
+returned in the student logits' dtype. float16 arithmetic would lose the probabilities below 6e-8 that KD
+compares, and turns `EPS` into 0.
+
+Padded vocabulary columns (Qwen3: 151,669 tokens, 151,936 logits) have zero probability on every path: they
+are dropped when a block's rows are gathered (the same as masking them to -inf before the softmax). Which
+columns are padding comes from W's ``meta["teacher_tokens"]`` (the teacher tokenizer's size, recorded by
+`xtoken.projection.build_projection`), else from ``teacher_tok`` when given (ULD, or a W file written before
+that was recorded), else from ``teacher_vocab_size`` / ``vocab_size``; with none of these every column up to
+W's width counts. ``student_tok`` / ``teacher_tok`` (optional, every loss) are also checked against W's
+recorded tokenizers (`xtoken.projection.Projection.check_tokenizers`).
+
+Bad input fails loudly: a temperature that is not a finite number > 0, logits narrower than W (or the
+student's and teacher's logits swapped), alignments that do not fit the logits' batch or length each raise a
+ValueError saying which side is wrong. Teacher logits of -inf (a top-k masked teacher) are probabilities of
+0: 0 log 0 = 0, and where a -inf teacher entry stands on the right of the divergence (reverse direction) its
+probability is clamped at `EPS`, as for every zero there.
 
 Every loss gathers a block's first-token rows (one per chunk) and continuation rows separately from the
 logits (`_split_rows`), so neither side copies a [tokens, V] block to pick the first rows out of it, and
@@ -109,6 +125,8 @@ GOLD and H-KL reorder the student's columns once (common, then uncommon) with a 
 is a gather (`_PermutedColumns`).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -201,7 +219,7 @@ def _chunk_log_mass(x_rest, ids_rest, chunk_rest, n_chunks: int):
 
 
 def _split_rows(logits, table, width: int, temperature: float, grad: bool = False, ws: dict | None = None,
-                name: str = ""):
+                name: str = "", dtype: torch.dtype | None = None):
     """A block's token rows as two gathers from the logits: each chunk's first token (one row per chunk, in
     chunk order) and the continuation tokens, padded columns dropped, divided by the temperature. Splitting
     at the gather saves the [n_tokens, V] copy (and, for the student, its backward's zero-filled buffer and
@@ -217,7 +235,7 @@ def _split_rows(logits, table, width: int, temperature: float, grad: bool = Fals
             xs.append(None)
             continue
         bi, pi = b.index_select(0, idx), p.index_select(0, idx)
-        leaf = _gather_rows(logits, bi, pi, width, ws, name + part)
+        leaf = _gather_rows(logits, bi, pi, width, ws, name + part, dtype)
         leaf = leaf.detach().requires_grad_(True) if grad else leaf        # (an alias of the workspace buffer)
         parts.append((bi, pi, leaf))
         xs.append(leaf if temperature == 1 else leaf / temperature if grad else leaf.div_(temperature))
@@ -737,14 +755,15 @@ class _EagerBlockGrad(torch.autograd.Function):
 
 
 def _run_blocks(student_logits, n_items: int, bounds: list[tuple[int, int]], block_fn,
-                extra: torch.Tensor | None = None):
+                extra: torch.Tensor | None = None, dtype: torch.dtype | None = None):
     """Mean over the n_items of block_fn(lo, hi, grad, extra_leaf) over the blocks ``bounds``; block_fn returns
     (loss_sum, parts), parts [(b, p, leaf)]: leaves holding the student logit rows (b, p); gradients
     buffered. Each block's sum is divided by n_items before it is differentiated, so the buffer already holds
     the mean's gradient and a plain ``loss.backward()`` hands it on without a [B, L, V] rescaling copy.
 
     extra: an optional second differentiable input shared by all blocks (learned W entries); each
-    block sees it as a fresh leaf ``extra_leaf`` and its gradient is summed over the blocks."""
+    block sees it as a fresh leaf ``extra_leaf`` and its gradient is summed over the blocks. dtype: the loss
+    value's (the compute dtype; default the student logits'), the gradient being in the student's."""
     grad_on = torch.is_grad_enabled()
     needs_s = student_logits.requires_grad and grad_on
     needs_x = extra is not None and extra.requires_grad and grad_on
@@ -767,24 +786,90 @@ def _run_blocks(student_logits, n_items: int, bounds: list[tuple[int, int]], blo
                 if needs_x and gs[-1] is not None:
                     grad_x += gs[-1]
         total += loss_sum.detach().double().cpu()
-    total = total.to(student_logits.dtype)
+    total = total.to(dtype or student_logits.dtype)
     if needs_s or needs_x:
         return _EagerBlockGrad.apply(student_logits, extra, total, grad, grad_x)
     return total
 
 
-def _gather_rows(logits, b, p, width: int, ws: dict | None = None, name: str = "rows") -> torch.Tensor:
+def _gather_rows(logits, b, p, width: int, ws: dict | None = None, name: str = "rows",
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """Logit rows (b, p) without the padded columns beyond ``width``: one contiguous [n, width] copy (gathered
-    from the sliced view, so log_softmax needs no second copy; into the workspace buffer ``name`` if given)."""
+    from the sliced view, so log_softmax needs no second copy; into the workspace buffer ``name`` if given),
+    in ``dtype`` (default: at least float32; a float32 input is not copied twice)."""
     flat = logits.detach().reshape(-1, logits.shape[-1])
     flat = flat[:, :width] if width < flat.shape[1] else flat
+    dtype = dtype or torch.promote_types(flat.dtype, torch.float32)
+    if flat.dtype != dtype:
+        return torch.index_select(flat, 0, b * logits.shape[1] + p).to(dtype)
     return torch.index_select(flat, 0, b * logits.shape[1] + p, **_out(ws, name, flat))
 
 
-def _rows(logits, b, p, width: int, temperature: float, grad: bool):
+def _rows(logits, b, p, width: int, temperature: float, grad: bool, dtype: torch.dtype | None = None):
     """A block's logit rows, padded columns dropped, as a fresh leaf; and their log-softmax."""
-    leaf = _gather_rows(logits, b, p, width).requires_grad_(grad)
+    leaf = _gather_rows(logits, b, p, width, dtype=dtype).requires_grad_(grad)
     return leaf, _log_softmax(leaf, temperature)
+
+
+# ---- input checks (O(1) or one pass over the alignments: none over the logits) ------------------
+
+def _check_temperature(temperature) -> float:
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError):
+        raise ValueError(f"temperature must be a finite number > 0, not {temperature!r}") from None
+    if not math.isfinite(t) or t <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, not {temperature!r}")
+    return t
+
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    """float32, or float64 when an input is float64 (float16 / bfloat16 are never computed in)."""
+    for x in tensors:
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"logits must be floating point, not {x.dtype}")
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def _check_3d(student_logits, teacher_logits):
+    for side, x in (("student", student_logits), ("teacher", teacher_logits)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{side} logits must be [batch, length, vocab], not {shape}")
+
+
+def _check_w_widths(student_logits, teacher_logits, projection, student_vocab_size, teacher_vocab_size):
+    """Logits at least as wide as the W columns/rows the loss reads; names the side (and a likely swap)."""
+    n_s, n_t = student_logits.shape[-1], teacher_logits.shape[-1]
+    rows, cols = projection.student_vocab_size, projection.teacher_vocab_size
+    need_s = min(rows, student_vocab_size or rows)
+    need_t = min(cols, teacher_vocab_size or cols)
+    swapped = n_s == cols and n_t == rows and rows != cols
+    hint = " (the student's and teacher's logits look swapped)" if swapped else ""
+    if n_t < need_t:
+        raise ValueError(f"teacher logits have {n_t} columns, narrower than W's {need_t} teacher columns; student "
+                         f"logits have {n_s}, W has {rows} student rows{hint}. For a teacher model of another width "
+                         "use W.with_teacher_width(n)")
+    if n_s < need_s:
+        raise ValueError(f"student logits have {n_s} columns, narrower than W's {need_s} student rows; teacher "
+                         f"logits have {n_t}, W has {cols} teacher columns{hint}")
+
+
+def _check_alignments(alignments, student_logits, teacher_logits):
+    """One alignment per batch row, each within both sides' logit lengths."""
+    for side, x in (("student", student_logits), ("teacher", teacher_logits)):
+        if len(alignments) != x.shape[0]:
+            raise ValueError(f"{len(alignments)} alignments for {side} logits of batch size {x.shape[0]}: "
+                             "pass one alignment per row")
+    L_s, L_t = student_logits.shape[1], teacher_logits.shape[1]
+    for i, a in enumerate(alignments):
+        s_end, t_end = len(a.student_ids), len(a.teacher_ids)
+        if s_end > L_s or t_end > L_t:
+            swapped = s_end <= L_t and t_end <= L_s and L_s != L_t
+            raise ValueError(
+                f"alignment {i} covers {s_end} student and {t_end} teacher positions, but the student logits have "
+                f"length {L_s} and the teacher logits {L_t}"
+                + (" (the student's and teacher's logits look swapped)" if swapped else ""))
 
 
 def _log_softmax(x, temperature: float):
@@ -823,17 +908,35 @@ def _hybrid_metrics(stats, log_q_s, log_m_s, log_q_t, q_t_c, rest_mass, prep):
 def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projection=None, *, temperature=1.0,
                      direction="forward", merge=None, chunk_size=None, student_vocab_size=None,
                      teacher_vocab_size=None, student_id_map=None, teacher_id_map=None, common_weight=1.0,
-                     uld_weight=1.0, uld_top_k=None, weights=None, metrics=True):
+                     uld_weight=1.0, uld_top_k=None, weights=None, metrics=True, student_tok=None, teacher_tok=None):
     if direction not in ("forward", "reverse"):
         raise ValueError(f"direction must be 'forward' or 'reverse', not {direction!r}")
     if weights is not None and kind != "pkl":
         raise ValueError("weights= (a learned W) is a P-KL option: GOLD and H-KL use W only through its pattern")
+    temperature = _check_temperature(temperature)
+    _check_3d(student_logits, teacher_logits)
+    _check_alignments(alignments, student_logits, teacher_logits)
+    dtype = _compute_dtype(student_logits, teacher_logits)
     device = student_logits.device
     v_s = student_vocab_size or student_logits.shape[-1]
     v_t = teacher_vocab_size or teacher_logits.shape[-1]
+    teacher_tokens = None
     if projection is not None:
+        if student_tok is not None or teacher_tok is not None:
+            projection.check_tokenizers(student_tok, teacher_tok)
+        _check_w_widths(student_logits, teacher_logits, projection, student_vocab_size, teacher_vocab_size)
         v_s = min(v_s, projection.student_vocab_size)
         v_t = min(v_t, projection.teacher_vocab_size)
+        teacher_tokens = projection.teacher_tokens
+    if teacher_tokens is None and teacher_tok is not None:
+        from .projection import _token_count
+        teacher_tokens = _token_count(teacher_tok)
+    if teacher_tokens is not None:                                        # the teacher model's padded columns
+        v_t = min(v_t, teacher_tokens)
+    for side, v, x in (("student", v_s, student_logits), ("teacher", v_t, teacher_logits)):
+        if v > x.shape[-1]:
+            raise ValueError(f"{side}_vocab_size={v} exceeds the {side} logits' {x.shape[-1]} columns")
+    if projection is not None:
         prep = _prepared(projection, kind, v_s, v_t, device)
         gamma = float(projection.meta.get("gamma", 0.1))
     else:
@@ -843,7 +946,7 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
     if weights is not None:                                                # learned W: [V_S, k] like projection.weights
         if tuple(weights.shape) != tuple(projection.weights.shape):
             raise ValueError(f"weights has shape {tuple(weights.shape)}, W has {tuple(projection.weights.shape)}")
-        w_entries = weights[:v_s].reshape(-1).index_select(0, prep["flat"]).to(student_logits.dtype)
+        w_entries = weights[:v_s].reshape(-1).index_select(0, prep["flat"]).to(dtype)
     sides, n_chunks = _chunk_plan(alignments, device)
     s_map = None if student_id_map is None else torch.as_tensor(student_id_map, device=device)
     t_map = None if teacher_id_map is None else torch.as_tensor(teacher_id_map, device=device)
@@ -854,10 +957,11 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
     def block_fn(lo, hi, grad, w_leaf):
         n = hi - lo
         s_tab, t_tab = _block(sides["student"], lo, hi, s_map), _block(sides["teacher"], lo, hi, t_map)
-        x_s, x_s_rest, s_rest, parts = _split_rows(student_logits, s_tab, v_s, temperature, grad, ws, "s_")
+        x_s, x_s_rest, s_rest, parts = _split_rows(student_logits, s_tab, v_s, temperature, grad, ws, "s_", dtype)
         with torch.no_grad():
             if merge in ("w", "chain"):
-                x_t, x_t_rest, t_rest, _ = _split_rows(teacher_logits, t_tab, v_t, temperature, ws=ws, name="t_")
+                x_t, x_t_rest, t_rest, _ = _split_rows(teacher_logits, t_tab, v_t, temperature, ws=ws, name="t_",
+                                                       dtype=dtype)
             if kind == "pkl" and merge == "w":
                 q_ti, neg_ent_t, off_t, top_t = _w_merge_image(x_t, x_t_rest, t_tab, t_rest, n, gamma, prep)
             else:
@@ -867,7 +971,8 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
                 else:
                     tb, tp, tid, toff, tch = t_tab
                     log_q_t = None
-                    q_t = teacher_merge(_log_softmax(_gather_rows(teacher_logits, tb, tp, v_t, ws), temperature),
+                    q_t = teacher_merge(_log_softmax(_gather_rows(teacher_logits, tb, tp, v_t, ws, dtype=dtype),
+                                                     temperature),
                                         tch, tid, toff, n, merge, gamma)
                 if kind == "pkl":
                     q_ti, neg_ent_t, off_t, top_t = _teacher_on_image(q_t, prep)
@@ -903,7 +1008,7 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
         bounds = _block_bounds(n_chunks, chunk_size, starts, [v_s, v_t], CPU_BLOCK_ELEMENTS)
     else:
         bounds = _block_bounds(n_chunks, chunk_size, widths=[v_s, v_t], budget=BLOCK_ELEMENTS, floor=64)
-    loss = _run_blocks(student_logits, n_chunks, bounds, block_fn, w_entries)
+    loss = _run_blocks(student_logits, n_chunks, bounds, block_fn, w_entries, dtype)
     out = {k: v / max(n_chunks, 1) for k, v in stats.items()} if metrics else {}
     out.update(n_chunks=float(n_chunks),
                unpaired_student=float(sum(len(a.student_unpaired) for a in alignments)),
@@ -914,7 +1019,8 @@ def _cross_tokenizer(kind, student_logits, teacher_logits, alignments, projectio
 
 def p_kl_loss(student_logits, teacher_logits, alignments, projection, **kw):
     """P-KL: mean over chunk pairs of D(q_T || W^T q_S) (module docstring). kw: temperature, direction,
-    merge ("w" default, "chain", "first", "mean"), chunk_size, *_vocab_size, *_id_map, and
+    merge ("w" default, "chain", "first", "mean"), chunk_size, *_vocab_size, *_id_map, metrics,
+    student_tok / teacher_tok (checked against W; the teacher's size drops padded columns), and
     weights: [V_S, k] row weights replacing ``projection.weights`` (same pattern), differentiable: the
     learnable W of `xtoken.projection.LearnableProjection` receives its gradient through this argument."""
     return _cross_tokenizer("pkl", student_logits, teacher_logits, alignments, projection, **kw)
@@ -932,22 +1038,45 @@ def h_kl_loss(student_logits, teacher_logits, alignments, projection, **kw):
 
 
 def uld_loss(student_logits, teacher_logits, alignments, **kw):
-    """ULD: mean over chunk pairs of the sorted L1 between chain-rule chunk distributions."""
+    """ULD: mean over chunk pairs of the sorted L1 between chain-rule chunk distributions. kw as p_kl_loss
+    (no W: ``teacher_tok``, when given, only drops the teacher's padded columns)."""
     return _cross_tokenizer("uld", student_logits, teacher_logits, alignments, None, **kw)
 
 
 def kl_loss(student_logits, teacher_logits, mask=None, *, temperature=1.0, direction="forward",
-            chunk_size=None, vocab_size=None, metrics=True):
+            chunk_size=None, vocab_size=None, metrics=True, student_tok=None, teacher_tok=None):
     """Same tokenizer: mean over positions of KL(p_T || p_S) (forward) or KL(p_S || p_T) (reverse).
 
     Logits [B, L, V'] on both sides, positions 1:1; mask [B, L] selects positions (default all);
-    columns beyond `vocab_size` (default: the narrower side) are padding.
+    columns beyond `vocab_size` (default: the narrower side, and the tokenizer's size when ``student_tok`` or
+    ``teacher_tok`` is given) are padding. Both tokenizers given must be the same (by fingerprint).
+    Teacher entries of -inf are probabilities of 0 (0 log 0 = 0; reverse: clamped at `EPS` on the right).
     """
     if direction not in ("forward", "reverse"):
         raise ValueError(f"direction must be 'forward' or 'reverse', not {direction!r}")
+    temperature = _check_temperature(temperature)
+    _check_3d(student_logits, teacher_logits)
+    if student_logits.shape[:2] != teacher_logits.shape[:2]:
+        raise ValueError(f"kl_loss compares positions 1:1: student logits {tuple(student_logits.shape)} and teacher "
+                         f"logits {tuple(teacher_logits.shape)} differ in [batch, length] (a teacher with another "
+                         "tokenizer needs a cross-tokenizer loss)")
+    dtype = _compute_dtype(student_logits, teacher_logits)
     v = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
+    if student_tok is not None and teacher_tok is not None:
+        from .tokenizers import tokenizer_fingerprint
+        if tokenizer_fingerprint(student_tok) != tokenizer_fingerprint(teacher_tok):
+            raise ValueError("kl_loss needs one tokenizer on both sides: the student's and teacher's tokenizers differ")
+    tok = teacher_tok if teacher_tok is not None else student_tok
+    if tok is not None:
+        from .projection import _token_count
+        v = min(v, _token_count(tok))
+    if v > min(student_logits.shape[-1], teacher_logits.shape[-1]):
+        raise ValueError(f"vocab_size={v} exceeds the logits' columns (student {student_logits.shape[-1]}, "
+                         f"teacher {teacher_logits.shape[-1]})")
     B, L = student_logits.shape[:2]
     keep = torch.ones(B, L, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+    if tuple(keep.shape) != (B, L):
+        raise ValueError(f"mask has shape {tuple(keep.shape)}, the logits' [batch, length] is {(B, L)}")
     b_all, p_all = keep.nonzero(as_tuple=True)
     b_all, p_all = b_all.to(student_logits.device), p_all.to(student_logits.device)
     stats = {"top1_agreement": 0.0}
@@ -955,21 +1084,27 @@ def kl_loss(student_logits, teacher_logits, mask=None, *, temperature=1.0, direc
 
     def block_fn(lo, hi, grad, _):
         b, p = b_all[lo:hi], p_all[lo:hi]
-        leaf, logp_s = _rows(student_logits, b, p, v, temperature, grad)
+        leaf, logp_s = _rows(student_logits, b, p, v, temperature, grad, dtype)
         with torch.no_grad():
-            logp_t = _log_softmax(_gather_rows(teacher_logits, b, p, v, ws), temperature)   # (no division at T = 1)
+            logp_t = _log_softmax(_gather_rows(teacher_logits, b, p, v, ws, dtype=dtype), temperature)   # (T = 1: no division)
             if metrics:
                 stats["top1_agreement"] += (_argmax(logp_s) == _argmax(logp_t)).sum().item()
         if direction == "forward":
             d = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
         else:
             d = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+        if not bool(d.isfinite().all()):          # -inf teacher entries (0 * -inf): recomputed for this block only
+            if direction == "forward":
+                p_t = logp_t.exp()
+                d = torch.where(p_t > 0, p_t * (logp_t - logp_s), torch.zeros_like(p_t)).sum(-1)
+            else:
+                d = (logp_s.exp() * (logp_s - logp_t.clamp_min(math.log(EPS)))).sum(-1)
         return d.sum(), [(b, p, leaf)]
 
     n = len(b_all)
     bounds = _block_bounds(n, chunk_size, widths=[v], budget=_budget(student_logits.device, KL_BLOCK_ELEMENTS),
                            floor=1 if student_logits.device.type == "cpu" else 256)
-    loss = _run_blocks(student_logits, n, bounds, block_fn)
+    loss = _run_blocks(student_logits, n, bounds, block_fn, dtype=dtype)
     out = {"loss": float(loss.detach()), "n_positions": float(n)}
     if metrics:
         out.update(top1_agreement=stats["top1_agreement"] / max(n, 1), teacher_common_mass=1.0,
