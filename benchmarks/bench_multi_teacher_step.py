@@ -167,7 +167,8 @@ def setup(args):
     texts = corpus_texts(n_rows + 64, min_chars=args.chars)
     local = {k: restrict_tokenizer(tok, keep_ids_for(texts, tok)) for k, tok in full.items()}
     s_tok, s_l2f = local["llama"]
-    W = {k: build_projection(full["llama"], full[k]).restrict(s_l2f, local[k][1]) for k in ("qwen3", "phi")}
+    W = {k: build_projection(full["llama"], full[k]).restrict(s_l2f, local[k][1], student_tok=s_tok, teacher_tok=local[k][0])
+         for k in ("qwen3", "phi")}
     print("vocabularies: " + ", ".join(f"{k} {len(v[1])}" for k, v in local.items()) + " ids")
 
     tsize = ModelSize(128, 4, 4)

@@ -145,7 +145,7 @@ def bench_mini(args) -> dict:
     texts = corpus_texts(args.batch * (args.steps + 2) + 64, min_chars=args.chars)
     s_tok, s_l2f = restrict_tokenizer(full_s, keep_ids_for(texts, full_s))
     t_tok, t_l2f = restrict_tokenizer(full_t, keep_ids_for(texts, full_t))
-    W = build_projection(full_s, full_t).restrict(s_l2f, t_l2f)
+    W = build_projection(full_s, full_t).restrict(s_l2f, t_l2f, student_tok=s_tok, teacher_tok=t_tok)
     print(f"vocabularies: student {len(s_l2f)} ids, teacher {len(t_l2f)} ids; W {W.summary()['exact']} exact rows")
 
     student = build_model("student", ModelSize(64, 2, 4), len(s_l2f), s_tok, seed=0)

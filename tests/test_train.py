@@ -40,7 +40,7 @@ def small(llama, qwen, full_W):
     """(student tokenizer, teacher tokenizer, W) over the small renumbered vocabularies."""
     s_tok, s_l2f = small_vocab(llama)
     t_tok, t_l2f = small_vocab(qwen)
-    W = full_W.restrict(s_l2f, t_l2f)
+    W = full_W.restrict(s_l2f, t_l2f, student_tok=s_tok, teacher_tok=t_tok)
     VOCAB.update(student=W.student_vocab_size, teacher=W.teacher_vocab_size)
     return s_tok, t_tok, W
 

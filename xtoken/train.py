@@ -143,6 +143,8 @@ class Teacher:
             raise ValueError(f"Teacher {self.name!r}: loss must be one of {LOSSES}, not {self.loss!r}")
         if self.loss != "kl" and self.projection is None:
             raise ValueError(f"Teacher {self.name!r}: loss {self.loss!r} needs a projection W")
+        if self.projection is not None and hasattr(self.projection, "check_tokenizers"):
+            self.projection.check_tokenizers(None, self.tokenizer, source=f"W of teacher {self.name!r}")
         if not (math.isfinite(self.weight) and self.weight >= 0):
             raise ValueError(f"Teacher {self.name!r}: weight must be finite and >= 0, not {self.weight!r}")
 
@@ -203,6 +205,8 @@ class DistillCollator:
                 if tokenizer_fingerprint(t.tokenizer) != tokenizer_fingerprint(student_tokenizer):
                     raise ValueError(f"teacher {t.name!r} uses loss 'kl' but its tokenizer is not the student's; "
                                      "use a cross-tokenizer loss (p_kl, h_kl, gold, uld) with a projection")
+            if t.loss != "kl" and hasattr(t.projection, "check_tokenizers"):
+                t.projection.check_tokenizers(student_tokenizer, t.tokenizer, source=f"W of teacher {t.name!r}")
 
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], dict[str, list[list[int]]]]:
         """Student ids and each teacher's ids of the same (student-truncated) texts, unpadded."""

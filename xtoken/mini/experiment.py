@@ -464,7 +464,8 @@ def _cache_one_logged(job):
     if name != "llama":
         p = _projection_path(out, name)
         if not p.exists():
-            w = _full_projection(student.full_tok, v.full_tok).restrict(student.local_to_full, v.local_to_full)
+            w = _full_projection(student.full_tok, v.full_tok).restrict(student.local_to_full, v.local_to_full,
+                                                                        student_tok=student.tok, teacher_tok=v.tok)
             w.save(p)
     model = load_model(out / "teachers" / name)[0]
     teacher = Teacher(name, model, v.tok, loss="kl" if name == "llama" else "uld",

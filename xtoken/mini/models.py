@@ -10,7 +10,10 @@ exactly like the original, only the numbers differ, and ``local_to_full`` maps b
 
 W for a pair is always built on the full ids and then restricted::
 
-    build_projection(student_tok, teacher_tok).restrict(student_local_to_full, teacher_local_to_full)
+    build_projection(student_tok, teacher_tok).restrict(student_local_to_full, teacher_local_to_full,
+                                                        student_tok=student_local_tok, teacher_tok=teacher_local_tok)
+
+so the restricted W records the local tokenizers' fingerprints (checked by the trainer and the losses).
 
 Families (the paper's models -> the HF class used here):
     student   Llama-3.2-1B        LlamaForCausalLM  (the weakest: smallest size)
