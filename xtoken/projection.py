@@ -27,7 +27,8 @@ too), and with ``meta["digest"]`` (`Projection.digest`), so `load` refuses a fil
 row kinds, metadata) and raises `ProjectionFileError` naming the file and the defect.
 
 Columns. W has ``teacher_vocab_size`` columns, the teacher *model's* logit width (Qwen3: 151,936), and
-records the teacher tokenizer's size in ``meta["teacher_tokens"]`` (151,669): the losses give the columns
+records the teacher tokenizer's size in ``meta["teacher_tokens"]`` (151,669; its id range, i.e. the largest
+id + 1 where a vocabulary has holes: Phi-4's 200,010 tokens reach id 200,028): the losses give the columns
 from there on (the model's padding) zero probability. `with_teacher_width` re-sizes the columns for a
 model of another width. A file written before ``teacher_tokens`` was recorded (the committed
 results/W_*.safetensors) still loads: with the teacher tokenizer given, `load` derives it from the
@@ -548,7 +549,7 @@ def build_projection(student_tok, teacher_tok, *, max_span: int = 4, beta: float
 
     ``teacher_vocab_size``: W's columns, the teacher model's logit width (default
     `xtoken.tokenizers.model_vocab_size`: the paper models' padded widths, else the tokenizer's size); it
-    must cover the teacher tokenizer. The tokenizer's size is recorded as ``meta["teacher_tokens"]``.
+    must cover the teacher tokenizer. The tokenizer's size (id range) is recorded as ``meta["teacher_tokens"]``.
     Deterministic: the same tokenizers and arguments give a bit-identical `save` file.
     """
     if not (0 < gamma < 1 and beta > 0 and top_k >= 1 and max_span >= 1):
