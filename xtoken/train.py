@@ -145,6 +145,8 @@ class Teacher:
             raise ValueError(f"Teacher {self.name!r}: loss must be one of {LOSSES}, not {self.loss!r}")
         if self.loss != "kl" and self.projection is None:
             raise ValueError(f"Teacher {self.name!r}: loss {self.loss!r} needs a projection W")
+        if self.projection is not None and hasattr(self.projection, "check_tokenizers"):
+            self.projection.check_tokenizers(None, self.tokenizer, source=f"W of teacher {self.name!r}")
         if not (math.isfinite(self.weight) and self.weight >= 0):
             raise ValueError(f"Teacher {self.name!r}: weight must be finite and >= 0, not {self.weight!r}")
 
