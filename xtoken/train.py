@@ -49,13 +49,22 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 __all__ = ["XTokenConfig", "Teacher", "TeacherCache", "DistillCollator", "XTokenTrainer",
-           "LossCurveCallback", "teacher_kd_loss", "LOSSES", "WEIGHTINGS"]
+           "LossCurveCallback", "NonFiniteError", "teacher_kd_loss", "LOSSES", "WEIGHTINGS"]
 
 logger = logging.getLogger(__name__)
 
 LOSSES = ("kl", "gold", "p_kl", "h_kl", "uld")
 WEIGHTINGS = ("static", "ce", "entropy", "max_prob")
 NONFINITE_POLICIES = ("raise", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped: a teacher's logits or the training loss were not finite (see
+    ``XTokenConfig.nonfinite_teacher``)."""
+
+
+class _NonFiniteTeacher(Exception):
+    """Internal: a teacher's logits are not finite at a used position (args: the message)."""
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -542,6 +551,7 @@ class XTokenTrainer(Trainer):
         callbacks = list(callbacks or [])
         if getattr(args, "loss_curve", False):
             callbacks.append(LossCurveCallback())
+        callbacks.append(_DropSkippedStep(self))
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class,
                          callbacks=callbacks, **kwargs)
         # our compute_loss returns per-micro-batch means; Trainer then divides by the accumulation steps
@@ -557,6 +567,14 @@ class XTokenTrainer(Trainer):
                 t.model.eval()
                 t.model.requires_grad_(False)
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        # non-finite input (nonfinite_teacher="skip"): the optimizer step being dropped, how many were, and the
+        # micro-batch losses and metrics of the current step (held back until it is known not to be dropped)
+        self.skipped_steps = 0
+        self._skip_at = -1
+        self._skipped_since_log = 0
+        self._last_log_step = 0
+        self._step_loss_at, self._step_loss = -1, None
+        self._pending_at, self._pending = -1, []
         self.learned_projections: dict[str, torch.nn.Module] = {}
         if args.learn_projection:
             from .projection import LearnableProjection
@@ -578,6 +596,8 @@ class XTokenTrainer(Trainer):
         return opt
 
     def _sync_projection_grads(self, params):
+        if self._skip_at == self.state.global_step + 1:   # a dropped step: W's gradients are gone too
+            return
         if self.args.world_size > 1 and torch.distributed.is_initialized():
             for p in params:
                 if p.grad is None:
@@ -601,6 +621,48 @@ class XTokenTrainer(Trainer):
                 lp.load_state(f)
 
     # -- one step --
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's step; the loss it reports for a dropped step (nonfinite_teacher="skip") is taken back, so
+        the logged ``loss`` and ``train_loss`` average the steps that trained."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        step = self.state.global_step + 1
+        if self._skip_at != step:
+            if self._step_loss_at != step:
+                self._step_loss_at, self._step_loss = step, loss
+            else:                                          # gradient accumulation: the step's running sum
+                self._step_loss = self._step_loss + loss
+            return loss
+        back = -self._step_loss if self._step_loss_at == step else torch.zeros_like(loss)
+        self._step_loss_at, self._step_loss = step, torch.zeros_like(loss)
+        return back
+
+    def _check_teacher(self, teacher: Teacher, t_logits: torch.Tensor, entry: dict, inputs: dict) -> None:
+        """Raise `_NonFiniteTeacher` when the teacher's logits hold NaN or +inf, or a whole row of -inf, at a
+        position the loss reads (a real token under the teacher's attention mask). A few -inf entries (a
+        masked vocabulary) are fine. Cost: one float32 sum over the logits and one scalar read; the exact
+        test runs on the rows whose sum is not finite only."""
+        used = entry["attention_mask"].to(t_logits.device).bool()
+        suspect = ~torch.isfinite(t_logits.sum(-1, dtype=torch.float32)) & used
+        if not bool(suspect.any()):
+            return
+        bad = []
+        for b, p in suspect.nonzero().tolist():
+            row = t_logits[b, p]
+            kind = ("NaN" if bool(torch.isnan(row).any()) else "+inf" if bool(torch.isposinf(row).any())
+                    else "-inf everywhere" if bool(torch.isneginf(row).all()) else None)
+            if kind is not None:
+                bad.append((b, p, kind))
+        if not bad:
+            return
+        b, p, kind = bad[0]
+        idx = f" (dataset idx {int(inputs['idx'][b])})" if "idx" in inputs else ""
+        source = "cached log-probs" if "logprobs" in entry else "logits"
+        raise _NonFiniteTeacher(
+            f"teacher {teacher.name!r}: non-finite {source} ({kind}) at step {self.state.global_step + 1}, "
+            f"batch row {b}{idx}, position {p} (teacher token id {int(entry['input_ids'][b, p])}); "
+            f"{len(bad)} of {int(used.sum())} used positions affected. Set nonfinite_teacher='skip' to skip "
+            "such steps instead of stopping")
+
     def _teacher_logits(self, teacher: Teacher, entry: dict) -> torch.Tensor:
         """The teacher's logits (live, no grad, eval mode) or its cached log-probs, as float32."""
         if "logprobs" in entry:
@@ -651,12 +713,14 @@ class XTokenTrainer(Trainer):
                 metrics[k].append(float(v))
         return torch.stack(rows), {k: float(np.mean(v)) for k, v in metrics.items()}
 
-    def kd_loss(self, inputs: dict, logits: torch.Tensor, metrics: dict) -> torch.Tensor:
+    def kd_loss(self, inputs: dict, logits: torch.Tensor, metrics: dict, check: bool = False) -> torch.Tensor:
         """sum_m alpha_m KD_m over the teachers (xtoken.multi_teacher), filling ``metrics``.
 
         alpha: ``teacher_weighting="static"`` -> the Teacher.weight values normalized to sum 1; else
         confidence-adaptive from each teacher's statistics on its own tokens (CE, entropy, max prob),
         per batch, or per sample (``weighting_per="sample"``: each KD_m is then computed per sample).
+        ``check``: test each teacher's logits for non-finite values at used positions (`_check_teacher`).
+        Also reports ``<teacher>/unpaired_share``: the share of the student's tokens in no chunk pair.
         """
         from .multi_teacher import aggregate, teacher_stats, teacher_weights
 
@@ -666,6 +730,8 @@ class XTokenTrainer(Trainer):
         for t in self.teachers:
             entry = inputs["teachers"][t.name]
             t_logits = self._teacher_logits(t, entry)
+            if check:
+                self._check_teacher(t, t_logits, entry, inputs)
             if per_sample:
                 kd_m, m_metrics = self._kd_per_sample(t, logits, inputs["attention_mask"], t_logits, entry)
             else:
@@ -678,6 +744,11 @@ class XTokenTrainer(Trainer):
                 t_labels = entry["input_ids"].masked_fill(entry["attention_mask"] == 0, -100)
                 stats.append(teacher_stats(t_logits, t_labels, entry["attention_mask"]))
             metrics[f"kd_{t.name}"] = kd_m.detach().mean()
+            if entry.get("alignments"):   # student tokens in no chunk pair: text the two sides spell differently
+                valid = sum(a.student_valid[1] - a.student_valid[0] for a in entry["alignments"])
+                if valid:
+                    unpaired = sum(len(a.student_unpaired) for a in entry["alignments"])
+                    metrics[f"{t.name}/unpaired_share"] = unpaired / valid
             metrics.update({f"{t.name}/{k}": v for k, v in m_metrics.items()})
         if scheme == "static":
             alpha = teacher_weights("static", alphas=[t.weight for t in self.teachers])
@@ -688,39 +759,149 @@ class XTokenTrainer(Trainer):
         return aggregate(kd_terms, alpha.to(logits.device))
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        """ce_weight * CE + kd_weight * KD, KD rescaled to CE's value when dynamic_kd_scale; metrics logged."""
+        """ce_weight * CE + kd_weight * KD, KD rescaled to CE's value when dynamic_kd_scale; metrics logged.
+
+        In training, nothing non-finite is trained on: each teacher's logits are checked at the positions
+        the loss reads, and a non-finite loss stops training (`_stop_or_skip`)."""
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         logits = outputs.logits
         ce = self._ce(logits, inputs["labels"])
         metrics = {"ce": ce.detach()}
         loss = self.args.ce_weight * ce
+        bad_teacher = None
         if self.teachers:
-            kd = self.kd_loss(inputs, logits, metrics)
-            metrics["kd"] = kd.detach()
-            if self.args.dynamic_kd_scale:
-                from .losses import dynamic_kd_scale
-                metrics["kd_scale"] = ce.detach() / kd.detach().clamp(min=1e-12)
-                kd = dynamic_kd_scale(ce, kd)
-            loss = loss + self.args.kd_weight * kd
+            try:
+                kd = self.kd_loss(inputs, logits, metrics, check=model.training)
+            except _NonFiniteTeacher as e:
+                bad_teacher = e.args[0]
+            else:
+                metrics["kd"] = kd.detach()
+                if self.args.dynamic_kd_scale:
+                    from .losses import dynamic_kd_scale
+                    metrics["kd_scale"] = ce.detach() / kd.detach().clamp(min=1e-12)
+                    kd = dynamic_kd_scale(ce, kd)
+                loss = loss + self.args.kd_weight * kd
         if model.training:   # evaluation losses are not mixed into the training logs
-            for k, v in metrics.items():
-                self._metrics[k].append(float(v))
+            if self._stop_or_skip(ce, loss, bad_teacher):
+                loss = ce * 0.0   # zero gradients (every rank still runs its backward); the step is dropped
+            else:
+                self._record(metrics)
         return (loss, outputs) if return_outputs else loss
 
+    def _stop_or_skip(self, ce: torch.Tensor, loss: torch.Tensor, bad_teacher: str | None) -> bool:
+        """After a training micro-batch: raise `NonFiniteError` for a non-finite loss (always) or for
+        non-finite teacher logits (``nonfinite_teacher="raise"``); True when the optimizer step is to be
+        dropped (``"skip"``). Under DDP both flags are all-reduced first: every rank takes the same
+        decision, so none is left waiting in a collective for one that stopped."""
+        step = self.state.global_step + 1
+        teacher_here, loss_here = bad_teacher is not None, not bool(torch.isfinite(loss.detach()))
+        teacher_any, loss_any = teacher_here, loss_here
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flags = torch.tensor([float(teacher_here), float(loss_here)], device=loss.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            teacher_any, loss_any = (bool(x) for x in flags.tolist())
+        if loss_any:
+            where = f"(ce {float(ce.detach())}, loss {float(loss.detach())})" if loss_here else "on another rank"
+            raise NonFiniteError(f"non-finite training loss at step {step} {where}: the student's logits or a loss "
+                                 "term are inf/NaN; stopping instead of training on (check the learning rate, "
+                                 "the data of this step, the precision)")
+        if not teacher_any:
+            return False
+        if self.args.nonfinite_teacher == "raise":
+            raise NonFiniteError(bad_teacher if teacher_here else
+                                 f"non-finite teacher logits at step {step} on another rank (its error names the "
+                                 "teacher and position); stopping on this rank too")
+        if self._skip_at != step:
+            self._skip_at = step
+            self.skipped_steps += 1
+            self._skipped_since_log += 1
+        logger.warning("%s: step %d skipped (%d step(s) skipped so far)",
+                       bad_teacher or "non-finite teacher logits on another rank", step, self.skipped_steps)
+        return True
+
+    def _record(self, metrics: dict) -> None:
+        """Hold a training micro-batch's metrics until its optimizer step is known not to be dropped.
+        ``kd_scale`` (CE / KD) only where KD > 0: a batch with nothing to distil would log CE / 1e-12."""
+        values = {k: float(v) for k, v in metrics.items()}
+        if "kd_scale" in values and not values["kd"] > 0:
+            del values["kd_scale"]
+        if self.args.nonfinite_teacher != "skip":   # no step is ever dropped: straight into the log window
+            for k, v in values.items():
+                self._metrics[k].append(v)
+            return
+        step = self.state.global_step + 1
+        if self._pending_at != step:
+            self._flush_metrics()
+            self._pending_at = step
+        self._pending.append(values)
+
+    def _flush_metrics(self) -> None:
+        if self._pending_at != self._skip_at:
+            for values in self._pending:
+                for k, v in values.items():
+                    self._metrics[k].append(v)
+        self._pending = []
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean of each distillation metric since the last log (averaged over DDP ranks, as
-        Trainer does for the loss), then log as Trainer does."""
-        if self._metrics and "loss" in logs:
+        """Add the mean of each distillation metric since the last log (over DDP ranks too, as Trainer
+        does for the loss), then log as Trainer does. With ``nonfinite_teacher="skip"``: ``skipped_steps``
+        (so far), and ``loss`` / ``train_loss`` averaged over the steps that trained (NaN when none did)."""
+        if "loss" in logs:
+            self._flush_metrics()
+            if self.args.nonfinite_teacher == "skip":
+                n, k = self.state.global_step - self._last_log_step, self._skipped_since_log
+                if k:
+                    logs["loss"] = logs["loss"] * n / (n - k) if n > k else float("nan")
+                logs["skipped_steps"] = self.skipped_steps
+                self._skipped_since_log = 0
+            self._last_log_step = self.state.global_step
+            self._log_metrics(logs)
+        if "train_loss" in logs and self.skipped_steps:
+            g, k = self.state.global_step, self.skipped_steps
+            logs["train_loss"] = logs["train_loss"] * g / (g - k) if g > k else float("nan")
+        super().log(logs, start_time)
+
+    def _log_metrics(self, logs: dict) -> None:
+        """The means of the metrics since the last log into ``logs``. Under DDP, a metric is pooled over the
+        ranks that have it (a key can be missing on a rank: kd_scale of a step without KD, say)."""
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            local = sorted(k for k, v in self._metrics.items() if v)
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, local)
+            keys = sorted(set().union(*gathered))
+            if keys:
+                sums = torch.tensor([[float(np.sum(self._metrics.get(k, []))), float(len(self._metrics.get(k, [])))]
+                                     for k in keys], dtype=torch.float64, device=self.args.device)
+                torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+                logs.update({k: s / c for k, (s, c) in zip(keys, sums.tolist()) if c > 0})
+        elif self._metrics:
             keys = sorted(k for k, v in self._metrics.items() if v)
             values = torch.tensor([float(np.mean(self._metrics[k])) for k in keys], device=self.args.device)
-            if self.args.world_size > 1:   # every rank reaches log() with the same keys (same teachers)
-                values = self.accelerator.reduce(values, reduction="mean")
             logs.update(dict(zip(keys, values.tolist())))
-            self._metrics.clear()
-        super().log(logs, start_time)
+        self._metrics.clear()
 
 
 # ---- callbacks ----------------------------------------------------------------------------------
+
+class _DropSkippedStep(TrainerCallback):
+    """Part of XTokenTrainer (``nonfinite_teacher="skip"``): right before the optimizer step of a step with
+    non-finite teacher logits, every gradient is dropped (set to None), so the optimizer leaves each
+    parameter and its moments as they were; the learning-rate schedule still advances."""
+
+    def __init__(self, trainer: "XTokenTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._last_log_step = state.global_step
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
+        if self.trainer._skip_at != state.global_step + 1:
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
+        params += list(model.parameters()) if model is not None else []
+        for p in params:
+            p.grad = None
+
 
 class LossCurveCallback(TrainerCallback):
     """At the end of training, plot loss (and ce / kd when logged) against step to output_dir/loss_curve.png."""
