@@ -7,7 +7,10 @@ STAMP  := $(VENV)/.installed
 # tests/nbval_smoke/*.ipynb: notebooks 03-05 executed with the smoke parameters, collected under tests/)
 NBVAL_NOTEBOOKS := notebooks/01_projection_matrix.ipynb notebooks/02_numeral_audit.ipynb notebooks/05_evaluation_tables.ipynb
 
-.PHONY: setup reproduce smoke test nbval-refs bench clean
+# the paper-scale stand-ins that tests/nbval_paper_smoke/*.ipynb read (built by `make test`, deterministic)
+PAPER_SMOKE := runs/nbval-paper-smoke
+
+.PHONY: setup reproduce smoke paper-smoke test nbval-refs bench gpu-check lab clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,15 +27,22 @@ reproduce: $(STAMP)
 smoke: $(STAMP)
 	$(BIN)/python -m xtoken reproduce --scale smoke
 
+## the paper-scale path on offline stand-ins: notebooks 03-05 at scale="paper" + a 2-process torchrun run
+paper-smoke: $(STAMP)
+	$(BIN)/python -m xtoken paper-smoke --root runs/paper-smoke
+
 ## unit tests + notebook regression (nbval on the committed notebooks)
 test: $(STAMP)
+	rm -rf $(PAPER_SMOKE)/work && $(BIN)/python -m xtoken.standins $(PAPER_SMOKE)/standins
 	$(BIN)/python -m pytest -q tests $(NBVAL_NOTEBOOKS) --nbval --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
-## regenerate the nbval references of notebooks 03-05 at smoke scale (after changing those notebooks)
+## regenerate the nbval references of notebooks 03-05 at smoke scale and at paper scale on the stand-ins
 nbval-refs: $(STAMP)
 	rm -rf runs/nbval-smoke
 	$(BIN)/python -m xtoken reproduce --scale smoke --start 03 --out tests/nbval_smoke \
 		--work runs/nbval-smoke/work --results runs/nbval-smoke/results
+	rm -rf $(PAPER_SMOKE)
+	$(BIN)/python -m xtoken paper-smoke --root $(PAPER_SMOKE) --out tests/nbval_paper_smoke --nproc 1
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

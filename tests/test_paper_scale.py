@@ -1,36 +1,212 @@
-"""The paper-scale path is real up to the download: configs match the paper, offline fails clearly."""
+"""The paper-scale path, run for real on offline stand-ins (`xtoken.standins`): random-weight models of the
+real classes and vocabulary sizes in a Hugging Face cache under the real hub ids, a local corpus, local tasks.
+
+The runs go through subprocesses because huggingface_hub reads HF_HOME once, at import."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from xtoken.paper import PAPER, PAPER_TASKS, HubUnavailable, load_causal_lm, paper_config, stream_pretraining_text
+from xtoken.paper import (PAPER_TASKS, HubUnavailable, PaperConfig, load_causal_lm, load_text_stream, pack_texts,
+                          paper_config, preflight, settings_by_name)
+from xtoken.standins import activate_env, build_standins
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory):
+    root = tmp_path_factory.mktemp("standins")
+    build_standins(root)
+    return root
+
+
+def _python(code: str, root, timeout=600) -> str:
+    env = dict(os.environ, **activate_env(root))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return out.stdout
+
+
+# ---- configuration -------------------------------------------------------------------------------
 
 def test_paper_config_matches_the_paper(tmp_path):
-    cfg = paper_config(str(tmp_path), n_gpus=8, bf16=False)    # bf16 needs a GPU to construct on some CPUs
-    assert cfg.learning_rate == 5e-5 and cfg.weight_decay == 0.001
-    assert (cfg.adam_beta1, cfg.adam_beta2) == (0.9, 0.95)
-    assert cfg.warmup_steps == 250 and cfg.lr_scheduler_type.value == "cosine" and cfg.max_steps == 5000
-    assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * 8 == PAPER["global_batch"]
-    assert cfg.dynamic_kd_scale and cfg.temperature == 1.0 and cfg.max_length == 2048
-    assert "gsm8k" in PAPER_TASKS
+    cfg = PaperConfig.preset("paper")
+    assert (cfg.lr, cfg.weight_decay, cfg.betas, cfg.warmup_steps, cfg.steps) == (5e-5, 0.001, (0.9, 0.95), 250, 5000)
+    assert (cfg.global_batch, cfg.micro_batch, cfg.max_length, cfg.temperature) == (64, 1, 2048, 1.0)
+    assert cfg.dynamic_kd_scale and cfg.bf16 and cfg.tasks == PAPER_TASKS
+    assert PAPER_TASKS == {"gsm8k": 5, "mmlu": 5, "arc_challenge": 25, "hellaswag": 10, "winogrande": 5}
+    args = paper_config(str(tmp_path), n_gpus=8)
+    assert args.lr_scheduler_type.value == "cosine" and args.save_total_limit == 2
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 8 == 64
 
 
-def test_offline_model_load_fails_with_instructions(monkeypatch):
+@pytest.mark.parametrize("world,accumulation", [(1, 64), (2, 32), (8, 8), (64, 1)])
+def test_global_batch_is_64_on_any_world_size(world, accumulation):
+    assert PaperConfig().accumulation(world) == accumulation
+
+
+def test_world_size_comes_from_the_launch(tmp_path, monkeypatch):
+    from xtoken.paper import launch_world_size
+    monkeypatch.setenv("WORLD_SIZE", "8")                  # what torchrun / accelerate launch set
+    assert PaperConfig().accumulation(launch_world_size()) == 8
+    monkeypatch.delenv("WORLD_SIZE")
+    args = PaperConfig().training_args(tmp_path)
+    assert launch_world_size() == 1 and args.gradient_accumulation_steps == 64
+    # streamed samples: each rank reads its own, no batch dispatch from rank 0 (the 2-process test runs it)
+    assert args.accelerator_config.dispatch_batches is False
+
+
+def test_a_global_batch_that_does_not_divide_is_refused():
+    with pytest.raises(ValueError, match="not a multiple"):
+        PaperConfig(global_batch=64).accumulation(3)
+
+
+def test_bad_config_values_are_refused():
+    with pytest.raises(ValueError, match="steps"):
+        PaperConfig.preset("paper", steps=0)
+    with pytest.raises(TypeError, match="no field"):
+        PaperConfig.preset("paper", stepz=3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        PaperConfig.preset("huge")
+
+
+# ---- loading: messages that name today's commands ------------------------------------------------
+
+def test_offline_model_load_names_the_hf_commands(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(HubUnavailable, match="huggingface-cli login"):
+    with pytest.raises(HubUnavailable) as err:
         load_causal_lm("meta-llama/Llama-3.2-1B")
+    msg = str(err.value)
+    assert "hf auth login" in msg and "hf download meta-llama/Llama-3.2-1B" in msg and "licence" in msg
+    assert "huggingface-cli" not in msg
 
 
-def test_offline_dataset_stream_fails_with_instructions(monkeypatch):
+def test_offline_dataset_names_the_dataset_command(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(HubUnavailable, match="Offline mode is on"):
-        stream_pretraining_text()
+    with pytest.raises(HubUnavailable, match="--repo-type dataset"):
+        load_text_stream("nvidia/Nemotron-Pretraining-Specialized-v1.1")
 
 
-def test_local_model_directory_loads(tmp_path):
-    """The same loader takes a local directory: a tiny real Llama saved here loads through it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path)
-    model = load_causal_lm(str(tmp_path), dtype="float32")
-    assert model.config.vocab_size == 64
+def test_a_missing_local_folder_is_not_a_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_causal_lm(str(tmp_path / "nothing-here"))
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_text_stream(str(tmp_path / "corpus-not-here"))
+
+
+def test_preflight_lists_every_missing_checkpoint_offline(tmp_path):
+    """With an empty cache every missing model and the dataset are named, each with its command, at once."""
+    out = _python(
+        "from xtoken import paper\n"
+        "cfg = paper.PaperConfig.preset('paper', offline=True)\n"
+        "try:\n"
+        "    paper.preflight(cfg, paper.settings_by_name(['phi_hkl+qwen3_pkl@static']))\n"
+        "except paper.HubUnavailable as e:\n"
+        "    print(e)\n", tmp_path)
+    for name in ("meta-llama/Llama-3.2-1B", "Qwen/Qwen3-4B", "microsoft/Phi-4-mini-instruct",
+                 "nvidia/Nemotron-Pretraining-Specialized-v1.1"):
+        assert f"hf download {name}" in out
+    assert "Llama-3.2-3B" not in out          # not used by this setting
+
+
+def test_unknown_setting_and_teacher_are_refused():
+    with pytest.raises(KeyError, match="unknown setting 'pkl_gpt4'"):
+        settings_by_name(["pkl_qwen3", "pkl_gpt4"])
+    cfg = PaperConfig.preset("paper", teachers={"qwen3": "Qwen/Qwen3-4B"})
+    with pytest.raises(HubUnavailable, match="teacher 'phi'"):
+        preflight(cfg, settings_by_name(["hkl_phi"]))
+
+
+def test_a_w_file_for_another_teacher_is_refused_before_any_model_loads():
+    from xtoken.projection import ProjectionMismatch
+    phi_w = REPO / "results" / "W_Llama-3.2-1B_to_Phi-4-mini-instruct.safetensors"
+    cfg = PaperConfig.preset("paper", projections={"qwen3": str(phi_w)})
+    with pytest.raises(ProjectionMismatch):
+        preflight(cfg, settings_by_name(["pkl_qwen3"]))
+
+
+# ---- data: packing -------------------------------------------------------------------------------
+
+def test_packing_keeps_every_token_and_cuts_all_sides_at_one_character(llama):
+    """Consecutive samples of max_length student tokens covering the joined stream without a gap; the
+    collator then gives the student exactly max_length tokens and the teacher the same characters."""
+    from xtoken.train import DistillCollator
+    docs = [f"Document {i}: the river carried {i * 37} tons of salt to Größenstadt; "
+            f"naïve traders counted 1,{i:03d} coins. " * (3 + i % 5) for i in range(40)]
+    samples = [s["text"] for s in pack_texts(docs, llama, 64, block_chars=700)]
+    joined = "\n\n".join(docs)
+    assert "".join(samples) == joined[:len("".join(samples))]          # consecutive, nothing dropped
+    assert len(joined) - len("".join(samples)) < 400                    # only the last partial sample's text
+    col = DistillCollator(llama, [], max_length=64)
+    student = col._student_ids(samples)               # (ids, the text every teacher sees) per sample
+    full = [len(ids) == 64 and cut == text for (ids, cut), text in zip(student, samples)]
+    assert sum(full) >= 0.95 * len(full), [len(ids) for ids, _ in student]
+
+
+def test_local_corpus_streams_one_shard_per_file(standins):
+    rows = load_text_stream(str(standins / "corpus"))
+    assert rows.n_shards == 4
+    assert len(list(rows)) == 64
+
+
+# ---- W against the model's logit width -------------------------------------------------------------
+
+def test_w_has_the_models_logit_width_whatever_the_tokenizer_source(standins, llama, tmp_path):
+    """A tokenizer read from a local folder knows 151,669 Qwen3 tokens; W takes the model's 151,936 columns."""
+    from transformers import AutoTokenizer
+
+    from xtoken.paper import logit_width, projection_for
+    snap = next((standins / "hf_home" / "hub" / "models--Qwen--Qwen3-4B" / "snapshots").iterdir())
+    local = AutoTokenizer.from_pretrained(snap)
+    assert len(local) == 151669
+    W = projection_for(llama, local, logit_width(str(snap)), tmp_path)
+    assert W.teacher_vocab_size == 151936
+    again = projection_for(llama, local, 151936, tmp_path)             # read from the cache, same W
+    assert again.digest() == W.digest()
+
+
+# ---- the runs themselves ---------------------------------------------------------------------------
+
+def test_one_run_trains_fp32_master_weights_and_records_it(standins, tmp_path):
+    """One stand-in run end to end in bf16 autocast: every weight tensor moves, masters stay fp32, the
+    record and lm-eval's raw JSON are written, a second call reads the run back."""
+    code = (f"from xtoken import paper\n"
+            f"cfg = paper.grid_config({str(standins)!r})\n"
+            f"r = paper.run_setting(cfg, 'pkl_qwen3', 0, {str(tmp_path)!r})\n")
+    _python(code, standins)
+    d = tmp_path / "runs" / "pkl_qwen3" / "seed0"
+    r = json.loads((d / "result.json").read_text())
+    rec = r["record"]
+    assert rec["student_master_dtype"] == "float32" and rec["changed_tensor_share"] == 1.0
+    # 2 steps x global batch 2, plus the one batch accelerate reads ahead to detect the end of the data
+    assert rec["samples_collated_per_rank"] == [4 + 1] and rec["world_size"] == 1
+    assert rec["accumulation"] == 2 and set(rec["w_digests"]) == {"qwen3"}
+    assert {"xtoken_standin_gsm8k", "xtoken_standin_arc"} <= set(r)
+    raw = json.loads((d / "lm_eval_results.json").read_text())
+    assert raw["configs"]["xtoken_standin_gsm8k"]["num_fewshot"] == 5
+    assert raw["configs"]["xtoken_standin_arc"]["num_fewshot"] == 25
+    assert (d / "model" / "config.json").exists() and (d / "model" / "tokenizer.json").exists()
+    assert len(list((d / "trainer").glob("checkpoint-*"))) <= 2               # save_total_limit
+    _python(code, standins)                                                  # finished: read back, not retrained
+    assert json.loads((d / "result.json").read_text()) == r
+
+
+def test_two_processes_read_different_samples_and_agree(standins, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo) on the streamed corpus: global batch kept, ranks read disjoint
+    samples, DDP keeps their weights identical, one evaluation on rank 0."""
+    code = (f"from xtoken import paper\n"
+            f"cfg = paper.grid_config({str(standins)!r}, nproc_per_node=2)\n"
+            f"paper.run_grid(cfg, ['hkl_phi'], work_dir={str(tmp_path)!r})\n")
+    _python(code, standins, timeout=900)
+    rec = json.loads((tmp_path / "runs" / "hkl_phi" / "seed0" / "result.json").read_text())["record"]
+    assert rec["world_size"] == 2 and rec["accumulation"] == 1 and rec["global_batch"] == 2
+    assert rec["samples_collated_per_rank"] == [2 + 1, 2 + 1]     # 2 steps x 1 sample per rank + read-ahead
+    assert len(set(rec["texts_digest_per_rank"])) == 2
+    assert len(set(rec["params_digest_per_rank"])) == 1
+    assert len(rec["peak_memory_gb_per_rank"]) == 2

@@ -87,6 +87,11 @@ def _reproduce(args) -> int:
                      notebooks_dir=args.notebooks, parameters=dict(args.parameter))
 
 
+def _paper_smoke(args) -> int:
+    from .standins import paper_smoke
+    return paper_smoke(args.root, nproc=args.nproc, out=args.out, start=args.start)
+
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -147,6 +152,17 @@ def main(argv=None) -> int:
     r.add_argument("--notebooks", default=None,
                    help="folder of the notebooks to run (default: notebooks/ of the clone this package runs from)")
     r.set_defaults(func=_reproduce)
+
+    ps = sub.add_parser("paper-smoke", help="the paper-scale path end to end on offline stand-ins (CPU)",
+                        description="Build random-weight stand-ins of the paper's checkpoints (real classes and "
+                                    "vocabularies) in a Hugging Face cache layout, a local corpus and local tasks; run "
+                                    "notebooks 03-05 at scale='paper' on them (2 steps per setting), then one run under "
+                                    "torchrun with --nproc processes (gloo).")
+    ps.add_argument("--root", default="runs/paper-smoke", help="folder for the stand-ins, runs and results")
+    ps.add_argument("--out", default=None, help="folder for the executed notebooks (default <root>/notebooks)")
+    ps.add_argument("--nproc", type=int, default=2, help="processes of the torchrun check (1: skip it)")
+    ps.add_argument("--start", default="03", help="first notebook (default 03)")
+    ps.set_defaults(func=_paper_smoke)
 
     # on the main parser and on every subcommand, so it may come before or after the subcommand's name
     p.add_argument("--traceback", action="store_true", help="show the full traceback of an error")

@@ -174,8 +174,22 @@ def load_run_results(work_dir, settings=None) -> list[dict]:
     return out
 
 
-def with_average(df: pd.DataFrame, skills=("arithmetic", "knowledge")) -> pd.DataFrame:
-    """Scores in percent and their average over the skills (the miniature's 'avg' column)."""
+MINI_SKILLS = ("arithmetic", "knowledge")
+_NOT_SKILLS = {"setting", "label", "seed", "numeral_mass", "digit_split", "single_digit", "train_wall_s",
+               "eval_wall_s", "wall_s", "tokens_per_s", "average", "pair", "weighting"}
+
+
+def skills_of(df: pd.DataFrame) -> tuple:
+    """The score columns of a grid's runs table: the miniature's two skills, or (paper scale) one column
+    per lm-eval task, i.e. every column that is not a run's name, seed, diagnostic, loss or wall time."""
+    if set(MINI_SKILLS) <= set(df.columns):
+        return MINI_SKILLS
+    return tuple(c for c in df.columns if c not in _NOT_SKILLS and not str(c).startswith("final_"))
+
+
+def with_average(df: pd.DataFrame, skills=None) -> pd.DataFrame:
+    """Scores in percent and their average over the skills (the tables' 'average' column)."""
+    skills = skills_of(df) if skills is None else skills
     df = df.copy()
     for s in skills:
         df[s] = 100 * df[s].astype(float)
@@ -184,20 +198,24 @@ def with_average(df: pd.DataFrame, skills=("arithmetic", "knowledge")) -> pd.Dat
 
 
 def distillation_table(df: pd.DataFrame, base: dict | None = None) -> pd.DataFrame:
-    """Mean ± std over seeds per setting (exact match in %), the paper's numbers beside."""
-    df = with_average(df)
+    """Mean ± std over seeds per setting (scores in %), the paper's numbers beside. The numeral diagnostics
+    (miniature only) are shown when the runs have them."""
+    skills = skills_of(df)
+    df = with_average(df, skills)
+    diag = "numeral_mass" in df and "digit_split" in df
     rows = []
     if base is not None:
-        b = with_average(pd.DataFrame([base]))
+        b = with_average(pd.DataFrame([base]), skills)
         rows.append({"setting": "base", "label": "base student (no distillation)", "seeds": 1,
-                     **{f"{m}": f"{b[m].iloc[0]:.1f}" for m in ("arithmetic", "knowledge", "average")},
-                     "numeral mass": f"{base.get('numeral_mass', float('nan')):.3f}", "digit-split": "-"})
+                     **{f"{m}": f"{b[m].iloc[0]:.1f}" for m in (*skills, "average")},
+                     **({"numeral mass": f"{base.get('numeral_mass', float('nan')):.3f}", "digit-split": "-"}
+                        if diag else {})})
     for setting in dict.fromkeys(df.setting):
         g = df[df.setting == setting]
         fmt = lambda col, k=1, scale=1: f"{scale * g[col].mean():.{k}f} ± {scale * g[col].std(ddof=1) if len(g) > 1 else 0:.{k}f}"  # noqa: E731
         rows.append({"setting": setting, "label": g.label.iloc[0], "seeds": len(g),
-                     "arithmetic": fmt("arithmetic"), "knowledge": fmt("knowledge"), "average": fmt("average"),
-                     "numeral mass": fmt("numeral_mass", 3), "digit-split": fmt("digit_split", 2)})
+                     **{m: fmt(m) for m in (*skills, "average")},
+                     **({"numeral mass": fmt("numeral_mass", 3), "digit-split": fmt("digit_split", 2)} if diag else {})})
     out = pd.DataFrame(rows)
     out["paper GSM8k"] = [PAPER_TABLE1.get(s, ("", None, None))[1] for s in out.setting]
     out["paper avg"] = [PAPER_TABLE1.get(s, ("", None, None))[2] for s in out.setting]
@@ -206,7 +224,8 @@ def distillation_table(df: pd.DataFrame, base: dict | None = None) -> pd.DataFra
 
 def headline_deltas(df: pd.DataFrame, deltas=PAPER_DELTAS) -> pd.DataFrame:
     """The paper's paired comparisons, ours (seed-paired mean ± std of A - B) beside the paper's."""
-    df = with_average(df)
+    skills = skills_of(df)
+    df = with_average(df, skills)
     rows = []
     for name, a, b, paper in deltas:
         A = df[df.setting == a].set_index("seed")
@@ -215,7 +234,7 @@ def headline_deltas(df: pd.DataFrame, deltas=PAPER_DELTAS) -> pd.DataFrame:
         if len(seeds) == 0:
             continue
         row = {"comparison": name, "seeds": len(seeds), "paper Δavg": paper}
-        for m in ("arithmetic", "knowledge", "average"):
+        for m in (*skills, "average"):
             d = A.loc[seeds, m] - B.loc[seeds, m]
             row[f"Δ{m} (ours)"] = f"{d.mean():+.1f} ± {d.std(ddof=1) if len(d) > 1 else 0:.1f}"
         row["same sign as paper"] = bool(((A.loc[seeds, "average"] - B.loc[seeds, "average"]).mean() > 0) == (paper > 0))
@@ -225,14 +244,15 @@ def headline_deltas(df: pd.DataFrame, deltas=PAPER_DELTAS) -> pd.DataFrame:
 
 def learned_w_comparison(df: pd.DataFrame, learned: str = "pkl_learned_qwen3", fixed: str = "pkl_qwen3") -> pd.DataFrame:
     """P-KL with a learned W vs the fixed W: per-metric means and the seed-paired difference (learned - fixed)."""
-    df = with_average(df)
+    skills = skills_of(df)
+    df = with_average(df, skills)
     A = df[df.setting == learned].set_index("seed")
     B = df[df.setting == fixed].set_index("seed")
     seeds = A.index.intersection(B.index)
     if len(seeds) == 0:
         return pd.DataFrame()
     rows = []
-    for m, k in (("arithmetic", 1), ("knowledge", 1), ("average", 1), ("numeral_mass", 3), ("single_digit", 2)):
+    for m, k in (*((x, 1) for x in skills), ("average", 1), ("numeral_mass", 3), ("single_digit", 2)):
         if m not in df:
             continue
         d = A.loc[seeds, m].astype(float) - B.loc[seeds, m].astype(float)
@@ -266,9 +286,11 @@ def learned_w_rows(results: list[dict], setting: str = "pkl_learned_qwen3", n: i
     return pd.DataFrame(summary), pd.DataFrame(top)
 
 
-def plot_grid(df: pd.DataFrame, metrics=("arithmetic", "knowledge"), title="", base: dict | None = None):
-    """Grouped bars (mean over seeds) with error bars (std) per setting and metric; base as a line."""
-    df = with_average(df)
+def plot_grid(df: pd.DataFrame, metrics=None, title="", base: dict | None = None):
+    """Grouped bars (mean over seeds) with error bars (std) per setting and metric (default: the runs'
+    skills or tasks); base as a line."""
+    metrics = skills_of(df) if metrics is None else metrics
+    df = with_average(df, skills_of(df))
     order = list(dict.fromkeys(df.setting))
     labels = [df[df.setting == s].label.iloc[0] for s in order]
     fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(order) + 2), 4))
@@ -281,7 +303,7 @@ def plot_grid(df: pd.DataFrame, metrics=("arithmetic", "knowledge"), title="", b
         if base is not None and m in base:
             ax.axhline(100 * base[m], color=f"C{j}", ls=":", lw=1)
     ax.set_xticks(range(len(order)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("exact match (%)")
+    ax.set_ylabel("exact match (%)" if tuple(metrics) == MINI_SKILLS else "score (%)")
     ax.set_title(title + ("  (dotted: base student)" if base is not None else ""))
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -312,10 +334,11 @@ def plot_numeral_mass(results: list[dict], settings=None, title="Student mass on
 
 
 def multi_teacher_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Pairs x weighting schemes: mean ± std exact match per skill and the average."""
-    df = with_average(df)
+    """Pairs x weighting schemes: mean ± std score per skill (or task) and the average."""
+    skills = skills_of(df)
+    df = with_average(df, skills)
     df = df.assign(pair=df.setting.str.split("@").str[0], weighting=df.setting.str.split("@").str[1].fillna("-"))
-    g = df.groupby(["pair", "weighting"], sort=False)[["arithmetic", "knowledge", "average"]]
+    g = df.groupby(["pair", "weighting"], sort=False)[[*skills, "average"]]
     mean, std = g.mean(), g.std(ddof=1).fillna(0)
     out = mean.round(1).astype(str) + " ± " + std.round(1).astype(str)
     out["seeds"] = g.size()
@@ -324,11 +347,13 @@ def multi_teacher_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def plot_multi_teacher(df: pd.DataFrame, singles: pd.DataFrame | None = None):
     """Average exact match per pair and weighting scheme (bars with std), single teachers for reference."""
-    df = with_average(df)
+    skills = skills_of(df)
+    df = with_average(df, skills)
     df = df.assign(pair=df.setting.str.split("@").str[0], weighting=df.setting.str.split("@").str[1])
     pairs, schemes = list(dict.fromkeys(df.pair)), list(dict.fromkeys(df.weighting))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=False)
-    for ax, metric in zip(axes, ("arithmetic", "knowledge")):
+    fig, axes = plt.subplots(1, len(skills), figsize=(6.5 * len(skills), 4), sharey=False, squeeze=False)
+    axes = axes[0]
+    for ax, metric in zip(axes, skills):
         width = 0.8 / len(schemes)
         for j, w in enumerate(schemes):
             sub = df[df.weighting == w]
@@ -337,13 +362,13 @@ def plot_multi_teacher(df: pd.DataFrame, singles: pd.DataFrame | None = None):
             ax.bar([i + (j - (len(schemes) - 1) / 2) * width for i in range(len(pairs))], mean, width=width,
                    yerr=std, capsize=2, label=w)
         if singles is not None:
-            s = with_average(singles)
+            s = with_average(singles, skills)
             for k, setting in enumerate(("hkl_phi", "pkl_qwen3", "kd_llama")):
                 v = s[s.setting == setting][metric].mean()
                 if v == v:
                     ax.axhline(v, color=f"C{5 + k}", ls="--", lw=1, label=f"single: {setting}")
         ax.set_xticks(range(len(pairs)), [p.replace("+", "\n+ ") for p in pairs], fontsize=7)
-        ax.set_title(f"{metric} exact match (%)")
+        ax.set_title(f"{metric} ({'exact match' if skills == MINI_SKILLS else 'score'}, %)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -351,8 +376,8 @@ def plot_multi_teacher(df: pd.DataFrame, singles: pd.DataFrame | None = None):
 
 def multi_teacher_findings(df: pd.DataFrame, singles: pd.DataFrame) -> dict:
     """The paper's three multi-teacher findings, each with our numbers and whether it held."""
-    df = with_average(df)
-    s = with_average(singles)
+    df = with_average(df, skills_of(df))
+    s = with_average(singles, skills_of(singles))
     avg = df.groupby("setting")["average"].mean()
     out = {}
     pairs = sorted({x.split("@")[0] for x in avg.index if "@" in x})
@@ -405,9 +430,22 @@ def build_report(results_dir, scale: str = "mini") -> str:
     name = lambda f: f.replace("03_", p3 + "_", 1).replace("04_", p4 + "_", 1)  # noqa: E731
     out = [f"# X-Token reproduction report ({scale} scale)", "",
            "Generated by `notebooks/05_evaluation_tables.ipynb` from the files in `results/` "
-           "(produced by `make reproduce`). Paper numbers: arXiv 2605.21699, Llama-3.2-1B student. "
-           "The miniature replaces GSM8k by a synthetic arithmetic skill and the 5-benchmark average by the "
-           "average of arithmetic and knowledge exact match; absolute numbers are not comparable, directions are.", ""]
+           "(produced by `make reproduce`). Paper numbers: arXiv 2605.21699, Llama-3.2-1B student. "]
+    if scale == "mini":
+        out[-1] += ("The miniature replaces GSM8k by a synthetic arithmetic skill and the 5-benchmark average by the "
+                    "average of arithmetic and knowledge exact match; absolute numbers are not comparable, directions are.")
+    meta = json.loads((r / name("03_results.json")).read_text()) if scale != "mini" and (r / name("03_results.json")).exists() else {}
+    standin = bool(meta.get("standin"))
+    if scale != "mini":
+        tasks = meta.get("config", {}).get("tasks", {})
+        out[-1] += ("Paper scale: the real trainer on the checkpoints named in the run records, scored by lm-eval on "
+                    + (", ".join(f"{t} ({n}-shot)" for t, n in tasks.items()) or "the configured tasks")
+                    + "; 'average' is the mean over these tasks, which stand in for the paper's unnamed five.")
+        if meta.get("standin"):
+            out += ["", "**Stand-in run**: random-weight models of the real classes and vocabulary sizes, a local "
+                    "corpus and local tasks, 2 steps per setting. The numbers test the code path end to end; they "
+                    "say nothing about the paper's claims."]
+    out += [""]
     if (r / "02_table8.csv").exists():
         t8 = pd.read_csv(r / "02_table8.csv")
         exact = all(t8[c].equals(t8[c.replace("(ours)", "(paper)")]) for c in t8.columns
@@ -419,19 +457,27 @@ def build_report(results_dir, scale: str = "mini") -> str:
         out += ["## W", ""] + [f"- Llama-3.2 → {k}: {v['exact']:,} exact, {v['special']} special, {v['multi']:,} multi-token, "
                                f"{v['empty']} empty rows ({v['empty_by_reason']})." for k, v in w.items()] + [""]
     if (r / name("03_table.csv")).exists():
-        out += ["## Single-teacher distillation (notebook 03)", "",
-                "Exact match in % (mean ± std over seeds); `numeral mass`: the student's probability mass on "
-                "multi-digit numeral tokens at numeral positions; `digit-split`: share of generated multi-digit "
-                "numbers written digit by digit.", "", md_table(pd.read_csv(r / name("03_table.csv"))), "",
-                f"![scores]({name('03_scores.png')})", "", f"![numeral mass]({name('03_numeral_mass.png')})", ""]
+        if scale == "mini":
+            out += ["## Single-teacher distillation (notebook 03)", "",
+                    "Exact match in % (mean ± std over seeds); `numeral mass`: the student's probability mass on "
+                    "multi-digit numeral tokens at numeral positions; `digit-split`: share of generated multi-digit "
+                    "numbers written digit by digit.", "", md_table(pd.read_csv(r / name("03_table.csv"))), "",
+                    f"![scores]({name('03_scores.png')})", "", f"![numeral mass]({name('03_numeral_mass.png')})", ""]
+        else:
+            out += ["## Single-teacher distillation (notebook 03)", "", "Scores in % (mean ± std over seeds), each "
+                    "task by its usual metric (`xtoken.paper.TASK_METRICS`).", "",
+                    md_table(pd.read_csv(r / name("03_table.csv"))), "", f"![scores]({name('03_scores.png')})", ""]
     if (r / name("03_deltas.csv")).exists():
         d = pd.read_csv(r / name("03_deltas.csv"))
         out += ["### The paper's headline comparisons", "", md_table(d), ""]
-        out += [f"- {row['comparison']}: ours {row['Δaverage (ours)']} on the average vs the paper's "
-                f"{row['paper Δavg']:+.2f}: direction {_held(bool(row['same sign as paper']))}." for _, row in d.iterrows()]
-        out += ["", "A direction 'reproduced' with a difference inside the seed spread (±) is not evidence either way.", ""]
-    if (r / name("03_runs.csv")).exists():
-        runs = pd.read_csv(r / name("03_runs.csv"))
+        if standin:
+            out += ["No verdicts: stand-in models say nothing about the paper's claims.", ""]
+        else:
+            out += [f"- {row['comparison']}: ours {row['Δaverage (ours)']} on the average vs the paper's "
+                    f"{row['paper Δavg']:+.2f}: direction {_held(bool(row['same sign as paper']))}." for _, row in d.iterrows()]
+            out += ["", "A direction 'reproduced' with a difference inside the seed spread (±) is not evidence either way.", ""]
+    runs = pd.read_csv(r / name("03_runs.csv")) if (r / name("03_runs.csv")).exists() else None
+    if runs is not None and "numeral_mass" in runs:      # the miniature's numeral diagnostics
         m = runs.groupby("setting")["numeral_mass"].mean()
         if {"gold_qwen3", "pkl_qwen3", "ce_only"} <= set(m.index):
             held = m["gold_qwen3"] < 0.5 * m["ce_only"] and m["pkl_qwen3"] > m["gold_qwen3"]
@@ -449,15 +495,16 @@ def build_report(results_dir, scale: str = "mini") -> str:
     if (r / name("03_learned_w.json")).exists():
         lw = json.loads((r / name("03_learned_w.json")).read_text())
         comp = pd.DataFrame(lw["comparison"])
-        out += ["### P-KL with a learned W (issue 8)", "",
+        out += ["### P-KL with a learned W", "",
                 "W's multi-token rows fine-tuned with the student under P-KL (fixed pattern, softmax rows, "
                 f"lr {lw['projection_lr']}, fixed before the run), same seeds and hyperparameters as the fixed-W row.", ""]
         if len(comp):
             out += [md_table(comp), ""]
-            arith = comp[comp.metric == "arithmetic"].iloc[0]
+            arith = comp.iloc[0]        # the first skill: arithmetic (mini), the first task (paper)
             d = float(arith["Δ learned - fixed"].split("±")[0])
             spread = float(arith["Δ learned - fixed"].split("±")[1])
-            out += [f"Learning W changed arithmetic exact match by {d:+.1f} points (± {spread:.1f} over seeds): "
+            what = "arithmetic exact match" if arith.metric == "arithmetic" else f"{arith.metric} score"
+            out += [f"Learning W changed {what} by {d:+.1f} points (± {spread:.1f} over seeds): "
                     + ("the same score in every seed: no effect on accuracy." if d == 0 and spread == 0 else
                        "inside the seed spread, so no measurable effect." if abs(d) <= spread else
                        ("it helped." if d > 0 else "it hurt.")), ""]
@@ -474,7 +521,7 @@ def build_report(results_dir, scale: str = "mini") -> str:
             if "per pair" in v:     # finding 1: the numbers of each pair
                 detail = "; ".join(f"{pair}: " + ", ".join(f"{a} {b}" for a, b in x.items() if a != "static wins")
                                    for pair, x in v["per pair"].items())
-            out.append(f"- {k}: {_held(v['held'])} ({detail})")
+            out.append(f"- {k}: {'(stand-ins: no verdict)' if standin else _held(v['held'])} ({detail})")
         out += ["", "Seed spreads in these tables are 1-2 points: a difference under that is a direction, not a finding.",
                 "GOLD on both cross-tokenizer teachers (`phi_gold+qwen3_gold`) is the pre-X-Token multi-teacher baseline.", ""]
     return "\n".join(out) + "\n"
