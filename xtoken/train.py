@@ -526,9 +526,16 @@ class XTokenTrainer(Trainer):
         XTokenTrainer(..., teachers=[teacher], train_dataset=ds.select(subset)).train()
 
     Logged at each logging step (means since the last one, over ranks): ``ce``, ``kd``, ``kd_scale``
-    (dynamic scaling), ``kd_<teacher>``, ``alpha_<teacher>`` (adaptive weights); and every metric the
-    loss returns as ``<teacher>/<name>`` (common mass, top-1 agreement, mass lost on empty W rows, ...),
-    computed on the micro-batches of the logged step only (they cost a pass over the logits).
+    (dynamic scaling; from the micro-batches with KD > 0 only), ``kd_<teacher>``, ``alpha_<teacher>``
+    (adaptive weights), ``<teacher>/unpaired_share`` (share of the student's tokens in no chunk pair with
+    that teacher: text the two sides spell differently); and every metric the loss returns as
+    ``<teacher>/<name>`` (common mass, top-1 agreement, mass lost on empty W rows, ...), computed on the
+    micro-batches of the logged step only (they cost a pass over the logits).
+
+    Bad input (training only): teacher logits that are NaN, +inf or all -inf at a position the loss
+    reads raise `NonFiniteError` naming teacher, step, batch row and position, or with
+    ``nonfinite_teacher="skip"`` drop that optimizer step (``skipped_steps`` in the logs); a non-finite
+    training loss always raises. Under DDP every rank takes the same decision.
     """
 
     def __init__(self, model=None, args: XTokenConfig | None = None, teachers: list[Teacher] | None = None,
