@@ -99,3 +99,31 @@ def test_reused_tokenizer_and_env_report_change_nothing(memorised):
         for task in MINI_TASKS:
             assert [s["resps"] for s in raw["samples"][task]] == [s["resps"] for s in raw0["samples"][task]]
     assert len(ev._ENV_REPORT) == 1
+
+
+def test_per_item_scores_and_teacher_forced_pass(memorised, tmp_path):
+    """Per-item scores: lm-eval's exact match per item, the whole-solution match read from its generation, and
+    the teacher-forced log p of the gold solution equal to a direct one-item computation on the training ids."""
+    from xtoken.mini.items import score_items, teacher_forced
+    d, _ = memorised
+    for task in ("arithmetic", "knowledge"):
+        with open(tmp_path / f"{task}_test.jsonl", "w") as f:
+            for i, (q, a) in enumerate(ITEMS):
+                f.write(json.dumps({"idx": i, "kind": "k", "question": q, "answer": a, "text": f"{q}\n#### {a}\n\n"}) + "\n")
+    lm = load_lm(d / "model", batch_size=4)
+    df, raw = evaluate(d / "model", MINI_TASKS, data_dir=tmp_path, lm=lm, log_samples=True, return_raw=True)
+    items = score_items(lm, raw, batch=3)
+    assert len(items) == 2 * len(ITEMS)
+    assert items.exact_match.tolist() == [1.0] * 8 and items.solution_match.tolist() == [1.0] * 8
+    assert (items.pred == items.gold).all() and (items.logp_solution <= 0).all()
+    # knowledge-style items: the whole solution is the answer line
+    assert (items.logp_solution == items.logp_answer).all() and (items.n_solution == items.n_answer).all()
+    tok, model = lm.tokenizer, lm.model
+    for q, a in ITEMS[:2]:
+        full = tok(f"{q}\n#### {a}")["input_ids"]
+        n_prompt = len(tok(f"{q}\n")["input_ids"])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), -1)
+        direct = sum(float(lp[t - 1, full[t]]) for t in range(n_prompt, len(full)))
+        got = teacher_forced(model, tok, [q], [f"#### {a}"])
+        assert got.logp_solution[0] == pytest.approx(direct, abs=1e-4)

@@ -41,7 +41,7 @@ def test_corpus_shape(smoke_corpus):
     assert set(train["skill"]) == {"arithmetic", "knowledge"}
     for skill in ("arithmetic", "knowledge"):
         rows = [r for r in test if r["skill"] == skill]
-        assert 0 < len(rows) <= cfg.n_test
+        assert 0 < len(rows) <= {"arithmetic": cfg.n_test_arith, "knowledge": cfg.n_test_know}[skill]
         for r in rows:   # the answer is the one after '#### ', and the prompt is the text's prefix
             assert r["text"].startswith(r["question"] + "\n")
             assert r["text"].rstrip("\n").endswith("#### " + r["answer"])
@@ -162,3 +162,24 @@ def test_pool_dag_runs_jobs_after_their_dependencies():
     assert order == ["teacher", "cache", "run"] and out == ["RUN", "TEACHER", "CACHE"]   # results in job order
     with pytest.raises(ValueError, match="circular"):
         _pool_dag(lambda j: j, ["a", "b"], ["a", "b"], [{"b"}, {"a"}], workers=1)
+
+
+def test_test_sizes_never_change_training():
+    """Training depends on the corpus stream only: the test sizes change the test split, never the training split;
+    a larger arithmetic test set starts with the smaller one's items, and no test question is a training question."""
+    from xtoken.mini.corpus import RESERVED_ARITH
+    base = dict(n_train_arith=300, n_train_know=60, n_countries=6, n_people=10)
+    small = make_corpus(MiniConfig.preset("smoke", n_test_arith=16, n_test_know=5, **base))
+    big = make_corpus(MiniConfig.preset("smoke", n_test_arith=RESERVED_ARITH + 300, n_test_know=40, **base))
+    assert _table_hash(small["train"]) == _table_hash(big["train"])
+    arith = lambda dd: [r for r in dd["test"] if r["skill"] == "arithmetic"]   # noqa: E731
+    a_small, a_big = arith(small), arith(big)
+    assert len(a_small) == 16 and len(a_big) == RESERVED_ARITH + 300
+    assert [r["question"] for r in a_small] == [r["question"] for r in a_big[:16]]
+    q_big = [r["question"] for r in a_big]
+    assert len(set(q_big)) == len(q_big)
+    train_q = {q for q, s in zip(big["train"]["question"], big["train"]["skill"]) if s == "arithmetic"}
+    assert not train_q & set(q_big)
+    assert {r["kind"] for r in a_big[RESERVED_ARITH:]} == {"copy", "compare", "increment", "decrement", "count"}
+    know = lambda dd: [r["question"] for r in dd["test"] if r["skill"] == "knowledge"]   # noqa: E731
+    assert know(small) == know(big)[:5]

@@ -467,7 +467,22 @@ def build_report(results_dir, scale: str = "mini") -> str:
             out += ["## Single-teacher distillation (notebook 03)", "", "Scores in % (mean ± std over seeds), each "
                     "task by its usual metric (`xtoken.paper.TASK_METRICS`).", "",
                     md_table(pd.read_csv(r / name("03_table.csv"))), "", f"![scores]({name('03_scores.png')})", ""]
-    if (r / name("03_deltas.csv")).exists():
+    if (r / name("03_deltas.csv")).exists() and "verdict" in pd.read_csv(r / name("03_deltas.csv")).columns:
+        d = pd.read_csv(r / name("03_deltas.csv"), keep_default_na=False, na_values={"paper Δ": [""]})
+        out += ["### Every comparison, with its interval and verdict", "",
+                "Seed-paired differences A - B (exact match in points) over the same seeds and test items; 95% interval "
+                "from a bootstrap over seeds and items; MDE: the difference this design detects with 80% power "
+                "(`xtoken.stats`). Verdict, a rule fixed in code: **reproduced** (interval excludes 0, the paper's sign), "
+                "**contradicted** (excludes 0, the opposite sign), **inconclusive** (includes 0). The paper's Δ is its "
+                "5-benchmark average for `average` and its GSM8k for `arithmetic`; knowledge has no counterpart in the "
+                "paper. `same answer`: share of seed-paired items on which A and B give the same answer.", "",
+                md_table(d[[c for c in d.columns if c not in ("A", "B", "lo", "hi", "unit")]]), ""]
+        out += verdict_lines(d) + [""]
+        claims = d[(d["paper Δ"] == d["paper Δ"]) & (d.metric.isin(["average", "arithmetic"]))]
+        counts = claims.verdict.value_counts()
+        out += [f"Of {len(claims)} paper claims tested here (comparison × average / arithmetic): "
+                + ", ".join(f"{counts.get(v, 0)} {v}" for v in ("reproduced", "contradicted", "inconclusive")) + ".", ""]
+    elif (r / name("03_deltas.csv")).exists():
         d = pd.read_csv(r / name("03_deltas.csv"))
         out += ["### The paper's headline comparisons", "", md_table(d), ""]
         if standin:
@@ -492,6 +507,17 @@ def build_report(results_dir, scale: str = "mini") -> str:
                     + (" (the direction of Proposition 1)." if m["gold_qwen3"] < m["ce_only"] else
                        " (against Proposition 1's direction).")
                     + ("" if held or m["gold_qwen3"] >= m["ce_only"] else " The fall is short of the bar."), ""]
+    if (r / name("03_diagnostic.json")).exists():
+        diag = json.loads((r / name("03_diagnostic.json")).read_text())
+        if diag:
+            out += ["### Higher gold likelihood, worse greedy decoding: where the answers go wrong", "",
+                    "Each cross-tokenizer student against CE only on the arithmetic items: exact match, whole-solution "
+                    "match of the greedy generation, and the teacher-forced log-probability of the gold solution and of "
+                    "its answer line; then per item kind, which digit of a wrong answer differs first, and how many wrong "
+                    "answers fall in the gold's group (same first digit; same top teacher token in W's row).", "",
+                    md_table(pd.DataFrame(diag["comparisons"])[["comparison", "metric", "unit", "Δ ours", "95% interval",
+                                                                 "MDE", "verdict"]]), ""]
+            out += diagnostic_prose(diag) + [""]
     if (r / name("03_learned_w.json")).exists():
         lw = json.loads((r / name("03_learned_w.json")).read_text())
         comp = pd.DataFrame(lw["comparison"])
@@ -504,9 +530,16 @@ def build_report(results_dir, scale: str = "mini") -> str:
             d = float(arith["Δ learned - fixed"].split("±")[0])
             spread = float(arith["Δ learned - fixed"].split("±")[1])
             what = "arithmetic exact match" if arith.metric == "arithmetic" else f"{arith.metric} score"
-            out += [f"Learning W changed {what} by {d:+.1f} points (± {spread:.1f} over seeds): "
-                    + ("the same score in every seed: no effect on accuracy." if d == 0 and spread == 0 else
-                       "inside the seed spread, so no measurable effect." if abs(d) <= spread else
+            dl = (pd.read_csv(r / name("03_deltas.csv")) if (r / name("03_deltas.csv")).exists() else pd.DataFrame())
+            lrow = dl[(dl.A == "pkl_learned_qwen3") & (dl.metric == "arithmetic")] if "verdict" in dl else dl.iloc[0:0]
+            if len(lrow):
+                x = lrow.iloc[0]
+                out += [f"Learning W changed arithmetic exact match by {x['Δ ours']:+.2f} {x['95% interval']} points "
+                        f"(MDE {x.MDE:.2f}): {x.verdict}.", ""]
+            else:
+                out += [f"Learning W changed {what} by {d:+.1f} points (± {spread:.1f} over seeds): "
+                      + ("the same score in every seed: no effect on accuracy." if d == 0 and spread == 0 else
+                         "inside the seed spread, so no measurable effect." if abs(d) <= spread else
                        ("it helped." if d > 0 else "it hurt.")), ""]
         if lw.get("summary"):
             out += [md_table(pd.DataFrame(lw["summary"])), ""]
@@ -516,6 +549,20 @@ def build_report(results_dir, scale: str = "mini") -> str:
         f = json.loads((r / name("04_results.json")).read_text())["findings"]
         out += ["## Multi-teacher (notebook 04)", "", md_table(pd.read_csv(r / name("04_table.csv"))), "",
                 f"![multi-teacher]({name('04_multi_teacher.png')})", ""]
+        if (r / name("04_comparisons.csv")).exists():
+            c = pd.read_csv(r / name("04_comparisons.csv"), keep_default_na=False, na_values={"paper Δ": [""]})
+            out += ["Each finding as seed-paired comparisons (same interval, MDE and verdict rule as above); a finding is "
+                    "reproduced when every one of its comparisons is, contradicted when any one is, inconclusive "
+                    "otherwise (average rows).", "",
+                    md_table(c[["finding", "comparison", "metric", "paper Δ", "Δ ours", "95% interval", "MDE", "verdict",
+                                "same answer (%)"]]), ""]
+            for k, v in f.items():
+                if "verdict" in v:
+                    out.append(f"- {k}: **{v['verdict']}** ({v['comparisons']} comparisons: "
+                               + ", ".join(f"{a} {b}" for a, b in v["verdicts"].items()) + ")")
+            out += ["", "GOLD on both cross-tokenizer teachers (`phi_gold+qwen3_gold`) is the pre-X-Token multi-teacher "
+                    "baseline.", ""]
+            return "\n".join(out) + "\n"
         for k, v in f.items():
             detail = ", ".join(f"{a}: {b}" for a, b in v.items() if a not in ("held", "per pair"))
             if "per pair" in v:     # finding 1: the numbers of each pair
@@ -548,3 +595,235 @@ def alignment_table(text: str, student_tok, teacher_tok) -> pd.DataFrame:
         rows.append({"pos": -0.5, "text": "", "student tokens": "(unpaired)",
                      "teacher tokens": teacher_tok.convert_ids_to_tokens(t_ids[p]), "chunk": "0:1"})
     return pd.DataFrame(rows).sort_values("pos", kind="stable").drop(columns="pos").reset_index(drop=True)
+
+
+# ---- per-item comparisons: seed-paired differences, bootstrap intervals, verdicts (xtoken.stats) ---------------
+
+# (name, setting A, setting B, the paper's A - B on its 5-benchmark average, on GSM8k or None): every comparison of
+# notebook 03. The paper's numbers are its Tables 1-2 (PAPER_TABLE1 and the deltas it headlines).
+def _paper_gsm8k(a: str, b: str):
+    pa, pb = PAPER_TABLE1.get(a), PAPER_TABLE1.get(b)
+    return round(pa[1] - pb[1], 2) if pa and pb else None
+
+
+SINGLE_COMPARISONS = [(name, a, b, paper, _paper_gsm8k(a, b)) for name, a, b, paper in PAPER_DELTAS] + [
+    ("same-tokenizer KD vs CE only", "kd_llama", "ce_only", 1.77, _paper_gsm8k("kd_llama", "ce_only")),
+    ("P-KL (Qwen3) vs CE only", "pkl_qwen3", "ce_only", 2.22, _paper_gsm8k("pkl_qwen3", "ce_only")),
+    ("GOLD (Qwen3) vs CE only", "gold_qwen3", "ce_only", -1.60, _paper_gsm8k("gold_qwen3", "ce_only")),
+    ("H-KL (Phi-mini) vs CE only", "hkl_phi", "ce_only", 2.55, _paper_gsm8k("hkl_phi", "ce_only")),
+    ("P-KL learned W vs fixed W, Qwen3", "pkl_learned_qwen3", "pkl_qwen3", None, None),
+]
+ITEM_FILE_COLUMNS = ["setting", "seed", "skill", "item", "kind", "gold", "pred", "exact_match", "solution_match",
+                     "logp_solution", "logp_answer"]
+
+
+def load_items(work_dir, settings=None) -> pd.DataFrame:
+    """The per-item scores of every run (``runs/<setting>/seed<k>/items.csv``) under a miniature's work dir, with
+    setting and seed columns (empty when the runs have none, e.g. at paper scale)."""
+    frames = []
+    for f in sorted(Path(work_dir).glob("runs/*/seed*/items.csv")):
+        setting, seed = f.parent.parent.name, int(f.parent.name[len("seed"):])
+        if settings is None or setting in settings:
+            frames.append(pd.read_csv(f, dtype={"gold": str, "pred": str}, keep_default_na=False,
+                                      na_values={"logp_solution": [""], "logp_answer": [""]}).assign(setting=setting, seed=seed))
+    if not frames:
+        return pd.DataFrame(columns=ITEM_FILE_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[ITEM_FILE_COLUMNS]
+
+
+def save_items(items: pd.DataFrame, path) -> Path:
+    """The per-item scores as a gzip CSV with fixed bytes for the same content (results/0x_items.csv.gz)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    items = items[ITEM_FILE_COLUMNS].round({"logp_solution": 4, "logp_answer": 4})
+    items.to_csv(path, index=False, compression={"method": "gzip", "mtime": 0})
+    return path
+
+
+def read_items(path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"gold": str, "pred": str}, keep_default_na=False,
+                       na_values={"logp_solution": [""], "logp_answer": [""]})
+
+
+_METRICS = {   # metric -> (item column, skills, scale, unit)
+    "arithmetic": ("exact_match", ("arithmetic",), 100, "points"),
+    "knowledge": ("exact_match", ("knowledge",), 100, "points"),
+    "average": ("exact_match", ("arithmetic", "knowledge"), 100, "points"),
+    "arithmetic, first 200 items": ("exact_match", ("arithmetic",), 100, "points"),
+    "arithmetic solution match": ("solution_match", ("arithmetic",), 100, "points"),
+    "arithmetic log p(gold solution)": ("logp_solution", ("arithmetic",), 1, "nats"),
+    "arithmetic log p(gold answer line)": ("logp_answer", ("arithmetic",), 1, "nats"),
+}
+
+
+def _agreement(items: pd.DataFrame, a: str, b: str, skills) -> float:
+    """Share (%) of seed-paired items on which A and B give the same extracted answer."""
+    sub = items[items.skill.isin(list(skills))]
+    A = sub[sub.setting == a].set_index(["seed", "skill", "item"]).pred
+    B = sub[sub.setting == b].set_index(["seed", "skill", "item"]).pred
+    j = A.index.intersection(B.index)
+    return round(100 * float((A.loc[j] == B.loc[j]).mean()), 1) if len(j) else float("nan")
+
+
+def comparison_rows(items: pd.DataFrame, name: str, a: str, b: str, metrics=("arithmetic", "knowledge", "average"),
+                    paper: dict | None = None, n_boot: int = 2000) -> list[dict]:
+    """One comparison A - B on each metric: the seed-paired difference, its 95% bootstrap interval over seeds and
+    items, the MDE and the verdict (`xtoken.stats.verdict` against ``paper[metric]``'s sign; no paper number:
+    'A higher' / 'B higher' / 'inconclusive')."""
+    from .stats import compare
+    paper = paper or {}
+    rows = []
+    for m in metrics:
+        col, skills, scale, unit = _METRICS[m]
+        sub = items[items.item < 200] if m.endswith("first 200 items") else items
+        p = paper.get(m)     # a number, "> 0" / "< 0" (the paper's sign without a number), or None (no claim)
+        sign = None if p is None else (1 if p.startswith(">") else -1) if isinstance(p, str) else p
+        r = compare(sub, a, b, col, skills, paper_sign=sign, scale=scale, n_boot=n_boot)
+        rows.append({"comparison": name, "A": a, "B": b, "metric": m, "unit": unit,
+                     "paper Δ": (f"{p:+.2f}" if isinstance(p, (int, float)) else p) if p is not None else "",
+                     "Δ ours": round(r["estimate"], 2),
+                     "95% interval": f"[{r['lo']:+.2f}, {r['hi']:+.2f}]", "lo": round(r["lo"], 2),
+                     "hi": round(r["hi"], 2), "MDE": round(r["mde"], 2), "verdict": r["verdict"],
+                     "same answer (%)": _agreement(items, a, b, skills), "seeds": r["n_seeds"], "items": r["n_items"]})
+    return rows
+
+
+def single_teacher_comparisons(items: pd.DataFrame, comparisons=SINGLE_COMPARISONS, n_boot: int = 2000) -> pd.DataFrame:
+    """Every comparison of notebook 03 on arithmetic, knowledge and their average (only those whose settings ran).
+    The paper's sign: its Δavg for the average, its ΔGSM8k for arithmetic (where it gives both); knowledge has no
+    counterpart in the paper."""
+    present = set(items.setting)
+    rows = []
+    for name, a, b, p_avg, p_gsm in comparisons:
+        if {a, b} <= present:
+            rows += comparison_rows(items, name, a, b, paper={"average": p_avg, "arithmetic": p_gsm}, n_boot=n_boot)
+    return pd.DataFrame(rows)
+
+
+def multi_teacher_comparisons(items: pd.DataFrame, n_boot: int = 2000) -> tuple[pd.DataFrame, dict]:
+    """The paper's three multi-teacher findings as seed-paired comparisons (``items``: multi-teacher and single-
+    teacher runs together), each with a verdict per comparison and one for the finding (`combine_verdicts` over
+    its average rows):
+
+    1. static beats adaptive: ``<pair>@static`` vs ``<pair>@<ce|entropy|max_prob>`` for every pair run with both
+    2. the complementary pair beats the best single teacher: ``phi_hkl+llama_kl@static`` vs every single teacher
+       (all single-teacher settings but CE only and the learned W); it must beat each of them
+    3. the overlapping pair is worse: ``phi_hkl+llama_kl@static`` vs ``phi_hkl+qwen3_pkl@static``
+    """
+    from .stats import combine_verdicts
+    present = set(items.setting)
+    rows, findings = [], {}
+
+    def add(finding, name, a, b, paper):
+        if {a, b} <= present:
+            rows.extend(dict(r, finding=finding) for r in comparison_rows(items, name, a, b, paper={"average": paper},
+                                                                          n_boot=n_boot))
+    pairs = sorted({s.split("@")[0] for s in present if s.endswith("@static")})
+    f1 = "1. static beats adaptive"
+    for p in pairs:
+        for w in ("ce", "entropy", "max_prob"):
+            add(f1, f"{p}: static vs {w}", f"{p}@static", f"{p}@{w}", "> 0")
+    f2 = "2. complementary pair beats the best single teacher"
+    comp = "phi_hkl+llama_kl@static"
+    singles = [s for s in dict.fromkeys(items.setting) if "@" not in s and s not in ("ce_only", "base")
+               and "learned" not in s]
+    for s in singles:
+        add(f2, f"Phi H-KL + Llama KL vs {s}", comp, s, 1.3 if s == "hkl_phi" else "> 0")
+    f3 = "3. overlapping pair (Phi + Qwen3) is worse than Phi + Llama"
+    add(f3, "Phi + Llama vs Phi + Qwen3 (static)", comp, "phi_hkl+qwen3_pkl@static", "> 0")
+    df = pd.DataFrame(rows)
+    for f in (f1, f2, f3):
+        sub = df[(df.finding == f) & (df.metric == "average")] if len(df) else df
+        if len(sub):
+            findings[f] = {"verdict": combine_verdicts(sub.verdict), "comparisons": len(sub),
+                           "verdicts": dict(zip(sub.comparison, sub.verdict))}
+    return df, findings
+
+
+def verdict_lines(df: pd.DataFrame, metrics=("average", "arithmetic")) -> list[str]:
+    """Plain-words lines: one per comparison and metric in ``metrics`` that has a paper claim, and the average of
+    the comparisons the paper makes no claim about."""
+    out = []
+    for _, r in df.iterrows():
+        p = r["paper Δ"]
+        paper = "" if p != p or p == "" else f"{p:+.2f}" if isinstance(p, (int, float)) else str(p)
+        ours = f"ours {r['Δ ours']:+.2f} {r['95% interval']} {r.unit} (MDE {r.MDE:.2f})"
+        if paper and r.metric in metrics:
+            out.append(f"- {r.comparison}, {r.metric}: {ours} vs the paper's {paper}: **{r.verdict}**.")
+        elif not paper and r.metric == "average":
+            out.append(f"- {r.comparison}, {r.metric}: {ours}; the paper makes no claim: {r.verdict}.")
+    return out
+
+
+KIND_ORDER = ("copy", "compare", "increment", "decrement", "count")
+
+
+def greedy_diagnostic(items: pd.DataFrame, groups: dict | None = None, reference: str = "ce_only",
+                      settings=("pkl_qwen3", "hkl_qwen3"), n_boot: int = 2000) -> dict:
+    """Why a cross-tokenizer student can put more probability on the gold solution than CE only and still decode
+    greedily worse: per setting vs ``reference``, the seed-paired differences of exact match, solution match and
+    teacher-forced log p (whole solution, answer line), overall and per item kind; and where wrong answers go
+    wrong (`xtoken.mini.items.error_breakdown`: which digit, same W group as the gold). JSON-ready."""
+    from .mini.items import error_breakdown
+    present = [s for s in settings if s in set(items.setting)]
+    if reference not in set(items.setting) or not present:
+        return {}
+    rows = []
+    for s in present:
+        rows += comparison_rows(items, f"{s} vs {reference}", s, reference, n_boot=n_boot,
+                                metrics=("arithmetic", "arithmetic solution match", "arithmetic log p(gold solution)",
+                                         "arithmetic log p(gold answer line)"))
+        for kind in KIND_ORDER:
+            sub = items[(items.skill == "arithmetic") & (items.kind == kind)]
+            if len(sub):
+                rows += [dict(r, metric=f"arithmetic: {kind}") for r in
+                         comparison_rows(sub, f"{s} vs {reference}", s, reference, metrics=("arithmetic",), n_boot=n_boot)]
+    eb = error_breakdown(items, [reference, *present], groups)
+    return {"comparisons": rows,
+            "by_kind": eb["by_kind"].round(2).reset_index().to_dict(orient="records"),
+            "by_digit": eb["by_digit"].round(2).reset_index().to_dict(orient="records"),
+            "group": eb["group"].round(2).reset_index().rename(columns={"index": "measure"}).to_dict(orient="records"),
+            "teacher_forced": eb["teacher_forced"].round(3).reset_index().to_dict(orient="records"),
+            "kind_share": (100 * items[(items.skill == "arithmetic") & (items.setting == reference)
+                                       & (items.seed == items.seed.min())].kind.value_counts(normalize=True)).round(1).to_dict()}
+
+
+def diagnostic_prose(diag: dict, reference: str = "ce_only") -> list[str]:
+    """The diagnostic in plain words, generated from `greedy_diagnostic`'s numbers."""
+    if not diag:
+        return []
+    c = pd.DataFrame(diag["comparisons"])
+    out = []
+    grp = {r["measure"]: r for r in diag["group"]}
+    for s in dict.fromkeys(c.A):
+        g = c[c.A == s].set_index("metric")
+        em, lp, la, sm = (g.loc[m] for m in ("arithmetic", "arithmetic log p(gold solution)",
+                                             "arithmetic log p(gold answer line)", "arithmetic solution match"))
+        kinds = g[g.index.str.startswith("arithmetic: ")]
+        worst = kinds["Δ ours"].idxmin()
+        out.append(f"- {s} vs {reference}: exact match {em['Δ ours']:+.2f} {em['95% interval']} points ({em.verdict}), "
+                   f"whole-solution match {sm['Δ ours']:+.2f} {sm['95% interval']} ({sm.verdict}); teacher-forced log p of "
+                   f"the gold solution {lp['Δ ours']:+.3f} {lp['95% interval']} nats ({lp.verdict}), of the answer line "
+                   f"{la['Δ ours']:+.3f} {la['95% interval']} ({la.verdict}). By item kind the largest change is on "
+                   f"{worst.split(': ')[1]} items ({kinds.loc[worst, 'Δ ours']:+.2f} {kinds.loc[worst, '95% interval']}).")
+    share = diag.get("kind_share", {})
+    if share:
+        out.append("- Share of item kinds in the arithmetic test set: "
+                   + ", ".join(f"{k} {share[k]:.0f}%" for k in KIND_ORDER if k in share) + ".")
+    tf = {r["setting"]: r for r in diag["teacher_forced"]}
+    if tf:
+        out.append("- Exact match per kind (%, pooled over seeds): " + "; ".join(
+            f"{r['kind']}: " + ", ".join(f"{s} {r[s]:.1f}" for s in tf) for r in diag["by_kind"]) + ".")
+    dig = {r["where"]: r for r in diag["by_digit"]}
+    if dig and tf:
+        out.append("- Where wrong answers differ first from the gold (% of wrong answers): " + "; ".join(
+            f"{s}: " + ", ".join(f"{w} {dig[w][s]:.0f}" for w in dig) for s in tf) + ".")
+    if grp and tf:
+        parts = []
+        for s in tf:
+            row = f"{s}: {grp['same first digit as gold (%)'][s]:.0f}% same first digit"
+            if "same W top teacher token as gold (%)" in grp:
+                row += f", {grp['same W top teacher token as gold (%)'][s]:.0f}% same W top teacher token"
+            parts.append(row)
+        out.append("- Wrong numeral answers in the gold's group: " + "; ".join(parts) + ".")
+    return out

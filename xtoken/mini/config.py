@@ -8,37 +8,17 @@ Field groups (all documented inline below):
   corpus    sizes of the synthetic corpus (`xtoken.mini.corpus`) and its seed
   models    hidden size / layers / heads of the student and of each teacher family
   training  steps, batch, lr, warm-up, max_length for teachers, the base student and the grid
-  grid      seeds of the grid, n_test (test items per skill evaluated by lm-eval), workers
+  grid      seeds of the grid, the test sizes (items per skill evaluated by lm-eval), workers
 
-Sizing history (all on the 2 CPU cores here, 2 worker processes of 1 torch thread):
-
-  session 2 pilot   the sizes of `mini` below with teacher_steps 1,200 / student_steps 600 were fixed
-                    from a pilot at load 3-7 (REFERENCE §5 per-step times projected ~23 min).
-  session 3 run     the full default run took 44.7 min on the idle machine (03: 21.4 min, of which
-                    10.5 min teachers + base + caches; 04: 22.7 min for 39 runs): over budget.
-  session 4         profiling a run showed a third of a KD step in per-block loss overhead and in
-                    re-tokenizing and re-aligning the same corpus rows in every run; fixed without
-                    changing the losses' math (values agree to float rounding; loss blocks sized by an element budget, a
-                    per-worker `AlignmentMemo`, the base student copied instead of re-read, grid runs
-                    started in `prepare`'s pool while the third teacher trains). Length-grouped
-                    batches (Trainer's ``group_by_length``) were tried and dropped: 1.8x faster teacher
-                    steps, but batches became skill-homogeneous and the Qwen3 teacher fell from 67%
-                    to 0.5% exact match. The remaining gap was closed by cutting teacher_steps to
-                    1,000 and student_steps to 450 (decided from the projected time, before the run).
-                    Measured, idle machine: notebook 03 14.8 min (teachers 221-258 s each, base 28 s,
-                    grid runs 19-33 s each); the whole run 30.1 and 31.9 min (at the budget's edge).
-  session 5         no size change. Loss fixes (W's prepared entries were rebuilt on every call, GOLD/H-KL
-                    exponentiated full rows they only read slices of) made cross-tokenizer runs ~10%
-                    faster, and lm-eval's per-call tokenizer load and environment report (1.8 of 3.3 s per
-                    evaluation) are paid once per worker; scores unchanged. See README for the measured run.
-  session 6         no size change. P-KL computed from one softmax per side (values to float rounding):
-                    the default run took 24.5 min from a fresh clone, every score and table unchanged.
-  session 7         no size change. The losses gather first-token and continuation rows apart and P-KL
-                    reads its teacher on W's image only (values to float rounding): every score and
-                    table unchanged (see README for the measured run).
-
-What the sizes give (`results/`): teachers clearly above every student (Qwen3 43.5% arithmetic,
-Llama "3B" 35% / 80% knowledge, Phi 34% / 81%), a base student at 10% / 9.5%, CE-only ~18% / 42%.
+Why the sizes are what they are (all on 2 CPU cores, 2 worker processes of 1 torch thread): the models
+and steps are the largest that keep `make reproduce` (27 + 39 grid runs, 3 teachers, a base student)
+under 30 minutes while every teacher clearly beats every student (`results/`: Qwen3 ~43% arithmetic,
+Llama "3B" ~35% / 80% knowledge, Phi ~34% / 81%; base student ~10% / 9.5%, CE-only ~18% / 42%).
+Length-grouped batches (Trainer's ``group_by_length``) are not used: they make batches skill-homogeneous,
+and the Qwen3 teacher then falls from 67% to 0.5% exact match. The test sizes are set by statistical
+power, not time (`xtoken.stats`): at 3 seeds the minimum detectable effect of a seed-paired difference in
+arithmetic exact match is ~3 points with 200 items, ~1.3 with 1,200 and ~0.85 with 3,000; most of the
+variance of a paired difference at n = 200 comes from the test items, not from the seeds.
 `smoke` runs every code path in ~3 minutes, almost all of it fixed per-process costs (tokenizer
 loading, lm-eval start-up), not training.
 """
@@ -69,7 +49,12 @@ class MiniConfig:
     seed: int = 0                      # corpus seed (world, problems, splits)
     n_train_arith: int = 6000          # arithmetic word problems in the training split
     n_train_know: int = 3000           # knowledge documents (biographies + QA) in the training split
-    n_test: int = 200                  # held-out test items per skill (lm-eval evaluates these)
+    n_test_arith: int = 1200           # arithmetic test items. Never changes training: the first 200 are the
+                                       # items drawn first from the corpus stream (always held out of training),
+                                       # the rest come from their own stream. 1,200 puts the 3-seed minimum
+                                       # detectable effect at ~1.3 points (~3 at 200) within the time budget
+    n_test_know: int = 200             # knowledge test items, capped at the held-out facts (126 at these world
+                                       # sizes: 252 facts, half of them asked in training). Never changes training
     n_countries: int = 24              # invented countries of the knowledge world
     n_people: int = 60                 # invented people of the knowledge world
     know_qa_train_frac: float = 0.5    # share of facts whose QA form is in train (the rest -> test)
@@ -80,12 +65,12 @@ class MiniConfig:
     teacher_phi: ModelSize = field(default_factory=lambda: ModelSize(128, 4, 4))     # "Phi-4-mini"
     max_length: int = 160              # tokens per training sequence (longest tokenization fits)
     # ---- training ----------------------------------------------------------------------------
-    teacher_steps: int = 1000          # 1,200 until session 4; cut with student_steps to fit the 30-minute budget
+    teacher_steps: int = 1000          # the most that fits the 30-minute budget with student_steps (~4 min/teacher)
     teacher_batch: int = 32
     teacher_lr: float = 3e-3
     base_steps: int = 800              # the base student ("no distillation" row): short CE pre-training
     base_lr: float = 3e-3
-    student_steps: int = 450           # every grid run (CE-only and KD alike); 600 until session 4 (44.7-minute run)
+    student_steps: int = 450           # every grid run (CE-only and KD alike); 600 would take ~45 minutes in all
     student_batch: int = 16
     student_lr: float = 1e-3
     warmup_ratio: float = 0.05
@@ -111,7 +96,7 @@ class MiniConfig:
             cfg = cls(name="pilot", seeds=(0,))
         elif name == "smoke":
             cfg = cls(
-                name="smoke", n_train_arith=200, n_train_know=100, n_test=16, n_countries=6, n_people=10,
+                name="smoke", n_train_arith=200, n_train_know=100, n_test_arith=16, n_test_know=16, n_countries=6, n_people=10,
                 student=ModelSize(32, 1, 2), teacher_llama=ModelSize(32, 1, 2), teacher_qwen=ModelSize(32, 1, 2),
                 teacher_phi=ModelSize(32, 1, 2), teacher_steps=4, teacher_batch=8, base_steps=3,
                 student_steps=4, student_batch=4, seeds=(0,), workers=1, diag_every=2,

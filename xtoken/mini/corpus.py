@@ -38,7 +38,7 @@ import random
 from pathlib import Path
 
 __all__ = ["make_corpus", "save_corpus", "load_corpus", "write_task_files", "CorpusOutOfVocab",
-           "SKILLS", "ANSWER_MARK"]
+           "SKILLS", "ANSWER_MARK", "RESERVED_ARITH", "arithmetic_test_items"]
 
 SKILLS = ("arithmetic", "knowledge")
 ANSWER_MARK = "#### "
@@ -201,31 +201,57 @@ def knowledge_items(rng: random.Random, world: dict, n_train: int, n_test: int, 
     return train, test
 
 
+# The first RESERVED_ARITH unique arithmetic items of the corpus stream are held out of training whatever the
+# test size: training items are drawn after them from the same stream, so this count (not a config field) fixes
+# the training split. They are the first rows of the arithmetic test set (the whole test set at n = 200).
+RESERVED_ARITH = 200
+
+
+def arithmetic_test_items(seed: int, n: int, reserved: list, train_questions: set) -> list:
+    """The arithmetic test set: the first ``min(n, len(reserved))`` reserved items, then items of the
+    test stream ``Random("test-arithmetic-<seed>")`` whose question is neither in training nor already in
+    the test set. Depends on the training split, never the other way round."""
+    out = list(reserved[:n])
+    seen = {it["question"] for it in out}
+    rng = random.Random(f"test-arithmetic-{seed}")
+    while len(out) < n:
+        it = arithmetic_item(rng)
+        if it["question"] not in seen and it["question"] not in train_questions:
+            seen.add(it["question"])
+            out.append(it)
+    return out
+
+
 def make_corpus(cfg, tokenizers: dict | None = None, keep: dict | None = None):
     """Build the corpus as a `datasets.DatasetDict` with splits ``train`` and ``test``.
 
     Columns: idx (int, stable row id), skill, kind, question, text, answer.
     ``tokenizers`` {name: tokenizer} with ``keep`` {name: set of kept ids}: every text is checked.
+    The training split depends on ``seed``, ``n_train_*``, the world's sizes and ``know_qa_train_frac`` only:
+    the test sizes (``n_test_arith``, ``n_test_know``) never change it. Test rows: the arithmetic items
+    (the first `RESERVED_ARITH` of them are the items drawn first from the corpus stream), then the
+    knowledge items.
     """
     from datasets import Dataset, DatasetDict
 
     rng = random.Random(f"corpus-{cfg.seed}")
-    arith_test_q: set = set()
-    arith_test = []
-    while len(arith_test) < cfg.n_test:
+    reserved_q: set = set()
+    reserved = []
+    while len(reserved) < RESERVED_ARITH:
         it = arithmetic_item(rng)
-        if it["question"] not in arith_test_q:
-            arith_test_q.add(it["question"])
-            arith_test.append(it)
+        if it["question"] not in reserved_q:
+            reserved_q.add(it["question"])
+            reserved.append(it)
     arith_train = []
     while len(arith_train) < cfg.n_train_arith:
         it = arithmetic_item(rng)
-        if it["question"] not in arith_test_q:   # no test question seen in training
+        if it["question"] not in reserved_q:   # no reserved (test) question seen in training
             arith_train.append(it)
     world = make_world(cfg.seed, cfg.n_countries, cfg.n_people)
-    know_train, know_test = knowledge_items(rng, world, cfg.n_train_know, cfg.n_test, cfg.know_qa_train_frac)
+    know_train, know_test = knowledge_items(rng, world, cfg.n_train_know, cfg.n_test_know, cfg.know_qa_train_frac)
     train = arith_train + know_train
     rng.shuffle(train)
+    arith_test = arithmetic_test_items(cfg.seed, cfg.n_test_arith, reserved, {it["question"] for it in arith_train})
     test = arith_test + know_test
     for r in train + test:   # every document ends with a blank line: lm-eval's stop sequence
         r["text"] = r["text"] + END
@@ -285,6 +311,6 @@ def write_task_files(dd, out_dir) -> dict:
             for r in test:
                 if r["skill"] == skill:
                     f.write(json.dumps({"idx": r["idx"], "kind": r["kind"], "question": r["question"],
-                                        "answer": r["answer"]}) + "\n")
+                                        "answer": r["answer"], "text": r["text"]}) + "\n")
         paths[skill] = str(p)
     return paths

@@ -144,12 +144,28 @@ def train_model(model, tok, dataset, out_dir, *, steps, batch, lr, seed, max_len
 
 
 def evaluate_model(model_dir, out_dir, cfg: MiniConfig, limit=None) -> dict:
-    """lm-eval exact match per skill {skill: value} on the held-out test split."""
-    from xtoken.evaluate import evaluate
+    """lm-eval exact match per skill {skill: value} on the held-out test split, plus the per-item scores
+    (`xtoken.mini.items.score_items`: lm-eval's own greedy generations and one teacher-forced pass) written to
+    ``model_dir/items.csv``; the returned dict adds per skill the solution match and the mean teacher-forced
+    log-probability of the gold solution, and ``arithmetic_200`` (exact match on the first 200 arithmetic items)."""
+    from xtoken.evaluate import evaluate, load_lm
+
+    from .items import score_items
     t0 = time.time()
-    df = evaluate(model_dir, [f"xtoken_mini_{s}" for s in SKILLS], data_dir=Path(out_dir) / "tasks",
-                  batch_size=cfg.eval_batch_size, max_gen_toks=cfg.max_gen_toks, limit=limit)
+    lm = load_lm(model_dir, batch_size=cfg.eval_batch_size)
+    df, raw = evaluate(model_dir, [f"xtoken_mini_{s}" for s in SKILLS], data_dir=Path(out_dir) / "tasks",
+                       max_gen_toks=cfg.max_gen_toks, limit=limit, lm=lm, log_samples=True, return_raw=True)
     scores = {r.task.replace("xtoken_mini_", ""): r.value for r in df.itertuples()}
+    t1 = time.time()
+    items = score_items(lm, raw, batch=cfg.eval_batch_size)
+    items.to_csv(Path(model_dir) / "items.csv", index=False)
+    for s in SKILLS:
+        g = items[items.skill == s]
+        scores[f"{s}_solution_match"] = float(g.solution_match.mean())
+        scores[f"{s}_logp_solution"] = float(g.logp_solution.mean())
+    a = items[(items.skill == "arithmetic") & (items.item < 200)]
+    scores["arithmetic_200"] = float(a.exact_match.mean())
+    scores["items_wall_s"] = time.time() - t1
     scores["eval_wall_s"] = time.time() - t0
     return scores
 
@@ -489,6 +505,14 @@ def _load_w(out_dir, teacher):
     return Projection.load(_projection_path(out_dir, teacher))
 
 
+def w_groups(out_dir, teacher: str = "qwen3") -> dict:
+    """{numeral: W's top teacher token of its student token} for a teacher's restricted W in ``out_dir``
+    (`xtoken.mini.items.w_first_token_groups`)."""
+    from .items import w_first_token_groups
+    v = load_vocabs(out_dir)
+    return w_first_token_groups(_load_w(out_dir, teacher), v["llama"].tok, v[FAMILY_TOKENIZER[teacher]].tok)
+
+
 _WORKER: dict = {}
 
 
@@ -619,8 +643,8 @@ def run_grid(cfg: MiniConfig, settings, seeds=None, out_dir=".", *, workers=None
                         desc=f"{len(todo)} runs ({len(done) - len(todo)} done before)")
     for (i, _, _), r in zip(todo, results):
         done[i] = r
-    keep = ["setting", "label", "seed", "arithmetic", "knowledge", "numeral_mass", "digit_split", "single_digit",
-            "train_wall_s", "eval_wall_s", "wall_s"]
+    keep = ["setting", "label", "seed", "arithmetic", "knowledge", "arithmetic_200", "numeral_mass", "digit_split",
+            "single_digit", "train_wall_s", "eval_wall_s", "wall_s"]
     rows = []
     for r in done:
         row = {k: r.get(k) for k in keep}
