@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from xtoken.align import Alignment, align
-from xtoken.losses import (_prepared, dynamic_kd_scale, gold_loss, h_kl_loss, hybrid_divergence, kl_loss,
-                           p_kl_divergence, p_kl_loss, project_to_teacher, uld_loss, generalized_kl, sorted_l1)
+from xtoken.losses import (dynamic_kd_scale, generalized_kl, gold_loss, h_kl_loss, hybrid_divergence, kl_loss,
+                           p_kl_divergence, p_kl_loss, project_to_teacher, sorted_l1, uld_loss, w_plan)
 from xtoken.projection import EMPTY, EXACT, MULTI, Projection, build_projection
 
 # ---- a tiny W: student a, b, ab, c, <empty>; teacher a, b, c, d ---------------------------------
@@ -246,8 +246,8 @@ def w_llama_qwen(llama, qwen):
 def test_projected_mass_is_one_minus_empty_rows(w_llama_qwen):
     W = w_llama_qwen
     p = torch.softmax(torch.randn(2, W.student_vocab_size, generator=torch.Generator().manual_seed(0)) * 3, -1)
-    prep = _prepared(W, "pkl", W.student_vocab_size, W.teacher_vocab_size, "cpu")
-    r = project_to_teacher(p, prep["rows"], prep["cols"], prep["w"], W.teacher_vocab_size)
+    plan = w_plan(W, W.student_vocab_size, W.teacher_vocab_size, "cpu")
+    r = project_to_teacher(p, plan.rows, plan.cols, plan.w, W.teacher_vocab_size)
     empty = p[:, W.row_kind == EMPTY].sum(-1)
     assert (W.row_kind == EMPTY).any()
     assert torch.allclose(r.sum(-1), 1 - empty, atol=1e-5)
@@ -276,19 +276,19 @@ def test_proposition_1(llama, qwen, w_llama_qwen):
     t_logits[0, t_tok.index("0")] += 2
     q_t = torch.softmax(t_logits, -1)
 
-    prep = _prepared(Wr, "gold", v_s, v_t, "cpu")
-    uncommon = prep["s_uncommon"]
+    plan = w_plan(Wr, v_s, v_t, "cpu", "exact")
+    uncommon = plan.pairing.s_uncommon
     multi_digit = torch.tensor([i for i, x in enumerate(s_tok) if x.isdigit() and len(x) > 1])
     assert set(multi_digit.tolist()) <= set(uncommon.tolist())      # Table 8: no multi-digit numeral in C
-    d, *_ = hybrid_divergence(torch.log_softmax(z, -1), q_t, prep, uld_weight=0.0)
+    d, *_ = hybrid_divergence(torch.log_softmax(z, -1), q_t, plan, uld_weight=0.0)
     (grad,) = torch.autograd.grad(d.sum(), z)
     p = torch.softmax(z, -1).detach()
-    m_c = q_t[0, prep["t_common"]].sum()
+    m_c = q_t[0, plan.pairing.t_common].sum()
     ratio = grad[0, uncommon] / (p[0, uncommon] * m_c)
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-10)
     assert (grad[0, uncommon] > 0).all()
 
-    prep_p = _prepared(Wr, "pkl", v_s, v_t, "cpu")
+    prep_p = w_plan(Wr, v_s, v_t, "cpu")
     d, *_ = p_kl_divergence(torch.log_softmax(z, -1), q_t, prep_p)
     (grad,) = torch.autograd.grad(d.sum(), z)
     pushed_up = grad[0, multi_digit] < 0
@@ -365,21 +365,21 @@ def test_projected_kl_fast_path_matches_autograd_reference(direction, seed, v_t,
     entries per teacher column (30 ids: mostly scatter-add) and mostly one (400 ids: mostly gather)."""
     v_s = 40
     W = _random_projection(v_s, v_t, k, seed)
-    prep = _prepared(W, "pkl", v_s, v_t, "cpu")
+    plan = w_plan(W, v_s, v_t, "cpu")
     g = torch.Generator().manual_seed(seed + 10)
     z = (torch.randn(5, v_s, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
     q_t = torch.softmax(torch.randn(5, v_t, generator=g, dtype=torch.float64) * 3, -1) * 0.9
     q_t[0, :4] = 0                                                          # zero teacher entries
-    w = prep["w"].double().requires_grad_(True)
-    d, r, image, _ = p_kl_divergence(torch.log_softmax(z, -1), q_t, prep, direction, w)
+    w = plan.w.double().requires_grad_(True)
+    d, r, image, _ = p_kl_divergence(torch.log_softmax(z, -1), q_t, plan, direction, w)
     scale = torch.rand(5, generator=g, dtype=torch.float64)
     gz, gw = torch.autograd.grad((d * scale).sum(), (z, w))
 
-    r_ref = project_to_teacher(torch.softmax(z, -1), prep["rows"], prep["cols"], w, v_t)
+    r_ref = project_to_teacher(torch.softmax(z, -1), plan.rows, plan.cols, w, v_t)
     d_ref = generalized_kl(q_t, r_ref) if direction == "forward" else generalized_kl(r_ref, q_t)
     gz_ref, gw_ref = torch.autograd.grad((d_ref * scale).sum(), (z, w))
     assert torch.allclose(d, d_ref, atol=1e-10, rtol=1e-10)
-    assert torch.allclose(r, r_ref[:, image], atol=1e-12) and (r_ref[:, ~prep["image"]] == 0).all()
+    assert torch.allclose(r, r_ref[:, image], atol=1e-12) and (r_ref[:, ~plan.image] == 0).all()
     assert torch.allclose(gz, gz_ref, atol=1e-9, rtol=1e-8)
     assert torch.allclose(gw, gw_ref, atol=1e-9, rtol=1e-8)
 
@@ -429,7 +429,7 @@ def test_metrics_off_changes_nothing_but_the_metrics(name):
 def test_default_blocks_follow_the_vocabulary_width():
     """chunk_size=None: 64 chunks at Qwen3's width (256 positions for kl at Llama's), all of a small
     batch at narrow vocabularies; same value and gradient as explicit blocks; bad sizes refused."""
-    from xtoken.losses import BLOCK_ELEMENTS, KL_BLOCK_ELEMENTS, _block_size
+    from xtoken.losses.engine import BLOCK_ELEMENTS, KL_BLOCK_ELEMENTS, block_size as _block_size
     assert _block_size(None, 151_936, BLOCK_ELEMENTS, 64) == 64
     assert _block_size(None, 128_256, KL_BLOCK_ELEMENTS, 256) == 256
     assert _block_size(None, 1_362, BLOCK_ELEMENTS, 64) == 7_139        # the miniature: one block per batch
@@ -451,14 +451,14 @@ def test_cpu_blocks_keep_every_side_within_the_budget(monkeypatch):
     """On CPU the default blocks hold at most budget // width token rows on *each* side (the teacher's
     multi-token chunks count), cover the chunks in order, give a wider-than-budget chunk a block of its own,
     and change nothing but the summation order."""
-    from xtoken import losses
+    from xtoken.losses import engine as losses
     s_starts = np.array([0, 1, 2, 3, 4, 5, 6, 7])                       # 7 chunks, one student token each
     t_starts = np.array([0, 2, 3, 8, 9, 10, 12, 13])                   # teacher: 2, 1, 5, 1, 1, 2, 1 tokens
-    bounds = losses._block_bounds(7, None, [s_starts, t_starts], [10, 10], budget=30)   # 3 rows per side
+    bounds = losses.block_bounds(7, None, [s_starts, t_starts], [10, 10], budget=30)   # 3 rows per side
     assert bounds == [(0, 2), (2, 3), (3, 5), (5, 7)]                   # chunk 2 (5 teacher rows) alone
     for lo, hi in bounds:
         assert hi - lo >= 1 and (t_starts[hi] - t_starts[lo] <= 3 or hi - lo == 1)
-    assert losses._block_bounds(7, 3, [s_starts, t_starts], [10, 10], budget=30) == [(0, 3), (3, 6), (6, 7)]
+    assert losses.block_bounds(7, 3, [s_starts, t_starts], [10, 10], budget=30) == [(0, 3), (3, 6), (6, 7)]
     s, t, aligns = tiny_inputs(batch=3, seed=7)
     outs = {}
     for budget in (losses.CPU_BLOCK_ELEMENTS, 6):                      # one block; one or two rows per block
@@ -478,7 +478,7 @@ def test_cpu_blocks_keep_every_side_within_the_budget(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_fast_argmax_is_torchs(dtype):
     """numpy's argmax on CPU: the same index as torch's, first maximum on ties."""
-    from xtoken.losses import _argmax
+    from xtoken.losses.engine import argmax as _argmax
     x = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)).to(dtype)
     x[1, 10] = x[1, 500] = x[1].max() + 1                              # a tie: the first wins
     x[2] = 0
@@ -487,40 +487,44 @@ def test_fast_argmax_is_torchs(dtype):
 
 @pytest.mark.parametrize("width", [5, 372, 8192, 20_000])
 def test_rowdot_narrow_and_wide_paths(width):
-    from xtoken.losses import _rowdot
+    from xtoken.losses.engine import rowdot as _rowdot
     g = torch.Generator().manual_seed(width)
     x, y = torch.rand(7, width, generator=g, dtype=torch.float64), torch.rand(7, width, generator=g, dtype=torch.float64)
     assert torch.allclose(_rowdot(x, y), (x * y).sum(-1), rtol=1e-12)
     assert _rowdot(x[:0], y[:0]).shape == (0,)
 
 
-def test_prepared_w_is_cached_per_projection():
-    """`_prepared` builds W's flat entries once per (projection, loss, widths, device) and returns the cached
-    dict afterwards: the cache must neither rebuild every call (1 ms per loss call at mini vocabularies) nor
-    grow with the number of calls (a leak of W-sized tensors per training step). Regression: a loop variable
-    once shadowed the cache key, so every call missed and stored a new entry."""
-    from xtoken import losses as L
+def test_w_plan_is_cached_per_projection_and_bounded():
+    """`w_plan` builds W's flat entries once per (projection, pairing, widths, device) and returns the cached
+    plan afterwards: the cache must neither rebuild every call (1 ms per loss call at mini vocabularies) nor
+    grow with the number of calls (a leak of W-sized tensors per training step: a cache key that changes at
+    every call would do that), and it holds at most PLAN_CACHE_SIZE plans."""
+    from xtoken.losses import plan as P
     W = _random_projection(40, 30, 3, 0)
-    first = L._prepared(W, "hkl", 40, 30, "cpu")
-    n = len(L._PREP)
+    first = P.w_plan(W, 40, 30, "cpu", "top1")
+    n = len(P._PLANS)
     for _ in range(5):
-        assert L._prepared(W, "hkl", 40, 30, "cpu") is first
-    assert len(L._PREP) == n
-    assert L._prepared(W, "pkl", 40, 30, "cpu") is not first                  # another loss: another entry
+        assert P.w_plan(W, 40, 30, "cpu", "top1") is first
+    assert len(P._PLANS) == n
+    assert P.w_plan(W, 40, 30, "cpu") is not first                            # another loss: another entry
+    for width in range(P.PLAN_CACHE_SIZE + 3):                                # more plans than the bound
+        P.w_plan(W, 40, 30 - width % 10, "cpu", None if width % 2 else "exact")
+        assert len(P._PLANS) <= P.PLAN_CACHE_SIZE
 
 
 def test_chunk_plan_is_the_rows_token_tables_stacked(llama, qwen):
-    """The batched `_chunk_plan` equals `Alignment.token_table` row by row, chunk indices running on across
+    """The batched `chunk_tables` equals `Alignment.token_table` row by row, chunk indices running on across
     rows (rows of different lengths and padding, one row without predictable chunks)."""
     from xtoken.align import align
-    from xtoken.losses import _chunk_plan
+    from xtoken.losses.plan import chunk_tables
     texts = ["Tom has 201 apples and 35 pears.", "Hello", "Zürich's 1999 budget: 12,345.67 francs."]
     aligns = []
     for i, t in enumerate(texts):
         s, q = llama.encode(t, add_special_tokens=False), qwen.encode(t, add_special_tokens=False)
         pad = [0] * i                                                       # left padding, masks say so
         aligns.append(align(pad + s, q, llama, qwen, student_mask=[0] * i + [1] * len(s)))
-    sides, n = _chunk_plan(aligns, "cpu")
+    tables = chunk_tables(aligns, "cpu")
+    n = tables.n_chunks
     assert n == sum(int(a.predictable.sum()) for a in aligns)
     for side in ("student", "teacher"):
         base, want = 0, [[] for _ in range(5)]
@@ -529,7 +533,8 @@ def test_chunk_plan_is_the_rows_token_tables_stacked(llama, qwen):
             for lst, x in zip(want, (np.full(len(pos), b), pos, ids, off, chunk + base)):
                 lst.append(x)
             base += int(a.predictable.sum())
-        for got, parts in zip(sides[side], want):
+        table = getattr(tables, side)
+        for got, parts in zip((table.row, table.pos, table.ids, table.offset, table.chunk), want):
             assert got.tolist() == np.concatenate(parts).tolist()
 
 
@@ -541,16 +546,16 @@ def test_hybrid_from_teacher_log_probs_matches_probabilities(kind, direction, ne
     gradient and common mass; also when the teacher has -inf logits (0 log 0 = 0, no NaN)."""
     v_s, v_t = 40, 30
     W = _random_projection(v_s, v_t, 3, 1)
-    prep = _prepared(W, kind, v_s, v_t, "cpu")
+    plan = w_plan(W, v_s, v_t, "cpu", {"gold": "exact", "hkl": "top1"}[kind])
     g = torch.Generator().manual_seed(3)
     z = (torch.randn(6, v_s, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
     t = torch.randn(6, v_t, generator=g, dtype=torch.float64) * 3
     if neg_inf:
-        t[:, prep["t_common"][:3]] = -torch.inf
+        t[:, plan.pairing.t_common[:3]] = -torch.inf
     log_q_t = torch.log_softmax(t, -1)
     out = {}
     for name, args in (("q", (log_q_t.exp(), None)), ("log", (None, log_q_t))):
-        d, gm, q_t_c = hybrid_divergence(torch.log_softmax(z, -1), args[0], prep, direction, log_q_t=args[1])
+        d, gm, q_t_c = hybrid_divergence(torch.log_softmax(z, -1), args[0], plan, direction, log_q_t=args[1])
         out[name] = (d.detach(), torch.autograd.grad(d.sum(), z)[0], gm, q_t_c)
     assert torch.isfinite(out["log"][0]).all()
     for a, b in zip(out["q"], out["log"]):
@@ -559,21 +564,22 @@ def test_hybrid_from_teacher_log_probs_matches_probabilities(kind, direction, ne
 
 @pytest.mark.parametrize("t_spans", [T_SPANS, [(1, 2), (2, 5), (5, 6)]])   # every chunk longer; one-token chunks too
 def test_w_merge_image_is_the_full_merge_read_on_the_image(t_spans):
-    """P-KL's teacher side (`_w_merge_image`: first and continuation rows gathered apart, (C2) formed at full
+    """P-KL's teacher side (`w_merge_image`: first and continuation rows gathered apart, (C2) formed at full
     width for the longer chunks only) == `teacher_merge(..., "w")` read on W's image: q_T there, sum q_T log q_T,
     the mass off the image and argmax q_T."""
-    from xtoken import losses as L
+    from xtoken.losses.chunks import split_rows, teacher_merge, w_merge_image
+    from xtoken.losses.plan import chunk_tables
     s, t, _ = tiny_inputs()
     aligns = [manual_alignment(S_IDS, T_IDS, S_SPANS, t_spans)] * 2
-    prep = L._prepared(tiny_projection(), "pkl", 5, 4, "cpu")
-    sides, n = L._chunk_plan(aligns, "cpu")
-    table = L._block(sides["teacher"], 0, n)
-    x_first, x_rest, rest, _ = L._split_rows(t, table, 4, 2.0)
-    q_ti, neg_ent, off, top = L._w_merge_image(x_first, x_rest, table, rest, n, G, prep)
-    b, p, ids, offset, chunk = table
-    q = L.teacher_merge(torch.log_softmax(t[b, p, :4] / 2.0, -1), chunk, ids, offset, n, "w", G)
-    assert prep["off_image_ids"].tolist() == [3]                          # no student row reaches teacher id 3
-    assert torch.allclose(q_ti, q[:, prep["image_ids"]], atol=1e-12)
+    plan = w_plan(tiny_projection(), 5, 4, "cpu")
+    tables = chunk_tables(aligns, "cpu")
+    n = tables.n_chunks
+    table = tables.teacher.block(0, n)
+    q_ti, neg_ent, off, top = w_merge_image(split_rows(t, table, 4, 2.0), table, n, G, plan)
+    b, p, ids, offset, chunk = table.row, table.pos, table.ids, table.offset, table.chunk
+    q = teacher_merge(torch.log_softmax(t[b, p, :4] / 2.0, -1), chunk, ids, offset, n, "w", G)
+    assert plan.off_image_ids.tolist() == [3]                             # no student row reaches teacher id 3
+    assert torch.allclose(q_ti, q[:, plan.image_ids], atol=1e-12)
     assert torch.allclose(neg_ent, torch.xlogy(q, q).sum(-1), atol=1e-12)
     assert torch.allclose(off, q[:, 3], atol=1e-12)
     assert torch.equal(top, q.argmax(-1))

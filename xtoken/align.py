@@ -145,10 +145,7 @@ class Alignment:
             raise IndexError(f"chunk indices must lie in 0..{len(self) - 1} (this alignment has {len(self)} chunks)")
         spans = (self.student_spans if student else self.teacher_spans)[chunks]
         ids = self.student_ids if side == "student" else self.teacher_ids
-        lens = spans[:, 1] - spans[:, 0]
-        chunk = np.repeat(np.arange(len(chunks)), lens)
-        offset = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-        pos = np.repeat(spans[:, 0], lens) + offset
+        chunk, pos, offset = span_tokens(spans)
         return chunk, pos - 1, ids[pos], offset
 
     def chunk_bytes(self, k: int, student_tok, teacher_tok) -> tuple[bytes, bytes]:
@@ -158,6 +155,16 @@ class Alignment:
         (a, b), (c, d) = self.student_spans[k], self.teacher_spans[k]
         return (_gather_bytes(byte_table(student_tok), self.student_ids[a:b]).tobytes(),
                 _gather_bytes(byte_table(teacher_tok), self.teacher_ids[c:d]).tobytes())
+
+
+def span_tokens(spans: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every token of the spans [n, 2] (token ranges [a, b)), in order: (its span's index, its position, its
+    offset in its span), each [sum of the span lengths] int64. The one token table of chunk spans: the
+    losses' batched tables (`xtoken.losses.plan.chunk_tables`) are these over a batch's spans."""
+    lens = spans[:, 1] - spans[:, 0]
+    chunk = np.repeat(np.arange(len(spans)), lens)
+    offset = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    return chunk, np.repeat(spans[:, 0], lens) + offset, offset
 
 
 def _text_walk(s_bytes, s_ends, t_bytes, t_ends, window: int, agree_bytes: int):
