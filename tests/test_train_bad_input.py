@@ -444,7 +444,8 @@ def test_corpus_text_tokenizes_as_the_plain_tokenizer_does(llama, qwen):
     student, _ = col.tokenize(texts)
     assert student == llama(texts, truncation=True, max_length=64)["input_ids"]
     for tok in (llama, qwen):
-        assert xt._encode(tok, texts, 128)["input_ids"] == tok(texts, truncation=True, max_length=128)["input_ids"]
+        from xtoken.hf.collator import encode
+        assert encode(tok, texts, 128)["input_ids"] == tok(texts, truncation=True, max_length=128)["input_ids"]
 
 
 # ---- DDP ----------------------------------------------------------------------------------------

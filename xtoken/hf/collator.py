@@ -1,0 +1,215 @@
+"""`DistillCollator`: text rows -> a training batch (student ids and labels, each teacher's ids and chunk
+alignments, cached teacher log-probs), the text prepared the same way for every side."""
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+
+import torch
+
+from .teacher import Teacher
+
+logger = logging.getLogger(__name__)
+
+
+def encode(tok, texts: list[str], max_length: int, offsets: bool = False):
+    """Tokenize without padding (lists of ids), truncated to max_length tokens.
+
+    Corpus text is text: a special-token string in it (``<|endoftext|>``, ``<|im_end|>``) is spelled with
+    ordinary tokens (``split_special_tokens=True``), never turned into the control token; the specials
+    the tokenizer adds by itself (Llama's BOS) stay."""
+    return tok(texts, truncation=True, max_length=max_length, add_special_tokens=True, split_special_tokens=True,
+               return_offsets_mapping=offsets, return_attention_mask=False)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NORMAL_FORM = re.compile(r'"type"\s*:\s*"(NFKC|NFKD|NFC|NFD)"')
+
+
+def normal_forms(tok) -> set[str]:
+    """The Unicode normal forms (NFC, NFKC, NFD, NFKD) the tokenizer's own normalizer applies to text."""
+    norm = getattr(getattr(tok, "backend_tokenizer", None), "normalizer", None)
+    if norm is None:
+        return set()
+    try:
+        spec = norm.__getstate__()
+    except Exception:   # a normalizer that cannot describe itself: assume none
+        return set()
+    return set(_NORMAL_FORM.findall(spec.decode() if isinstance(spec, bytes) else str(spec)))
+
+
+def _pick_form(forms: set[str]) -> str | None:
+    """One form that satisfies every normalizer in ``forms``: a compatibility form (NFKC/NFKD) covers its
+    canonical one (NFKC text is NFC text). Composed and decomposed forms together cannot both hold: the
+    composed one is used and a warning says so."""
+    composed, decomposed = forms & {"NFKC", "NFC"}, forms & {"NFKD", "NFD"}
+    if composed and decomposed:
+        logger.warning("the tokenizers normalize text to %s: no one form suits all; using %s",
+                       sorted(forms), "NFKC" if "NFKC" in composed else "NFC")
+    for form in ("NFKC", "NFC", "NFKD", "NFD"):
+        if form in forms:
+            return form
+    return None
+
+
+def pad(rows: list[list[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists to [B, L] with an attention mask."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), fill, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+class DistillCollator:
+    """Dataset rows with a ``text`` column (and optionally ``idx``) -> a training batch.
+
+    The student tokenizes each text, truncated to ``max_length`` tokens; the text is then cut at the
+    end of the student's last token, so every teacher sees exactly the same text (a teacher's own
+    tokenization is truncated to ``teacher_max_length``, default 2 x max_length). Chunk alignments
+    (`xtoken.align.align_batch`) are computed here, so with ``dataloader_num_workers > 0`` they
+    overlap the training step. Cached teacher log-probabilities (``Teacher.cache``) are looked up here
+    by ``idx`` too. ``memo``: an `xtoken.align.AlignmentMemo` that keeps every row's tokenizations and
+    alignments for the next time the same text comes by (epochs, or many runs over one corpus in one
+    process); batches are identical with or without it.
+
+    Text is prepared before any tokenizer sees it, the same way for the student and every teacher
+    (`prepare_texts`), so chunk pairs pair the same characters:
+
+    - undecodable text: a lone UTF-16 surrogate (``"abc\\ud800def"``, from a broken JSON escape or a
+      bad decode) has no UTF-8 form and crashes a tokenizer. Surrogate pairs split into two code
+      units are joined into their character; a lone surrogate becomes U+FFFD (the replacement
+      character). Each repaired row is logged (a warning naming the row: its ``idx``, else its place
+      in the batch) and counted in ``repaired_rows``.
+    - Unicode normal form (``normalize="auto"``): when a tokenizer's own normalizer rewrites text
+      (Qwen3: NFC), the text is brought to that form first for every side; otherwise a decomposed
+      (NFD) text reaches the student as written and the teacher composed, and their bytes disagree at
+      every accent (160 of 282 student tokens unpaired in a German NFD sample). The form used is
+      ``normal_form`` (None: no tokenizer normalizes, the text is left as written); pass
+      ``normalize=None`` to switch this off or a form ("NFC", ...) to force one. Text already in the
+      form (all ASCII text, the miniature's corpus) is untouched.
+    - special-token strings in the text stay text (see `encode`).
+
+    Empty texts are kept: they give rows without targets (zero loss, no NaN).
+
+    Batch layout::
+
+        input_ids, attention_mask, labels   [B, L] student (labels: ids, padding -> -100)
+        idx                                 [B] dataset row indices (when rows have ``idx``)
+        teachers: {name: {input_ids, attention_mask [B, L_m], alignments: list[Alignment] | None,
+                          logprobs [B, L_m, V_m] float16 (only with a cache)}}
+    """
+
+    def __init__(self, student_tokenizer, teachers: list[Teacher], max_length: int = 512,
+                 teacher_max_length: int | None = None, memo=None, normalize: str | None = "auto"):
+        self.student_tokenizer = student_tokenizer
+        self.memo = memo
+        self.teachers = list(teachers)
+        self.max_length = max_length
+        self.teacher_max_length = teacher_max_length or 2 * max_length
+        if normalize == "auto":
+            forms = normal_forms(student_tokenizer)
+            for t in self.teachers:
+                forms |= normal_forms(t.tokenizer)
+            normalize = _pick_form(forms)
+        if normalize not in (None, "NFC", "NFKC", "NFD", "NFKD"):
+            raise ValueError(f"normalize must be 'auto', None, 'NFC', 'NFKC', 'NFD' or 'NFKD', not {normalize!r}")
+        self.normal_form = normalize
+        self.repaired_rows = 0
+        for t in self.teachers:   # 'kl' compares positions 1:1, so it reuses the student's ids
+            if t.loss == "kl" and t.tokenizer is not student_tokenizer:
+                from ..tokenizers import tokenizer_fingerprint
+                if tokenizer_fingerprint(t.tokenizer) != tokenizer_fingerprint(student_tokenizer):
+                    raise ValueError(f"teacher {t.name!r} uses loss 'kl' but its tokenizer is not the student's; "
+                                     "use a cross-tokenizer loss (p_kl, h_kl, gold, uld) with a projection")
+            if t.loss != "kl" and hasattr(t.projection, "check_tokenizers"):
+                t.projection.check_tokenizers(student_tokenizer, t.tokenizer, source=f"W of teacher {t.name!r}")
+
+    def prepare_texts(self, texts: list[str], names: list | None = None) -> list[str]:
+        """The texts every side tokenizes: surrogates repaired, brought to ``normal_form`` (see the class
+        docstring). ``names``: how warnings name each row (default: its place in ``texts``)."""
+        out = list(texts)
+        for i, text in enumerate(out):
+            if not isinstance(text, str):
+                raise TypeError(f"row {names[i] if names else i}: text must be a str, not {type(text).__name__}")
+            if text.isascii():                       # the common case: nothing to repair or normalize
+                continue
+            if _SURROGATE.search(text):
+                n = len(_SURROGATE.findall(text))
+                text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+                self.repaired_rows += 1
+                logger.warning("row %s: %d UTF-16 surrogate code unit(s) in the text; pairs joined, lone ones "
+                               "replaced by U+FFFD (%d row(s) repaired so far)",
+                               names[i] if names else i, n, self.repaired_rows)
+            if self.normal_form and not unicodedata.is_normalized(self.normal_form, text):
+                text = unicodedata.normalize(self.normal_form, text)
+            out[i] = text
+        return out
+
+    def tokenize(self, texts: list[str], names: list | None = None) -> tuple[list[list[int]], dict[str, list[list[int]]]]:
+        """Student ids and each teacher's ids of the same (prepared, student-truncated) texts, unpadded."""
+        texts = self.prepare_texts(texts, names)
+        pairs = self._memoized(("student", self.student_tokenizer, self.max_length), texts, self._student_ids)
+        student, cut = [p[0] for p in pairs], [p[1] for p in pairs]
+        teachers = {}
+        for t in self.teachers:
+            if t.loss == "kl" or t.tokenizer is self.student_tokenizer:
+                teachers[t.name] = student
+            else:
+                teachers[t.name] = self._memoized(("teacher", t.tokenizer, self.teacher_max_length), cut,
+                                                  lambda xs, tok=t.tokenizer: encode(tok, xs, self.teacher_max_length)["input_ids"])
+        return student, teachers
+
+    def _student_ids(self, texts: list[str]) -> list[tuple[list[int], str]]:
+        """(ids, text cut at the end of the last kept token) per text."""
+        enc = encode(self.student_tokenizer, texts, self.max_length, offsets=True)
+        return [(ids, text[:max((e for _, e in offs), default=0)])
+                for ids, text, offs in zip(enc["input_ids"], texts, enc["offset_mapping"])]
+
+    def _memoized(self, what: tuple, texts: list[str], encode) -> list:
+        """encode(texts), reading rows seen before from ``self.memo`` (the misses are encoded in one call).
+        Keys hold the tokenizer's id; values keep the tokenizer alive, so an id is never reused meanwhile."""
+        if self.memo is None:
+            return encode(texts)
+        kind, tok, length = what
+        keys = [("tokens", kind, id(tok), length, x) for x in texts]
+        out = [self.memo.get(k) for k in keys]
+        miss = [i for i, v in enumerate(out) if v is None]
+        if miss:
+            for i, v in zip(miss, encode([texts[i] for i in miss])):
+                out[i] = (v, tok)
+                self.memo.put(keys[i], out[i])
+        return [v[0] for v in out]
+
+    def __call__(self, rows: list[dict]) -> dict:
+        from ..align import align_batch
+
+        texts = [r["text"] for r in rows]
+        names = [f"idx {r['idx']}" if "idx" in r else f"{i} of the batch" for i, r in enumerate(rows)]
+        student, per_teacher = self.tokenize(texts, names)
+        ids, mask = pad(student, pad_id(self.student_tokenizer))
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        if rows and "idx" in rows[0]:
+            batch["idx"] = torch.tensor([int(r["idx"]) for r in rows], dtype=torch.long)
+        batch["teachers"] = {}
+        for t in self.teachers:
+            t_ids, t_mask = pad(per_teacher[t.name], pad_id(t.tokenizer))
+            entry = {"input_ids": t_ids, "attention_mask": t_mask, "alignments": None}
+            if t.loss != "kl":
+                entry["alignments"] = align_batch(ids, t_ids, self.student_tokenizer, t.tokenizer,
+                                                  student_mask=mask, teacher_mask=t_mask, memo=self.memo)
+            if t.cache is not None:
+                if "idx" not in batch:
+                    raise KeyError(f"teacher {t.name!r} has a cache: dataset rows need an 'idx' column")
+                entry["logprobs"] = t.cache.rows(batch["idx"], t_ids.shape[1], per_teacher[t.name])
+            batch["teachers"][t.name] = entry
+        return batch
+
+
