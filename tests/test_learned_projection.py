@@ -1,4 +1,4 @@
-"""Learned W (xtoken.projection.LearnableProjection, issue 8): simplex, identity at theta = 0,
+"""Learned W (xtoken.learned_projection.LearnableProjection): simplex, identity at theta = 0,
 gradients only through P-KL, same file format and tokenizer check as a built W."""
 from pathlib import Path
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from xtoken.losses import gold_loss, h_kl_loss, p_kl_loss
-from xtoken.projection import EMPTY, EXACT, MULTI, LearnableProjection, Projection, ProjectionMismatch
+from xtoken.learned_projection import LearnableProjection
+from xtoken.projection import EMPTY, EXACT, MULTI, Projection, ProjectionMismatch
 
 from test_losses import tiny_inputs
 
