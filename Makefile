@@ -10,7 +10,7 @@ NBVAL_NOTEBOOKS := notebooks/01_projection_matrix.ipynb notebooks/02_numeral_aud
 # the paper-scale stand-ins that tests/nbval_paper_smoke/*.ipynb read (built by `make test`, deterministic)
 PAPER_SMOKE := runs/nbval-paper-smoke
 
-.PHONY: setup reproduce smoke paper-smoke test nbval-refs bench gpu-check lab clean
+.PHONY: setup reproduce smoke paper-smoke test nbval-refs bench gpu-check lab lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ nbval-refs: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+## the notebooks in JupyterLab
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+## ruff: lint and formatting check
+lint: $(STAMP)
+	$(BIN)/ruff check xtoken tests benchmarks
+	$(BIN)/ruff format --check xtoken tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs

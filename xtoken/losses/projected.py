@@ -123,7 +123,7 @@ def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, plan: WPlan, direc
 
     log_q_s [n, V_S] float (log q_S, may require grad), q_t [n, V_T] (probabilities), ``plan`` from
     `xtoken.losses.w_plan`; ``w``: W's non-zero entries in the plan's order (default ``plan.w``), a tensor that
-    requires grad to learn them (`xtoken.projection.LearnableProjection`). (`p_kl_loss` never forms log q_S nor
+    requires grad to learn them (`xtoken.learned_projection.LearnableProjection`). (`p_kl_loss` never forms log q_S nor
     the full q_T.) Returns (d [n], r [n, n_image] = W^T q_S on W's image only, ``image`` the teacher ids of r's
     columns (r is zero on every other id), q_S = exp(log_q_s) [n, V_S] without gradient)."""
     w = plan.w if w is None else w
