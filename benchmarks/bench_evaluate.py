@@ -7,7 +7,7 @@ directory. A tiny Llama-tokenized student (the real restricted Llama tokenizer, 
 random weights: the cost measured is lm-eval's, not the answers') is saved once and scored on both
 mini tasks over ``--items`` synthetic questions each. Two ways, alternated, steady state (each warmed
 up once):
-  lm-eval   `HFLM(pretrained=dir)` + `simple_evaluate`, as before session 5: the tokenizer parsed from
+  lm-eval   `HFLM(pretrained=dir)` + `simple_evaluate` as a plain call: the tokenizer parsed from
             the directory and torch's environment report (pip and conda in subprocesses) on every call,
             ``doc_to_target`` as the template ``{{answer}}`` (compiled per document)
   xtoken    `xtoken.evaluate.evaluate`: the same call with the directory's tokenizer and the environment

@@ -1,6 +1,6 @@
 """Cost of a two-teacher XTokenTrainer step against one teacher plus the second teacher's forward.
 
-Issue 5's target: a two-teacher step costs at most the single-teacher step plus the second
+The target: a two-teacher step costs at most the single-teacher step plus the second
 teacher's forward plus 15%:
 
     ratio = T2 / (T1 + F2)      (target <= 1.15)

@@ -297,7 +297,7 @@ def test_ddp_two_ranks_agree(tmp_path, small, loss):
             "W must be learned"
 
 
-# ---- learned W (issue 8) ------------------------------------------------------------------------
+# ---- learned W ---------------------------------------------------------------------------------
 
 def _learn(tmp_path, stok, ttok, W, **kw):
     student = tiny_llama()
