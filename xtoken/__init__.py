@@ -14,6 +14,7 @@ neither torch nor transformers):
 
 The paper reproduction (`xtoken.mini`, `xtoken.paper`, `xtoken.report`, `xtoken.pipeline`) is imported by module.
 """
+
 from importlib import import_module
 
 __version__ = "0.1.0"
@@ -35,7 +36,7 @@ __all__ = [name for names in _EXPORTS.values() for name in names]
 
 def __getattr__(name: str):
     module = _MODULE_OF.get(name)
-    if module is None:   # not an exported name (a submodule, say: `from xtoken import paper` imports it)
+    if module is None:  # not an exported name (a submodule, say: `from xtoken import paper` imports it)
         raise AttributeError(f"module 'xtoken' has no attribute {name!r}")
     value = getattr(import_module(f".{module}", __name__), name)
     globals()[name] = value

@@ -1,4 +1,5 @@
 """W with trainable row weights (`LearnableProjection`): the paper's optional fine-tuning of W with P-KL."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,10 @@ class LearnableProjection(torch.nn.Module):
     def __init__(self, projection: Projection):
         super().__init__()
         if projection.is_learned:
-            raise ValueError("start a LearnableProjection from a built W (Projection.load the built file; "
-                             "to continue a learned one, use load_state)")
+            raise ValueError(
+                "start a LearnableProjection from a built W (Projection.load the built file; "
+                "to continue a learned one, use load_state)"
+            )
         self.base = projection
         n_entries = (projection.indices >= 0).sum(1)
         trainable = (projection.row_kind == MULTI) & (n_entries >= 2)
@@ -39,10 +42,11 @@ class LearnableProjection(torch.nn.Module):
         self.register_buffer("rows", trainable.nonzero().squeeze(1), persistent=False)
         w0 = self.w0[self.rows]
         self.register_buffer("mask", (w0 > 0), persistent=False)
-        self.register_buffer("log_w0", torch.where(self.mask, w0.clamp_min(1e-30).log(), torch.zeros_like(w0)),
-                             persistent=False)
+        self.register_buffer(
+            "log_w0", torch.where(self.mask, w0.clamp_min(1e-30).log(), torch.zeros_like(w0)), persistent=False
+        )
         self.theta = torch.nn.Parameter(torch.zeros_like(w0))
-        self.base_digest = projection.digest()                             # what a saved learned W records
+        self.base_digest = projection.digest()  # what a saved learned W records
 
     @property
     def n_trainable_rows(self) -> int:
@@ -52,15 +56,15 @@ class LearnableProjection(torch.nn.Module):
         """[n_trainable_rows, k]: S * softmax(log W0 + theta), computed so that theta = 0 gives W0 exactly."""
         w0 = self.w0.index_select(0, self.rows)
         t = self.theta.masked_fill(~self.mask, float("-inf"))
-        e = torch.exp(t - t.amax(1, keepdim=True))                         # softmax's shift (0 at theta = 0)
-        num = w0 * e                                                       # = exp(log W0 + theta - max)
+        e = torch.exp(t - t.amax(1, keepdim=True))  # softmax's shift (0 at theta = 0)
+        num = w0 * e  # = exp(log W0 + theta - max)
         return num * (w0.sum(1, keepdim=True) / num.sum(1, keepdim=True))
 
     def weights(self) -> torch.Tensor:
         """[V_S, k], like ``Projection.weights``; differentiable w.r.t. theta."""
         return self.w0.index_put((self.rows,), self.row_weights())
 
-    forward = weights     # so torch.func.functional_call(lp, {"theta": t}) evaluates W at other parameters
+    forward = weights  # so torch.func.functional_call(lp, {"theta": t}) evaluates W at other parameters
 
     def row_changes(self) -> torch.Tensor:
         """[n_trainable_rows]: L1 distance of each trainable row to its built weights."""
@@ -69,10 +73,22 @@ class LearnableProjection(torch.nn.Module):
 
     def to_projection(self) -> Projection:
         """The current W as a plain Projection (kind "learned"), for saving or for GOLD/H-KL/inspection."""
-        meta = dict(self.base.meta, kind="learned", learned_from=self.base_digest,
-                    learned_from_kind=self.base.meta.get("kind", "built"), trainable_rows=self.n_trainable_rows)
-        return Projection(self.base.indices.clone(), self.weights().detach().cpu().clone(), self.base.row_kind.clone(),
-                          self.base.teacher_vocab_size, meta, self.base.student_tok, self.base.teacher_tok)
+        meta = dict(
+            self.base.meta,
+            kind="learned",
+            learned_from=self.base_digest,
+            learned_from_kind=self.base.meta.get("kind", "built"),
+            trainable_rows=self.n_trainable_rows,
+        )
+        return Projection(
+            self.base.indices.clone(),
+            self.weights().detach().cpu().clone(),
+            self.base.row_kind.clone(),
+            self.base.teacher_vocab_size,
+            meta,
+            self.base.student_tok,
+            self.base.teacher_tok,
+        )
 
     def save(self, path) -> Path:
         """The learned W in `Projection` format, plus ``theta`` (so training can resume exactly)."""
@@ -81,13 +97,16 @@ class LearnableProjection(torch.nn.Module):
     def load_state(self, path) -> "LearnableProjection":
         """Restore theta from a file written by `save` (refused unless it was learned from this W)."""
         from safetensors import safe_open
+
         meta, _ = _read_file(path)
         with safe_open(str(path), framework="pt") as f:
             if "theta" not in f.keys() or "theta_rows" not in f.keys():
                 raise ProjectionFileError(f"{path}: no theta: not a learned W written by LearnableProjection.save")
             if meta.get("learned_from") != self.base_digest:
-                raise ProjectionMismatch(f"{path} was learned from another W (digest {meta.get('learned_from')}), "
-                                         f"not this one ({self.base_digest})")
+                raise ProjectionMismatch(
+                    f"{path} was learned from another W (digest {meta.get('learned_from')}), "
+                    f"not this one ({self.base_digest})"
+                )
             theta, rows = f.get_tensor("theta"), f.get_tensor("theta_rows")
         if not torch.equal(rows, self.rows.cpu()):
             raise ProjectionMismatch(f"{path}: trainable rows differ from this W's")
@@ -105,6 +124,13 @@ class LearnableProjection(torch.nn.Module):
         for i in order.tolist():
             s = int(self.rows[i])
             k = self.mask[i]
-            out.append({"row": s, "teacher_ids": self.base.indices[s][k.cpu()].tolist(),
-                        "before": w0[i][k].tolist(), "after": w[i][k].tolist(), "l1_change": float(dist[i])})
+            out.append(
+                {
+                    "row": s,
+                    "teacher_ids": self.base.indices[s][k.cpu()].tolist(),
+                    "before": w0[i][k].tolist(),
+                    "after": w[i][k].tolist(),
+                    "l1_change": float(dist[i]),
+                }
+            )
         return out

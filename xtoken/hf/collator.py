@@ -1,5 +1,6 @@
 """`DistillCollator`: text rows -> a training batch (student ids and labels, each teacher's ids and chunk
 alignments, cached teacher log-probs), the text prepared the same way for every side."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,15 @@ def encode(tok, texts: list[str], max_length: int, offsets: bool = False):
     Corpus text is text: a special-token string in it (``<|endoftext|>``, ``<|im_end|>``) is spelled with
     ordinary tokens (``split_special_tokens=True``), never turned into the control token; the specials
     the tokenizer adds by itself (Llama's BOS) stay."""
-    return tok(texts, truncation=True, max_length=max_length, add_special_tokens=True, split_special_tokens=True,
-               return_offsets_mapping=offsets, return_attention_mask=False)
+    return tok(
+        texts,
+        truncation=True,
+        max_length=max_length,
+        add_special_tokens=True,
+        split_special_tokens=True,
+        return_offsets_mapping=offsets,
+        return_attention_mask=False,
+    )
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -34,7 +42,7 @@ def normal_forms(tok) -> set[str]:
         return set()
     try:
         spec = norm.__getstate__()
-    except Exception:   # a normalizer that cannot describe itself: assume none
+    except Exception:  # a normalizer that cannot describe itself: assume none
         return set()
     return set(_NORMAL_FORM.findall(spec.decode() if isinstance(spec, bytes) else str(spec)))
 
@@ -45,8 +53,11 @@ def _pick_form(forms: set[str]) -> str | None:
     composed one is used and a warning says so."""
     composed, decomposed = forms & {"NFKC", "NFC"}, forms & {"NFKD", "NFD"}
     if composed and decomposed:
-        logger.warning("the tokenizers normalize text to %s: no one form suits all; using %s",
-                       sorted(forms), "NFKC" if "NFKC" in composed else "NFC")
+        logger.warning(
+            "the tokenizers normalize text to %s: no one form suits all; using %s",
+            sorted(forms),
+            "NFKC" if "NFKC" in composed else "NFC",
+        )
     for form in ("NFKC", "NFC", "NFKD", "NFD"):
         if form in forms:
             return form
@@ -59,8 +70,8 @@ def pad(rows: list[list[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(rows), width), fill, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
     return ids, mask
 
 
@@ -107,8 +118,15 @@ class DistillCollator:
                           logprobs [B, L_m, V_m] float16 (only with a cache)}}
     """
 
-    def __init__(self, student_tokenizer, teachers: list[Teacher], max_length: int = 512,
-                 teacher_max_length: int | None = None, memo=None, normalize: str | None = "auto"):
+    def __init__(
+        self,
+        student_tokenizer,
+        teachers: list[Teacher],
+        max_length: int = 512,
+        teacher_max_length: int | None = None,
+        memo=None,
+        normalize: str | None = "auto",
+    ):
         self.student_tokenizer = student_tokenizer
         self.memo = memo
         self.teachers = list(teachers)
@@ -123,12 +141,15 @@ class DistillCollator:
             raise ValueError(f"normalize must be 'auto', None, 'NFC', 'NFKC', 'NFD' or 'NFKD', not {normalize!r}")
         self.normal_form = normalize
         self.repaired_rows = 0
-        for t in self.teachers:   # 'kl' compares positions 1:1, so it reuses the student's ids
+        for t in self.teachers:  # 'kl' compares positions 1:1, so it reuses the student's ids
             if t.loss == "kl" and t.tokenizer is not student_tokenizer:
                 from ..tokenizers import tokenizer_fingerprint
+
                 if tokenizer_fingerprint(t.tokenizer) != tokenizer_fingerprint(student_tokenizer):
-                    raise ValueError(f"teacher {t.name!r} uses loss 'kl' but its tokenizer is not the student's; "
-                                     "use a cross-tokenizer loss (p_kl, h_kl, gold, uld) with a projection")
+                    raise ValueError(
+                        f"teacher {t.name!r} uses loss 'kl' but its tokenizer is not the student's; "
+                        "use a cross-tokenizer loss (p_kl, h_kl, gold, uld) with a projection"
+                    )
             if t.loss != "kl" and hasattr(t.projection, "check_tokenizers"):
                 t.projection.check_tokenizers(student_tokenizer, t.tokenizer, source=f"W of teacher {t.name!r}")
 
@@ -139,21 +160,27 @@ class DistillCollator:
         for i, text in enumerate(out):
             if not isinstance(text, str):
                 raise TypeError(f"row {names[i] if names else i}: text must be a str, not {type(text).__name__}")
-            if text.isascii():                       # the common case: nothing to repair or normalize
+            if text.isascii():  # the common case: nothing to repair or normalize
                 continue
             if _SURROGATE.search(text):
                 n = len(_SURROGATE.findall(text))
                 text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
                 self.repaired_rows += 1
-                logger.warning("row %s: %d UTF-16 surrogate code unit(s) in the text; pairs joined, lone ones "
-                               "replaced by U+FFFD (%d row(s) repaired so far)",
-                               names[i] if names else i, n, self.repaired_rows)
+                logger.warning(
+                    "row %s: %d UTF-16 surrogate code unit(s) in the text; pairs joined, lone ones "
+                    "replaced by U+FFFD (%d row(s) repaired so far)",
+                    names[i] if names else i,
+                    n,
+                    self.repaired_rows,
+                )
             if self.normal_form and not unicodedata.is_normalized(self.normal_form, text):
                 text = unicodedata.normalize(self.normal_form, text)
             out[i] = text
         return out
 
-    def tokenize(self, texts: list[str], names: list | None = None) -> tuple[list[list[int]], dict[str, list[list[int]]]]:
+    def tokenize(
+        self, texts: list[str], names: list | None = None
+    ) -> tuple[list[list[int]], dict[str, list[list[int]]]]:
         """Student ids and each teacher's ids of the same (prepared, student-truncated) texts, unpadded."""
         texts = self.prepare_texts(texts, names)
         pairs = self._memoized(("student", self.student_tokenizer, self.max_length), texts, self._student_ids)
@@ -163,15 +190,20 @@ class DistillCollator:
             if t.loss == "kl" or t.tokenizer is self.student_tokenizer:
                 teachers[t.name] = student
             else:
-                teachers[t.name] = self._memoized(("teacher", t.tokenizer, self.teacher_max_length), cut,
-                                                  lambda xs, tok=t.tokenizer: encode(tok, xs, self.teacher_max_length)["input_ids"])
+                teachers[t.name] = self._memoized(
+                    ("teacher", t.tokenizer, self.teacher_max_length),
+                    cut,
+                    lambda xs, tok=t.tokenizer: encode(tok, xs, self.teacher_max_length)["input_ids"],
+                )
         return student, teachers
 
     def _student_ids(self, texts: list[str]) -> list[tuple[list[int], str]]:
         """(ids, text cut at the end of the last kept token) per text."""
         enc = encode(self.student_tokenizer, texts, self.max_length, offsets=True)
-        return [(ids, text[:max((e for _, e in offs), default=0)])
-                for ids, text, offs in zip(enc["input_ids"], texts, enc["offset_mapping"])]
+        return [
+            (ids, text[: max((e for _, e in offs), default=0)])
+            for ids, text, offs in zip(enc["input_ids"], texts, enc["offset_mapping"])
+        ]
 
     def _memoized(self, what: tuple, texts: list[str], encode) -> list:
         """encode(texts), reading rows seen before from ``self.memo`` (the misses are encoded in one call).
@@ -203,13 +235,18 @@ class DistillCollator:
             t_ids, t_mask = pad(per_teacher[t.name], pad_id(t.tokenizer))
             entry = {"input_ids": t_ids, "attention_mask": t_mask, "alignments": None}
             if t.loss != "kl":
-                entry["alignments"] = align_batch(ids, t_ids, self.student_tokenizer, t.tokenizer,
-                                                  student_mask=mask, teacher_mask=t_mask, memo=self.memo)
+                entry["alignments"] = align_batch(
+                    ids,
+                    t_ids,
+                    self.student_tokenizer,
+                    t.tokenizer,
+                    student_mask=mask,
+                    teacher_mask=t_mask,
+                    memo=self.memo,
+                )
             if t.cache is not None:
                 if "idx" not in batch:
                     raise KeyError(f"teacher {t.name!r} has a cache: dataset rows need an 'idx' column")
                 entry["logprobs"] = t.cache.rows(batch["idx"], t_ids.shape[1], per_teacher[t.name])
             batch["teachers"][t.name] = entry
         return batch
-
-

@@ -1,4 +1,5 @@
 """A frozen teacher (`Teacher`) and the check of its logits for non-finite values at the positions a loss reads."""
+
 from __future__ import annotations
 
 import math
@@ -26,6 +27,7 @@ class Teacher:
     logits), required for every loss except ``kl``; ``kl`` needs a teacher that shares the student's
     tokenizer. ``cache``: optional `TeacherCache`; when set, the teacher model is never run in training.
     """
+
     name: str
     model: Any
     tokenizer: Any
@@ -45,8 +47,6 @@ class Teacher:
             raise ValueError(f"Teacher {self.name!r}: weight must be finite and >= 0, not {self.weight!r}")
 
 
-
-
 def check_finite(teacher: Teacher, t_logits: torch.Tensor, entry: dict, inputs: dict, step: int) -> None:
     """Raise `NonFiniteTeacher` when the teacher's logits [B, L_m, V_m] hold NaN or +inf, or a whole row of -inf,
     at a position the loss reads (a real token under the teacher's attention mask in ``entry``, the collator's
@@ -60,8 +60,15 @@ def check_finite(teacher: Teacher, t_logits: torch.Tensor, entry: dict, inputs: 
     bad = []
     for b, p in suspect.nonzero().tolist():
         row = t_logits[b, p]
-        kind = ("NaN" if bool(torch.isnan(row).any()) else "+inf" if bool(torch.isposinf(row).any())
-                else "-inf everywhere" if bool(torch.isneginf(row).all()) else None)
+        kind = (
+            "NaN"
+            if bool(torch.isnan(row).any())
+            else "+inf"
+            if bool(torch.isposinf(row).any())
+            else "-inf everywhere"
+            if bool(torch.isneginf(row).all())
+            else None
+        )
         if kind is not None:
             bad.append((b, p, kind))
     if not bad:
@@ -73,4 +80,5 @@ def check_finite(teacher: Teacher, t_logits: torch.Tensor, entry: dict, inputs: 
         f"teacher {teacher.name!r}: non-finite {source} ({kind}) at step {step}, "
         f"batch row {b}{idx}, position {p} (teacher token id {int(entry['input_ids'][b, p])}); "
         f"{len(bad)} of {int(used.sum())} used positions affected. Set nonfinite_teacher='skip' to skip "
-        "such steps instead of stopping")
+        "such steps instead of stopping"
+    )

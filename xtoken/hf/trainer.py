@@ -32,6 +32,7 @@ One step, per micro-batch:
     loss            = ce_weight * CE + kd_weight * KD * stopgrad(CE / KD)  if dynamic_kd_scale
                       ce_weight * CE + kd_weight * KD                       otherwise
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,10 +57,18 @@ class NonFiniteError(RuntimeError):
     ``XTokenConfig.nonfinite_teacher``)."""
 
 
-def teacher_kd_loss(teacher: Teacher, student_logits: torch.Tensor, student_mask: torch.Tensor,
-                    teacher_logits: torch.Tensor, teacher_mask: torch.Tensor, alignments,
-                    temperature: float = 1.0, chunk_size: int | None = None,
-                    projection_weights: torch.Tensor | None = None, metrics: bool = True) -> tuple[torch.Tensor, dict]:
+def teacher_kd_loss(
+    teacher: Teacher,
+    student_logits: torch.Tensor,
+    student_mask: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    alignments,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    projection_weights: torch.Tensor | None = None,
+    metrics: bool = True,
+) -> tuple[torch.Tensor, dict]:
     """KD loss of one teacher on one batch; the only place that knows `xtoken.losses`' signatures.
 
     ``student_logits`` [B, L, V_S] with grad; ``teacher_logits`` [B, L_m, V_m] (logits, or cached
@@ -78,8 +87,10 @@ def teacher_kd_loss(teacher: Teacher, student_logits: torch.Tensor, student_mask
         kw["chunk_size"] = chunk_size
     if teacher.loss == "kl":
         if teacher_logits.shape[1] != student_logits.shape[1]:
-            raise ValueError(f"teacher {teacher.name!r} uses loss 'kl' but its sequence length differs from the "
-                             "student's: 'kl' needs the student's tokenizer")
+            raise ValueError(
+                f"teacher {teacher.name!r} uses loss 'kl' but its sequence length differs from the "
+                "student's: 'kl' needs the student's tokenizer"
+            )
         mask = (student_mask.bool() & teacher_mask.bool()).to(student_logits.device)
         return losses.kl_loss(student_logits, teacher_logits, mask, **kw)
     if alignments is None:
@@ -95,6 +106,7 @@ def teacher_kd_loss(teacher: Teacher, student_logits: torch.Tensor, student_mask
 
 
 # ---- the trainer --------------------------------------------------------------------------------
+
 
 class XTokenTrainer(Trainer):
     """`transformers.Trainer` for X-Token distillation.
@@ -128,19 +140,31 @@ class XTokenTrainer(Trainer):
     training loss always raises. Under DDP every rank takes the same decision.
     """
 
-    def __init__(self, model=None, args: XTokenConfig | None = None, teachers: list[Teacher] | None = None,
-                 data_collator=None, processing_class=None, callbacks=None, **kwargs):
+    def __init__(
+        self,
+        model=None,
+        args: XTokenConfig | None = None,
+        teachers: list[Teacher] | None = None,
+        data_collator=None,
+        processing_class=None,
+        callbacks=None,
+        **kwargs,
+    ):
         if args is None:
             args = XTokenConfig(output_dir="xtoken_out")
         if args.remove_unused_columns:
-            raise ValueError("XTokenTrainer needs remove_unused_columns=False: the collator reads the raw 'text' "
-                             "(and 'idx') columns, which the student's forward signature does not name")
+            raise ValueError(
+                "XTokenTrainer needs remove_unused_columns=False: the collator reads the raw 'text' "
+                "(and 'idx') columns, which the student's forward signature does not name"
+            )
         self.teachers = list(teachers or [])
         if len({t.name for t in self.teachers}) != len(self.teachers):
             raise ValueError("teacher names must be unique")
         if self.teachers and args.teacher_weighting == "static" and not sum(t.weight for t in self.teachers) > 0:
-            raise ValueError("static teacher weighting needs a teacher with weight > 0 (Teacher.weight: "
-                             f"{[t.weight for t in self.teachers]})")
+            raise ValueError(
+                "static teacher weighting needs a teacher with weight > 0 (Teacher.weight: "
+                f"{[t.weight for t in self.teachers]})"
+            )
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class (the student tokenizer) or a data_collator")
@@ -149,8 +173,14 @@ class XTokenTrainer(Trainer):
         if getattr(args, "loss_curve", False):
             callbacks.append(LossCurveCallback())
         callbacks.append(_DropSkippedStep(self))
-        super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class,
-                         callbacks=callbacks, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            **kwargs,
+        )
         # our compute_loss returns per-micro-batch means; Trainer then divides by the accumulation steps
         self.model_accepts_loss_kwargs = False
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
@@ -175,8 +205,12 @@ class XTokenTrainer(Trainer):
         self.learned_projections: dict[str, torch.nn.Module] = {}
         if args.learn_projection:
             from ..learned_projection import LearnableProjection
-            self.learned_projections = {t.name: LearnableProjection(t.projection).to(self.args.device)
-                                        for t in self.teachers if t.loss == "p_kl"}
+
+            self.learned_projections = {
+                t.name: LearnableProjection(t.projection).to(self.args.device)
+                for t in self.teachers
+                if t.loss == "p_kl"
+            }
             if not self.learned_projections:
                 raise ValueError("learn_projection=True needs at least one teacher with loss 'p_kl'")
 
@@ -193,7 +227,7 @@ class XTokenTrainer(Trainer):
         return opt
 
     def _sync_projection_grads(self, params):
-        if self._skip_at == self.state.global_step + 1:   # a dropped step: W's gradients are gone too
+        if self._skip_at == self.state.global_step + 1:  # a dropped step: W's gradients are gone too
             return
         if self.args.world_size > 1 and torch.distributed.is_initialized():
             for p in params:
@@ -220,8 +254,9 @@ class XTokenTrainer(Trainer):
                 f = Path(path) / f"learned_W_{name}.safetensors"
                 if f.exists():
                     lp.load_state(f)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
+        )
 
     # -- one step --
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -232,7 +267,7 @@ class XTokenTrainer(Trainer):
         if self._skip_at != step:
             if self._step_loss_at != step:
                 self._step_loss_at, self._step_loss = step, loss
-            else:                                          # gradient accumulation: the step's running sum
+            else:  # gradient accumulation: the step's running sum
                 self._step_loss = self._step_loss + loss
             return loss
         back = -self._step_loss if self._step_loss_at == step else torch.zeros_like(loss)
@@ -250,9 +285,9 @@ class XTokenTrainer(Trainer):
     def _will_log(self) -> bool:
         """Whether the step being computed ends on a logging step (the loss metrics are needed only then)."""
         if not self.model.training or self.args.logging_strategy != "steps":
-            return True                                  # evaluation, or epoch-wise logging: always
+            return True  # evaluation, or epoch-wise logging: always
         step = self.state.global_step + 1
-        every = int(getattr(self.state, "logging_steps", None) or self.args.logging_steps)   # Trainer resolves ratios
+        every = int(getattr(self.state, "logging_steps", None) or self.args.logging_steps)  # Trainer resolves ratios
         return (step == 1 and self.args.logging_first_step) or step % max(1, every) == 0
 
     def _projection_weights(self, teacher: Teacher) -> torch.Tensor | None:
@@ -261,7 +296,7 @@ class XTokenTrainer(Trainer):
 
     def _ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy, in float32, over ``loss_chunk_size`` positions at a time."""
-        if logits.shape[1] < 2:   # no row has a next token (every text empty): zero, still on the graph
+        if logits.shape[1] < 2:  # no row has a next token (every text empty): zero, still on the graph
             return logits.float().sum() * 0.0
         logits, labels = logits[:, :-1], labels[:, 1:]
         flat_logits = logits.reshape(-1, logits.shape[-1])
@@ -270,20 +305,29 @@ class XTokenTrainer(Trainer):
         step = self.args.loss_chunk_size or flat_labels.numel()
         total = flat_logits.new_zeros((), dtype=torch.float32)
         for a in range(0, flat_labels.numel(), step):
-            total = total + F.cross_entropy(flat_logits[a:a + step].float(), flat_labels[a:a + step],
-                                            ignore_index=-100, reduction="sum")
+            total = total + F.cross_entropy(
+                flat_logits[a : a + step].float(), flat_labels[a : a + step], ignore_index=-100, reduction="sum"
+            )
         return total / n
 
     def _kd_per_sample(self, teacher: Teacher, logits, mask, t_logits, entry) -> tuple[torch.Tensor, dict]:
         """[B] KD losses, one per sample (for per-sample teacher weights): the dispatch on each row."""
         alignments = entry.get("alignments")
         rows, metrics = [], defaultdict(list)
-        weights, want_metrics = self._projection_weights(teacher), self._will_log()   # once per batch, not per row
+        weights, want_metrics = self._projection_weights(teacher), self._will_log()  # once per batch, not per row
         for b in range(logits.shape[0]):
-            loss_b, m_b = teacher_kd_loss(teacher, logits[b:b + 1], mask[b:b + 1], t_logits[b:b + 1],
-                                          entry["attention_mask"][b:b + 1],
-                                          None if alignments is None else alignments[b:b + 1],
-                                          self.args.temperature, self.args.loss_chunk_size, weights, want_metrics)
+            loss_b, m_b = teacher_kd_loss(
+                teacher,
+                logits[b : b + 1],
+                mask[b : b + 1],
+                t_logits[b : b + 1],
+                entry["attention_mask"][b : b + 1],
+                None if alignments is None else alignments[b : b + 1],
+                self.args.temperature,
+                self.args.loss_chunk_size,
+                weights,
+                want_metrics,
+            )
             rows.append(loss_b)
             for k, v in m_b.items():
                 metrics[k].append(float(v))
@@ -311,16 +355,24 @@ class XTokenTrainer(Trainer):
             if per_sample:
                 kd_m, m_metrics = self._kd_per_sample(t, logits, inputs["attention_mask"], t_logits, entry)
             else:
-                kd_m, m_metrics = teacher_kd_loss(t, logits, inputs["attention_mask"], t_logits,
-                                                  entry["attention_mask"], entry.get("alignments"),
-                                                  self.args.temperature, self.args.loss_chunk_size,
-                                                  self._projection_weights(t), self._will_log())
+                kd_m, m_metrics = teacher_kd_loss(
+                    t,
+                    logits,
+                    inputs["attention_mask"],
+                    t_logits,
+                    entry["attention_mask"],
+                    entry.get("alignments"),
+                    self.args.temperature,
+                    self.args.loss_chunk_size,
+                    self._projection_weights(t),
+                    self._will_log(),
+                )
             kd_terms.append(kd_m)
             if scheme != "static":
                 t_labels = entry["input_ids"].masked_fill(entry["attention_mask"] == 0, -100)
                 stats.append(teacher_stats(t_logits, t_labels, entry["attention_mask"]))
             metrics[f"kd_{t.name}"] = kd_m.detach().mean()
-            if entry.get("alignments"):   # student tokens in no chunk pair: text the two sides spell differently
+            if entry.get("alignments"):  # student tokens in no chunk pair: text the two sides spell differently
                 valid = sum(a.student_valid[1] - a.student_valid[0] for a in entry["alignments"])
                 if valid:
                     unpaired = sum(len(a.student_unpaired) for a in entry["alignments"])
@@ -354,12 +406,13 @@ class XTokenTrainer(Trainer):
                 metrics["kd"] = kd.detach()
                 if self.args.dynamic_kd_scale:
                     from ..losses import dynamic_kd_scale
+
                     metrics["kd_scale"] = ce.detach() / kd.detach().clamp(min=1e-12)
                     kd = dynamic_kd_scale(ce, kd)
                 loss = loss + self.args.kd_weight * kd
-        if model.training:   # evaluation losses are not mixed into the training logs
+        if model.training:  # evaluation losses are not mixed into the training logs
             if self._stop_or_skip(ce, loss, bad_teacher):
-                loss = ce * 0.0   # zero gradients (every rank still runs its backward); the step is dropped
+                loss = ce * 0.0  # zero gradients (every rank still runs its backward); the step is dropped
             else:
                 self._record(metrics)
         return (loss, outputs) if return_outputs else loss
@@ -378,21 +431,30 @@ class XTokenTrainer(Trainer):
             teacher_any, loss_any = (bool(x) for x in flags.tolist())
         if loss_any:
             where = f"(ce {float(ce.detach())}, loss {float(loss.detach())})" if loss_here else "on another rank"
-            raise NonFiniteError(f"non-finite training loss at step {step} {where}: the student's logits or a loss "
-                                 "term are inf/NaN; stopping instead of training on (check the learning rate, "
-                                 "the data of this step, the precision)")
+            raise NonFiniteError(
+                f"non-finite training loss at step {step} {where}: the student's logits or a loss "
+                "term are inf/NaN; stopping instead of training on (check the learning rate, "
+                "the data of this step, the precision)"
+            )
         if not teacher_any:
             return False
         if self.args.nonfinite_teacher == "raise":
-            raise NonFiniteError(bad_teacher if teacher_here else
-                                 f"non-finite teacher logits at step {step} on another rank (its error names the "
-                                 "teacher and position); stopping on this rank too")
+            raise NonFiniteError(
+                bad_teacher
+                if teacher_here
+                else f"non-finite teacher logits at step {step} on another rank (its error names the "
+                "teacher and position); stopping on this rank too"
+            )
         if self._skip_at != step:
             self._skip_at = step
             self.skipped_steps += 1
             self._skipped_since_log += 1
-        logger.warning("%s: step %d skipped (%d step(s) skipped so far)",
-                       bad_teacher or "non-finite teacher logits on another rank", step, self.skipped_steps)
+        logger.warning(
+            "%s: step %d skipped (%d step(s) skipped so far)",
+            bad_teacher or "non-finite teacher logits on another rank",
+            step,
+            self.skipped_steps,
+        )
         return True
 
     def _record(self, metrics: dict) -> None:
@@ -401,7 +463,7 @@ class XTokenTrainer(Trainer):
         values = {k: float(v) for k, v in metrics.items()}
         if "kd_scale" in values and not values["kd"] > 0:
             del values["kd_scale"]
-        if self.args.nonfinite_teacher != "skip":   # no step is ever dropped: straight into the log window
+        if self.args.nonfinite_teacher != "skip":  # no step is ever dropped: straight into the log window
             for k, v in values.items():
                 self._metrics[k].append(v)
             return
@@ -446,8 +508,11 @@ class XTokenTrainer(Trainer):
             torch.distributed.all_gather_object(gathered, local)
             keys = sorted(set().union(*gathered))
             if keys:
-                sums = torch.tensor([[float(np.sum(self._metrics.get(k, []))), float(len(self._metrics.get(k, [])))]
-                                     for k in keys], dtype=torch.float64, device=self.args.device)
+                sums = torch.tensor(
+                    [[float(np.sum(self._metrics.get(k, []))), float(len(self._metrics.get(k, [])))] for k in keys],
+                    dtype=torch.float64,
+                    device=self.args.device,
+                )
                 torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
                 logs.update({k: s / c for k, (s, c) in zip(keys, sums.tolist()) if c > 0})
         elif self._metrics:
@@ -458,6 +523,7 @@ class XTokenTrainer(Trainer):
 
 
 # ---- callbacks ----------------------------------------------------------------------------------
+
 
 class _DropSkippedStep(TrainerCallback):
     """Part of XTokenTrainer (``nonfinite_teacher="skip"``): right before the optimizer step of a step with
@@ -489,8 +555,10 @@ class LossCurveCallback(TrainerCallback):
         if not rows:
             return
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for key in ("loss", "ce", "kd"):
             pts = [(r["step"], r[key]) for r in rows if key in r]

@@ -45,6 +45,7 @@ Bad input fails loudly: a temperature that is not a finite number > 0, logits na
 and teacher's logits swapped), alignments that do not fit the logits' batch or length each raise a ValueError
 saying which side is wrong. Teacher logits of -inf (a top-k masked teacher) are probabilities of 0.
 """
+
 from .chunks import chain_rule_log_q, teacher_merge
 from .engine import EPS
 from .hybrid import gold_loss, h_kl_loss, hybrid_divergence, sorted_l1, uld_loss
@@ -53,6 +54,21 @@ from .plan import WPlan, w_plan
 from .projected import p_kl_divergence, p_kl_loss
 from .reference import generalized_kl, project_to_teacher
 
-__all__ = ["kl_loss", "uld_loss", "gold_loss", "p_kl_loss", "h_kl_loss", "dynamic_kd_scale",
-           "chain_rule_log_q", "teacher_merge", "project_to_teacher", "generalized_kl", "sorted_l1",
-           "p_kl_divergence", "hybrid_divergence", "w_plan", "WPlan", "EPS"]
+__all__ = [
+    "kl_loss",
+    "uld_loss",
+    "gold_loss",
+    "p_kl_loss",
+    "h_kl_loss",
+    "dynamic_kd_scale",
+    "chain_rule_log_q",
+    "teacher_merge",
+    "project_to_teacher",
+    "generalized_kl",
+    "sorted_l1",
+    "p_kl_divergence",
+    "hybrid_divergence",
+    "w_plan",
+    "WPlan",
+    "EPS",
+]

@@ -1,5 +1,6 @@
 """Input checks of the losses: O(1) or one pass over the alignments, none over the logits. Each raises a
 ValueError that says which side is wrong."""
+
 from __future__ import annotations
 
 import math
@@ -49,20 +50,25 @@ def w_widths(student_logits, teacher_logits, projection, student_vocab_size, tea
     swapped = n_s == cols and n_t == rows and rows != cols
     hint = " (the student's and teacher's logits look swapped)" if swapped else ""
     if n_t < need_t:
-        raise ValueError(f"teacher logits have {n_t} columns, narrower than W's {need_t} teacher columns; student "
-                         f"logits have {n_s}, W has {rows} student rows{hint}. For a teacher model of another width "
-                         "use W.with_teacher_width(n)")
+        raise ValueError(
+            f"teacher logits have {n_t} columns, narrower than W's {need_t} teacher columns; student "
+            f"logits have {n_s}, W has {rows} student rows{hint}. For a teacher model of another width "
+            "use W.with_teacher_width(n)"
+        )
     if n_s < need_s:
-        raise ValueError(f"student logits have {n_s} columns, narrower than W's {need_s} student rows; teacher "
-                         f"logits have {n_t}, W has {cols} teacher columns{hint}")
+        raise ValueError(
+            f"student logits have {n_s} columns, narrower than W's {need_s} student rows; teacher "
+            f"logits have {n_t}, W has {cols} teacher columns{hint}"
+        )
 
 
 def alignments(aligns, student_logits, teacher_logits) -> None:
     """One alignment per batch row, each within both sides' logit lengths."""
     for side, x in (("student", student_logits), ("teacher", teacher_logits)):
         if len(aligns) != x.shape[0]:
-            raise ValueError(f"{len(aligns)} alignments for {side} logits of batch size {x.shape[0]}: "
-                             "pass one alignment per row")
+            raise ValueError(
+                f"{len(aligns)} alignments for {side} logits of batch size {x.shape[0]}: pass one alignment per row"
+            )
     L_s, L_t = student_logits.shape[1], teacher_logits.shape[1]
     for i, a in enumerate(aligns):
         s_end, t_end = len(a.student_ids), len(a.teacher_ids)
@@ -71,4 +77,5 @@ def alignments(aligns, student_logits, teacher_logits) -> None:
             raise ValueError(
                 f"alignment {i} covers {s_end} student and {t_end} teacher positions, but the student logits have "
                 f"length {L_s} and the teacher logits {L_t}"
-                + (" (the student's and teacher's logits look swapped)" if swapped else ""))
+                + (" (the student's and teacher's logits look swapped)" if swapped else "")
+            )

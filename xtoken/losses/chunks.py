@@ -21,6 +21,7 @@ only: it exponentiates to a vector whose mass is not the probability of anything
 Rows come from the logits in two gathers per side and block (`split_rows`): each chunk's first token, and the
 continuation tokens, so no [n_tokens, V] block is copied to pick the first rows out of it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,14 +44,23 @@ class Rows:
     [n_chunks, V] (each chunk's first token, in chunk order), ``rest`` [n_rest, V] (the continuation tokens;
     None when every chunk is one token), ``rest_index`` (their indices in the block's `TokenTable`) and
     ``leaves`` [(b, p, leaf)]: the gathered tensors, for `xtoken.losses.engine.run_blocks`."""
+
     first: torch.Tensor
     rest: torch.Tensor | None
     rest_index: torch.Tensor
     leaves: list
 
 
-def split_rows(logits: torch.Tensor, table: TokenTable, width: int, temperature: float, grad: bool = False,
-               ws: Workspace | None = None, name: str = "", dtype: torch.dtype | None = None) -> Rows:
+def split_rows(
+    logits: torch.Tensor,
+    table: TokenTable,
+    width: int,
+    temperature: float,
+    grad: bool = False,
+    ws: Workspace | None = None,
+    name: str = "",
+    dtype: torch.dtype | None = None,
+) -> Rows:
     """The rows of ``table``'s tokens from ``logits`` [B, L, V'] as two gathers (first tokens, continuations).
     ``grad``: the leaves require grad (the student side); else the rows are divided in place."""
     first, rest = table.first_rest()
@@ -61,13 +71,14 @@ def split_rows(logits: torch.Tensor, table: TokenTable, width: int, temperature:
             continue
         bi, pi = table.row.index_select(0, idx), table.pos.index_select(0, idx)
         leaf = gather_rows(logits, bi, pi, width, ws, name + part, dtype)
-        leaf = leaf.detach().requires_grad_(True) if grad else leaf        # (an alias of the workspace buffer)
+        leaf = leaf.detach().requires_grad_(True) if grad else leaf  # (an alias of the workspace buffer)
         leaves.append((bi, pi, leaf))
         xs.append(leaf if temperature == 1 else leaf / temperature if grad else leaf.div_(temperature))
     return Rows(xs[0], xs[1], rest, leaves)
 
 
 # ---- (C1) ---------------------------------------------------------------------------------------
+
 
 def _log_mass(observed: torch.Tensor, chunk_rest: torch.Tensor, n_chunks: int) -> torch.Tensor:
     """log m = sum_{j>a} log p_j(y_j) per chunk [n_chunks] from the continuation tokens' observed log-probabilities
@@ -87,16 +98,17 @@ def _with_continuation(log_q_first, observed, chunk_rest, n_chunks: int):
     return log_q_first.index_add_(0, multi, add), log_mass
 
 
-def chain_rule_log_q(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, offset: torch.Tensor,
-                     n_chunks: int) -> torch.Tensor:
+def chain_rule_log_q(
+    logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, offset: torch.Tensor, n_chunks: int
+) -> torch.Tensor:
     """(C1) in log space from per-token log-probabilities.
 
     logp [n_tokens, V] float: log p_j of every token of the chunks (chunk-major order); chunk / ids / offset
     [n_tokens] int64: each token's chunk, id and offset in its chunk. Returns log q [n_chunks, V], logp's dtype."""
-    if len(chunk) == n_chunks:                                            # every chunk one token: log q = log p_a
+    if len(chunk) == n_chunks:  # every chunk one token: log q = log p_a
         return logp
     first, rest = (offset == 0).nonzero().squeeze(1), (offset > 0).nonzero().squeeze(1)
-    observed = logp.gather(1, ids.unsqueeze(1)).squeeze(1).index_select(0, rest)   # log p_j(y_j), j > a
+    observed = logp.gather(1, ids.unsqueeze(1)).squeeze(1).index_select(0, rest)  # log p_j(y_j), j > a
     return _with_continuation(logp.index_select(0, first), observed, chunk.index_select(0, rest), n_chunks)[0]
 
 
@@ -123,6 +135,7 @@ def chain_log_q(rows: Rows, table: TokenTable, n_chunks: int):
 
 # ---- (C2) ---------------------------------------------------------------------------------------
 
+
 def _w_mixtures(p_first, p_rest, table: TokenTable, n_chunks: int, gamma: float):
     """(C2) for the chunks longer than one token, at full width: each first row (p_first [n_chunks, V], chunk
     order) times omega_0, plus the continuation rows (p_rest, consumed) times their omega_i.
@@ -135,13 +148,21 @@ def _w_mixtures(p_first, p_rest, table: TokenTable, n_chunks: int, gamma: float)
     multi = (lens > 1).nonzero().squeeze(1)
     row_of = torch.zeros_like(lens).index_copy_(0, multi, torch.arange(len(multi), device=p_first.device))
     q_m = p_first.index_select(0, multi).mul_(omega.index_select(0, first.index_select(0, multi)).unsqueeze(1))
-    q_m.index_add_(0, row_of.index_select(0, chunk.index_select(0, rest)),
-                   p_rest.mul_(omega.index_select(0, rest).unsqueeze(1)))
+    q_m.index_add_(
+        0, row_of.index_select(0, chunk.index_select(0, rest)), p_rest.mul_(omega.index_select(0, rest).unsqueeze(1))
+    )
     return multi, q_m
 
 
-def teacher_merge(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, offset: torch.Tensor,
-                  n_chunks: int, merge: str = "w", gamma: float = 0.1) -> torch.Tensor:
+def teacher_merge(
+    logp: torch.Tensor,
+    chunk: torch.Tensor,
+    ids: torch.Tensor,
+    offset: torch.Tensor,
+    n_chunks: int,
+    merge: str = "w",
+    gamma: float = 0.1,
+) -> torch.Tensor:
     """The teacher's chunk distribution q_T [n_chunks, V] (probabilities, not logs) from per-token log-probabilities
     logp [n_tokens, V] (chunk-major; chunk / ids / offset [n_tokens] int64 as in `chain_rule_log_q`).
 
@@ -158,9 +179,9 @@ def teacher_merge(logp: torch.Tensor, chunk: torch.Tensor, ids: torch.Tensor, of
     if merge != "w":
         raise ValueError(f"merge must be 'w', 'chain', 'first' or 'mean', not {merge!r}")
     p = logp.exp()
-    if len(chunk) == n_chunks:                                            # every chunk one token: omega = 1
+    if len(chunk) == n_chunks:  # every chunk one token: omega = 1
         return p
-    table = TokenTable(chunk, chunk, ids, offset, chunk)                  # (row and pos unused)
+    table = TokenTable(chunk, chunk, ids, offset, chunk)  # (row and pos unused)
     first, rest = table.first_rest()
     q = p.index_select(0, first)
     multi, q_m = _w_mixtures(q, p.index_select(0, rest), table, n_chunks, gamma)
@@ -206,8 +227,17 @@ def w_merge_image(rows: Rows, table: TokenTable, n_chunks: int, gamma: float, pl
     return q_ti, neg_ent.index_copy_(0, multi, xlogx_sum(q_m)), off, top.index_copy_(0, multi, argmax(q_m))
 
 
-def teacher_chunks(teacher_logits: torch.Tensor, table: TokenTable, n_chunks: int, merge: str, width: int,
-                   temperature: float, gamma: float, ws: Workspace | None, dtype: torch.dtype):
+def teacher_chunks(
+    teacher_logits: torch.Tensor,
+    table: TokenTable,
+    n_chunks: int,
+    merge: str,
+    width: int,
+    temperature: float,
+    gamma: float,
+    ws: Workspace | None,
+    dtype: torch.dtype,
+):
     """The teacher's chunk distribution of a block for any merge: "chain" gives (log q_T, None) from split rows,
     the others (None, q_T) from `teacher_merge`. (P-KL's default, (C2) on W's image, is `w_merge_image`.)"""
     if merge == "chain":

@@ -20,17 +20,18 @@ miniature's 372-1,362-id vocabularies run in one block per batch):
 CPU row operations: `argmax` and `rowdot` pick the fastest route at the row width (numpy's SIMD argmax; a loop of
 dot products on wide rows).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-EPS = 1e-12                           # zero probabilities on the right of a divergence are clamped here
-BLOCK_ELEMENTS = 64 * 151_936         # GPU block budget of the cross-tokenizer losses (chunks x widest vocabulary)
-KL_BLOCK_ELEMENTS = 256 * 128_256     # and of kl_loss (positions x vocabulary)
-CPU_BLOCK_ELEMENTS = 1 << 23          # CPU: every block tensor within 2^23 elements (see the module docstring)
+EPS = 1e-12  # zero probabilities on the right of a divergence are clamped here
+BLOCK_ELEMENTS = 64 * 151_936  # GPU block budget of the cross-tokenizer losses (chunks x widest vocabulary)
+KL_BLOCK_ELEMENTS = 256 * 128_256  # and of kl_loss (positions x vocabulary)
+CPU_BLOCK_ELEMENTS = 1 << 23  # CPU: every block tensor within 2^23 elements (see the module docstring)
 
 
 def budget(device, gpu_budget: int) -> int:
@@ -47,8 +48,14 @@ def block_size(chunk_size: int | None, width: int, budget: int, floor: int) -> i
     return max(floor, budget // max(int(width), 1))
 
 
-def block_bounds(n_items: int, chunk_size: int | None, starts: list | None = None, widths: list | None = None,
-                 budget: int = CPU_BLOCK_ELEMENTS, floor: int = 1) -> list[tuple[int, int]]:
+def block_bounds(
+    n_items: int,
+    chunk_size: int | None,
+    starts: list | None = None,
+    widths: list | None = None,
+    budget: int = CPU_BLOCK_ELEMENTS,
+    floor: int = 1,
+) -> list[tuple[int, int]]:
     """Blocks [lo, hi) of items (positions, or chunk pairs).
 
     ``chunk_size`` given: that many items per block. Else greedy: as many items as keep every side's token rows
@@ -68,6 +75,7 @@ def block_bounds(n_items: int, chunk_size: int | None, starts: list | None = Non
 
 
 # ---- CPU-fast row operations --------------------------------------------------------------------
+
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """argmax over the last dim (first maximum, as torch's). On CPU numpy's SIMD argmax: 8x faster at 128,256
@@ -106,13 +114,20 @@ def out(ws: Workspace | None, name: str, like: torch.Tensor) -> dict:
         return {}
     key = (name, like.dtype, like.device)
     buf = ws.buffers.get(key)
-    if buf is None or not buf.untyped_storage().resizable():             # (numpy views pin a storage: `argmax`)
+    if buf is None or not buf.untyped_storage().resizable():  # (numpy views pin a storage: `argmax`)
         buf = ws.buffers[key] = torch.empty(0, dtype=like.dtype, device=like.device)
-    return {"out": buf.resize_(0)}                                        # (resize_ keeps the storage)
+    return {"out": buf.resize_(0)}  # (resize_ keeps the storage)
 
 
-def gather_rows(logits: torch.Tensor, b: torch.Tensor, p: torch.Tensor, width: int, ws: Workspace | None = None,
-                name: str = "rows", dtype: torch.dtype | None = None) -> torch.Tensor:
+def gather_rows(
+    logits: torch.Tensor,
+    b: torch.Tensor,
+    p: torch.Tensor,
+    width: int,
+    ws: Workspace | None = None,
+    name: str = "rows",
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Logit rows (b, p) of ``logits`` [B, L, V'] without the padded columns beyond ``width``: one contiguous
     [n, width] copy (gathered from the sliced view, so a softmax needs no second copy; into the workspace buffer
     ``name`` if given), in ``dtype`` (default: at least float32; a float32 input is not copied twice)."""
@@ -126,6 +141,7 @@ def gather_rows(logits: torch.Tensor, b: torch.Tensor, p: torch.Tensor, width: i
 
 # ---- eager per-block gradients ------------------------------------------------------------------
 
+
 class EagerBlockGrad(torch.autograd.Function):
     """A loss computed block by block whose gradients w.r.t. the student logits (and the learned W entries,
     if any) were already accumulated during the forward pass; backward scales them by the upstream gradient."""
@@ -138,17 +154,28 @@ class EagerBlockGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         grad, grad_extra = ctx.saved_tensors
-        one = g.numel() == 1 and float(g) == 1.0                          # the common case: no extra copy
+        one = g.numel() == 1 and float(g) == 1.0  # the common case: no extra copy
         scale = lambda x: x if one else x * g.to(x.dtype)
-        return (scale(grad) if ctx.needs_input_grad[0] else None,
-                scale(grad_extra) if ctx.needs_input_grad[1] else None, None, None, None)
+        return (
+            scale(grad) if ctx.needs_input_grad[0] else None,
+            scale(grad_extra) if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+        )
 
 
 BlockFn = Callable[[int, int, bool, "torch.Tensor | None"], tuple]
 
 
-def run_blocks(student_logits: torch.Tensor, n_items: int, bounds: list[tuple[int, int]], block_fn: BlockFn,
-               extra: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def run_blocks(
+    student_logits: torch.Tensor,
+    n_items: int,
+    bounds: list[tuple[int, int]],
+    block_fn: BlockFn,
+    extra: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Mean over the ``n_items`` of ``block_fn(lo, hi, grad, extra_leaf)`` over the blocks ``bounds``.
 
     ``block_fn`` returns (loss_sum, leaves), leaves [(b, p, leaf)]: tensors holding the student logit rows (b, p)
@@ -174,10 +201,11 @@ def run_blocks(student_logits: torch.Tensor, n_items: int, bounds: list[tuple[in
             if (needs_s or needs_x) and loss_sum.requires_grad:
                 inputs = ([leaf for _, _, leaf in parts] if needs_s else []) + ([x_leaf] if needs_x else [])
                 gs = torch.autograd.grad(loss_sum, inputs, allow_unused=True)
-                for (b, p, _), g in zip(parts if needs_s else [], gs):    # (padded columns: no gradient)
+                for (b, p, _), g in zip(parts if needs_s else [], gs):  # (padded columns: no gradient)
                     if g is not None:
-                        grad.view(-1, grad.shape[-1])[:, :g.shape[1]].index_add_(0, b * grad.shape[1] + p,
-                                                                                  g.to(grad.dtype))
+                        grad.view(-1, grad.shape[-1])[:, : g.shape[1]].index_add_(
+                            0, b * grad.shape[1] + p, g.to(grad.dtype)
+                        )
                 if needs_x and gs[-1] is not None:
                     grad_x += gs[-1]
         total += loss_sum.detach().double().cpu()

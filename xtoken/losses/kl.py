@@ -1,4 +1,5 @@
 """Same-tokenizer KL (positions 1:1) and the dynamic KD scale."""
+
 from __future__ import annotations
 
 import math
@@ -10,10 +11,19 @@ from .chunks import log_softmax
 from .engine import EPS, KL_BLOCK_ELEMENTS, Workspace, argmax, block_bounds, budget, gather_rows, run_blocks
 
 
-def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None, *,
-            temperature: float = 1.0, direction: str = "forward", chunk_size: int | None = None,
-            vocab_size: int | None = None, metrics: bool = True, student_tok=None,
-            teacher_tok=None) -> tuple[torch.Tensor, dict]:
+def kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    direction: str = "forward",
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+    metrics: bool = True,
+    student_tok=None,
+    teacher_tok=None,
+) -> tuple[torch.Tensor, dict]:
     """Same tokenizer: the mean over positions of KL(p_T || p_S) (``direction="forward"``) or KL(p_S || p_T).
 
     student_logits, teacher_logits [B, L, V'] any float dtype (computed in float32, or float64 when either is),
@@ -28,22 +38,28 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
     temperature = checks.temperature(temperature)
     checks.logits_3d(student_logits, teacher_logits)
     if student_logits.shape[:2] != teacher_logits.shape[:2]:
-        raise ValueError(f"kl_loss compares positions 1:1: student logits {tuple(student_logits.shape)} and teacher "
-                         f"logits {tuple(teacher_logits.shape)} differ in [batch, length] (a teacher with another "
-                         "tokenizer needs a cross-tokenizer loss)")
+        raise ValueError(
+            f"kl_loss compares positions 1:1: student logits {tuple(student_logits.shape)} and teacher "
+            f"logits {tuple(teacher_logits.shape)} differ in [batch, length] (a teacher with another "
+            "tokenizer needs a cross-tokenizer loss)"
+        )
     dtype = checks.compute_dtype(student_logits, teacher_logits)
     v = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
     if student_tok is not None and teacher_tok is not None:
         from ..tokenizers import tokenizer_fingerprint
+
         if tokenizer_fingerprint(student_tok) != tokenizer_fingerprint(teacher_tok):
             raise ValueError("kl_loss needs one tokenizer on both sides: the student's and teacher's tokenizers differ")
     tok = teacher_tok if teacher_tok is not None else student_tok
     if tok is not None:
         from ..projection import _token_count
+
         v = min(v, _token_count(tok))
     if v > min(student_logits.shape[-1], teacher_logits.shape[-1]):
-        raise ValueError(f"vocab_size={v} exceeds the logits' columns (student {student_logits.shape[-1]}, "
-                         f"teacher {teacher_logits.shape[-1]})")
+        raise ValueError(
+            f"vocab_size={v} exceeds the logits' columns (student {student_logits.shape[-1]}, "
+            f"teacher {teacher_logits.shape[-1]})"
+        )
     B, L = student_logits.shape[:2]
     keep = torch.ones(B, L, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
     if tuple(keep.shape) != (B, L):
@@ -65,7 +81,7 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
             d = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
         else:
             d = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
-        if not bool(d.isfinite().all()):          # -inf teacher entries (0 * -inf): recomputed for this block only
+        if not bool(d.isfinite().all()):  # -inf teacher entries (0 * -inf): recomputed for this block only
             if direction == "forward":
                 p_t = logp_t.exp()
                 d = torch.where(p_t > 0, p_t * (logp_t - logp_s), torch.zeros_like(p_t)).sum(-1)
@@ -75,13 +91,18 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
 
     n = len(b_all)
     cpu = student_logits.device.type == "cpu"
-    bounds = block_bounds(n, chunk_size, widths=[v], budget=budget(student_logits.device, KL_BLOCK_ELEMENTS),
-                          floor=1 if cpu else 256)
+    bounds = block_bounds(
+        n, chunk_size, widths=[v], budget=budget(student_logits.device, KL_BLOCK_ELEMENTS), floor=1 if cpu else 256
+    )
     loss = run_blocks(student_logits, n, bounds, block, dtype=dtype)
     out = {"loss": float(loss.detach()), "n_positions": float(n)}
     if metrics:
-        out.update(top1_agreement=top1[0] / max(n, 1), teacher_common_mass=1.0, student_common_mass=1.0,
-                   mass_lost_empty_rows=0.0)
+        out.update(
+            top1_agreement=top1[0] / max(n, 1),
+            teacher_common_mass=1.0,
+            student_common_mass=1.0,
+            mass_lost_empty_rows=0.0,
+        )
     return loss, out
 
 

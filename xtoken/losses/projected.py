@@ -7,6 +7,7 @@ softmax of each chunk's first-token logits times the continuation mass m (the sp
 applies the softmax Jacobian by hand (`ProjectedKL`). The teacher side is (C2) read on the image
 (`xtoken.losses.chunks.w_merge_image`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,9 @@ from .engine import EPS, Workspace, argmax, out, rowdot
 from .plan import SparseSum, WPlan, chunk_batch
 
 
-def sparse_sum(x: torch.Tensor, w: torch.Tensor, plan: SparseSum, ws: Workspace | None = None,
-               name: str = "image") -> torch.Tensor:
+def sparse_sum(
+    x: torch.Tensor, w: torch.Tensor, plan: SparseSum, ws: Workspace | None = None, name: str = "image"
+) -> torch.Tensor:
     """x @ W onto one side by W's entries: x [n, V_S] -> [n, n_image] with ``plan=WPlan.to_image``, or x
     [n, n_image] -> [n, V_S] with ``WPlan.to_rows``; ``w`` the entries' values (fixed, or learned and
     differentiable upstream). A dense gather of each output column's first entry plus a scatter-add of the others."""
@@ -58,15 +60,26 @@ class ProjectedKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, log_m, q_ti, neg_ent_t, off_t, plan: WPlan, w, reverse: bool, ws: Workspace | None = None,
-                aux: dict | None = None):
+    def forward(
+        ctx,
+        z,
+        log_m,
+        q_ti,
+        neg_ent_t,
+        off_t,
+        plan: WPlan,
+        w,
+        reverse: bool,
+        ws: Workspace | None = None,
+        aux: dict | None = None,
+    ):
         p = torch.softmax(z, -1)
         m = None if log_m is None else log_m.exp()
-        r = sparse_sum(p, w, plan.to_image, ws, "image")                  # r = W^T q on the image
+        r = sparse_sum(p, w, plan.to_image, ws, "image")  # r = W^T q on the image
         if m is not None:
             r.mul_(m.unsqueeze(1))
         r_sum, q_sum = r.sum(-1), q_ti.sum(-1)
-        m_t = q_sum + off_t                                               # sum_v q_T
+        m_t = q_sum + off_t  # sum_v q_T
         r_c = torch.clamp_min(r, EPS, **out(ws, "r_c", r))
         if not reverse:
             # dD/dr = 1 - q_T / r (the 1 added in backward), with r clamped at EPS as in the value. Where
@@ -74,10 +87,10 @@ class ProjectedKL(torch.autograd.Function):
             # q_S[s] W[s, t] <= r[t] makes each student term q_S[s] W[s, t] q_T[t] / EPS <= q_T[t].
             d_r = torch.div(q_ti, r_c, **out(ws, "d_r", r))
         log_r = r_c.log_()
-        if reverse:     # sum_img r (log r - log q_T) - sum r + sum q_T
-            d_r = log_r.sub_(torch.clamp_min(q_ti, EPS, **out(ws, "q_c", q_ti)).log_())   # dD/dr = log r - log q_T
+        if reverse:  # sum_img r (log r - log q_T) - sum r + sum q_T
+            d_r = log_r.sub_(torch.clamp_min(q_ti, EPS, **out(ws, "q_c", q_ti)).log_())  # dD/dr = log r - log q_T
             d = rowdot(r, d_r) - r_sum + m_t
-        else:           # sum q_T log q_T - sum_img q_T log r - (mass off the image) log EPS - sum q_T + sum r
+        else:  # sum q_T log q_T - sum_img q_T log r - (mass off the image) log EPS - sum q_T + sum r
             d = neg_ent_t - rowdot(q_ti, log_r) - off_t * np.log(EPS) - m_t + r_sum
         ctx.save_for_backward(p, m, d_r, w)
         ctx.reverse, ctx.plan, ctx.ws = reverse, plan, ws
@@ -89,9 +102,9 @@ class ProjectedKL(torch.autograd.Function):
     def backward(ctx, g):
         p, m, d_r, w = ctx.saved_tensors
         plan: WPlan = ctx.plan
-        gm = g if m is None else g * m                                    # the upstream gradient times the mass
+        gm = g if m is None else g * m  # the upstream gradient times the mass
         grad_w = grad_z = grad_log_m = None
-        if ctx.needs_input_grad[6]:                                       # learned W: dD/dW[e] = q[rows_e] dD/dr[cols_e]
+        if ctx.needs_input_grad[6]:  # learned W: dD/dW[e] = q[rows_e] dD/dr[cols_e]
             d_r_e = d_r.index_select(1, plan.img_cols)
             d_r_e = d_r_e if ctx.reverse else d_r_e.neg_().add_(1.0)
             grad_w = (p.index_select(1, plan.rows) * d_r_e).mul_(gm.unsqueeze(1)).sum(0)
@@ -102,7 +115,7 @@ class ProjectedKL(torch.autograd.Function):
                 a = sparse_sum(d_r, w, plan.to_rows, ctx.ws, "rows")
             else:
                 a = sparse_sum(d_r, w.neg(), plan.to_rows, ctx.ws, "rows").add_(_row_sums(w, plan, p.shape[1]))
-            pa = rowdot(p, a)                                             # sum_s p[s] a[s]
+            pa = rowdot(p, a)  # sum_s p[s] a[s]
             if ctx.needs_input_grad[1]:
                 grad_log_m = gm * pa
             if ctx.needs_input_grad[0]:
@@ -113,12 +126,17 @@ class ProjectedKL(torch.autograd.Function):
 def teacher_on_image(q_t: torch.Tensor, plan: WPlan):
     """`w_merge_image`'s outputs from a full teacher chunk distribution q_t [n, V_T] (the other merges):
     (q_T on the image, sum q_T log q_T, mass off the image, argmax q_T)."""
-    return (q_t.index_select(1, plan.image_ids), torch.xlogy(q_t, q_t).sum(-1),
-            q_t.index_select(1, plan.off_image_ids).sum(-1), argmax(q_t))
+    return (
+        q_t.index_select(1, plan.image_ids),
+        torch.xlogy(q_t, q_t).sum(-1),
+        q_t.index_select(1, plan.off_image_ids).sum(-1),
+        argmax(q_t),
+    )
 
 
-def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, plan: WPlan, direction: str = "forward",
-                    w: torch.Tensor | None = None):
+def p_kl_divergence(
+    log_q_s: torch.Tensor, q_t: torch.Tensor, plan: WPlan, direction: str = "forward", w: torch.Tensor | None = None
+):
     """P-KL per chunk from chunk distributions: D(q_T || W^T q_S) (forward) or D(W^T q_S || q_T) (reverse).
 
     log_q_s [n, V_S] float (log q_S, may require grad), q_t [n, V_T] (probabilities), ``plan`` from
@@ -127,11 +145,12 @@ def p_kl_divergence(log_q_s: torch.Tensor, q_t: torch.Tensor, plan: WPlan, direc
     the full q_T.) Returns (d [n], r [n, n_image] = W^T q_S on W's image only, ``image`` the teacher ids of r's
     columns (r is zero on every other id), q_S = exp(log_q_s) [n, V_S] without gradient)."""
     w = plan.w if w is None else w
-    log_m = torch.logsumexp(log_q_s, -1)                                  # exp(log q) = softmax(log q) * sum exp(log q)
+    log_m = torch.logsumexp(log_q_s, -1)  # exp(log q) = softmax(log q) * sum exp(log q)
     q_ti, neg_ent_t, off_t, _ = teacher_on_image(q_t, plan)
     aux = {}
-    d = ProjectedKL.apply(log_q_s, log_m, q_ti, neg_ent_t, off_t, plan, w.to(log_q_s.dtype), direction == "reverse",
-                          None, aux)
+    d = ProjectedKL.apply(
+        log_q_s, log_m, q_ti, neg_ent_t, off_t, plan, w.to(log_q_s.dtype), direction == "reverse", None, aux
+    )
     return d, aux["r"], plan.image_ids, aux["p"] * aux["m"].unsqueeze(1)
 
 
@@ -142,17 +161,31 @@ def _metrics(stats: dict, aux: dict, off_t, top_t, plan: WPlan) -> None:
     m_s = aux["m"] if aux["m"] is not None else torch.ones_like(aux["r_sum"])
     stats["mass_lost_empty_rows"] += (aux["p"].index_select(1, plan.empty).sum(-1) * m_s).sum().item()
     stats["top1_agreement"] += (plan.image_ids[argmax(aux["r"])] == top_t).sum().item()
-    stats["student_common_mass"] += aux["r_sum"].sum().item()            # mass W carries to the teacher side
-    stats["teacher_common_mass"] += aux["q_sum"].sum().item()            # teacher mass W can reach
+    stats["student_common_mass"] += aux["r_sum"].sum().item()  # mass W carries to the teacher side
+    stats["teacher_common_mass"] += aux["q_sum"].sum().item()  # teacher mass W can reach
     stats["student_chunk_mass"] += m_s.sum().item()
     stats["teacher_chunk_mass"] += (aux["q_sum"] + off_t).sum().item()
 
 
-def p_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alignments: list, projection, *,
-              temperature: float = 1.0, direction: str = "forward", merge: str = "w", chunk_size: int | None = None,
-              student_vocab_size: int | None = None, teacher_vocab_size: int | None = None,
-              student_id_map=None, teacher_id_map=None, weights: torch.Tensor | None = None, metrics: bool = True,
-              student_tok=None, teacher_tok=None) -> tuple[torch.Tensor, dict]:
+def p_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alignments: list,
+    projection,
+    *,
+    temperature: float = 1.0,
+    direction: str = "forward",
+    merge: str = "w",
+    chunk_size: int | None = None,
+    student_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    student_id_map=None,
+    teacher_id_map=None,
+    weights: torch.Tensor | None = None,
+    metrics: bool = True,
+    student_tok=None,
+    teacher_tok=None,
+) -> tuple[torch.Tensor, dict]:
     """P-KL: the mean over the batch's predictable chunk pairs of D(q_T || W^T q_S) (``direction="forward"``) or
     D(W^T q_S || q_T) (``"reverse"``).
 
@@ -169,18 +202,41 @@ def p_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alignm
     merge = merge or "w"
     if merge not in MERGES:
         raise ValueError(f"merge must be 'w', 'chain', 'first' or 'mean', not {merge!r}")
-    batch = chunk_batch(student_logits, teacher_logits, alignments, projection, temperature=temperature,
-                        direction=direction, student_vocab_size=student_vocab_size,
-                        teacher_vocab_size=teacher_vocab_size, student_id_map=student_id_map,
-                        teacher_id_map=teacher_id_map, student_tok=student_tok, teacher_tok=teacher_tok)
+    batch = chunk_batch(
+        student_logits,
+        teacher_logits,
+        alignments,
+        projection,
+        temperature=temperature,
+        direction=direction,
+        student_vocab_size=student_vocab_size,
+        teacher_vocab_size=teacher_vocab_size,
+        student_id_map=student_id_map,
+        teacher_id_map=teacher_id_map,
+        student_tok=student_tok,
+        teacher_tok=teacher_tok,
+    )
     plan, ws, dtype = batch.plan, batch.workspace, batch.dtype
     w_entries = None
-    if weights is not None:                                               # learned W: [V_S, k] like projection.weights
+    if weights is not None:  # learned W: [V_S, k] like projection.weights
         if tuple(weights.shape) != tuple(projection.weights.shape):
             raise ValueError(f"weights has shape {tuple(weights.shape)}, W has {tuple(projection.weights.shape)}")
-        w_entries = weights[:batch.student_width].reshape(-1).index_select(0, plan.flat).to(dtype)
-    stats = dict.fromkeys(("teacher_common_mass", "student_common_mass", "top1_agreement", "mass_lost_empty_rows",
-                           "student_chunk_mass", "teacher_chunk_mass"), 0.0) if metrics else None
+        w_entries = weights[: batch.student_width].reshape(-1).index_select(0, plan.flat).to(dtype)
+    stats = (
+        dict.fromkeys(
+            (
+                "teacher_common_mass",
+                "student_common_mass",
+                "top1_agreement",
+                "mass_lost_empty_rows",
+                "student_chunk_mass",
+                "teacher_chunk_mass",
+            ),
+            0.0,
+        )
+        if metrics
+        else None
+    )
 
     def block(lo, hi, grad, w_leaf):
         n = hi - lo
@@ -188,18 +244,21 @@ def p_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alignm
         s_rows = split_rows(student_logits, s_tab, batch.student_width, batch.temperature, grad, ws, "s_", dtype)
         with torch.no_grad():
             if merge == "w":
-                t_rows = split_rows(teacher_logits, t_tab, batch.teacher_width, batch.temperature, ws=ws, name="t_",
-                                    dtype=dtype)
+                t_rows = split_rows(
+                    teacher_logits, t_tab, batch.teacher_width, batch.temperature, ws=ws, name="t_", dtype=dtype
+                )
                 q_ti, neg_ent_t, off_t, top_t = w_merge_image(t_rows, t_tab, n, batch.gamma, plan)
             else:
-                log_q_t, q_t = teacher_chunks(teacher_logits, t_tab, n, merge, batch.teacher_width,
-                                              batch.temperature, batch.gamma, ws, dtype)
+                log_q_t, q_t = teacher_chunks(
+                    teacher_logits, t_tab, n, merge, batch.teacher_width, batch.temperature, batch.gamma, ws, dtype
+                )
                 q_ti, neg_ent_t, off_t, top_t = teacher_on_image(log_q_t.exp() if q_t is None else q_t, plan)
         log_m = continuation_log_mass(s_rows, s_tab, n)
         w = plan.w if w_leaf is None else w_leaf
         aux = {} if metrics else None
-        d = ProjectedKL.apply(s_rows.first, log_m, q_ti, neg_ent_t, off_t, plan, w.to(s_rows.first.dtype),
-                              direction == "reverse", ws, aux)
+        d = ProjectedKL.apply(
+            s_rows.first, log_m, q_ti, neg_ent_t, off_t, plan, w.to(s_rows.first.dtype), direction == "reverse", ws, aux
+        )
         if metrics:
             _metrics(stats, aux, off_t, top_t, plan)
         return d.sum(), s_rows.leaves

@@ -24,13 +24,46 @@ in-process on one device, or each under ``torchrun --nproc_per_node N`` (``Paper
 ``python -m xtoken.paper`` is that per-run entry point (see `main`). `xtoken.standins` builds random-weight
 stand-ins of the three checkpoints, a local corpus and local tasks, so the whole path runs offline on a CPU.
 """
+
 from .config import PAPER, PAPER_TASKS, TASK_METRICS, PaperConfig, launch_world_size, paper_config, settings_by_name
-from .data import (HubUnavailable, fetch_hint, load_causal_lm, load_paper_tokenizer, load_text_stream, logit_width,
-                   pack_texts, packed_stream, projection_for, stream_pretraining_text)
-from .grid import grid_config, main, prepare, preflight, run_grid
+from .data import (
+    HubUnavailable,
+    fetch_hint,
+    load_causal_lm,
+    load_paper_tokenizer,
+    load_text_stream,
+    logit_width,
+    pack_texts,
+    packed_stream,
+    projection_for,
+    stream_pretraining_text,
+)
+from .grid import grid_config, main, preflight, prepare, run_grid
 from .run import run_setting, task_scores
 
-__all__ = ["PAPER", "PAPER_TASKS", "TASK_METRICS", "PaperConfig", "HubUnavailable", "load_causal_lm",
-           "load_paper_tokenizer", "load_text_stream", "pack_texts", "packed_stream", "stream_pretraining_text",
-           "projection_for", "logit_width", "fetch_hint", "launch_world_size", "settings_by_name", "preflight",
-           "run_setting", "run_grid", "task_scores", "paper_config", "grid_config", "prepare", "main"]
+__all__ = [
+    "PAPER",
+    "PAPER_TASKS",
+    "TASK_METRICS",
+    "PaperConfig",
+    "HubUnavailable",
+    "load_causal_lm",
+    "load_paper_tokenizer",
+    "load_text_stream",
+    "pack_texts",
+    "packed_stream",
+    "stream_pretraining_text",
+    "projection_for",
+    "logit_width",
+    "fetch_hint",
+    "launch_world_size",
+    "settings_by_name",
+    "preflight",
+    "run_setting",
+    "run_grid",
+    "task_scores",
+    "paper_config",
+    "grid_config",
+    "prepare",
+    "main",
+]

@@ -1,4 +1,5 @@
 """``python -m xtoken.paper LAUNCH.json``: one paper-scale run on this process (torchrun starts one per GPU)."""
+
 import sys
 
 from .grid import main

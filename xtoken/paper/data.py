@@ -1,11 +1,13 @@
 """Loading for the paper scale: models, tokenizers and W by hub id or local folder, with one clear message for
 what is missing; the pre-training text stream, packed into consecutive ``max_length``-token samples."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 from .config import PAPER
+
 
 class HubUnavailable(RuntimeError):
     """A paper-scale model or dataset could not be loaded (no Hub, no cache, or no access)."""
@@ -14,18 +16,27 @@ class HubUnavailable(RuntimeError):
 def fetch_hint(name: str, kind: str = "model") -> str:
     """The commands that put ``name`` into the local Hugging Face cache (huggingface_hub's ``hf`` CLI)."""
     repo = " --repo-type dataset" if kind == "dataset" else ""
-    gated = (f"\n  - {name} is gated: accept its licence on https://huggingface.co/{name} first"
-             if name.startswith("meta-llama/") else "")
-    return (f"  - `hf auth login` (a token with read access){gated}\n"
-            f"  - `hf download {name}{repo}` on a machine with network (or run there directly)")
+    gated = (
+        f"\n  - {name} is gated: accept its licence on https://huggingface.co/{name} first"
+        if name.startswith("meta-llama/")
+        else ""
+    )
+    return (
+        f"  - `hf auth login` (a token with read access){gated}\n"
+        f"  - `hf download {name}{repo}` on a machine with network (or run there directly)"
+    )
 
 
 def _hint(what: str, err: Exception, kind: str = "model") -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-    return (f"Could not load {kind} {what!r} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}).\n"
-            f"  {'Offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1) and it is not in the local cache. ' if offline else ''}"
-            f"The paper scale needs it from the Hugging Face Hub or a local cache:\n{fetch_hint(what, kind)}\n"
-            f"  The default `scale='mini'` runs offline; `make paper-smoke` runs this path on stand-ins.")
+    first_line = str(err).splitlines()[0][:200] if str(err) else ""
+    offline_note = "Offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1) and it is not in the local cache. "
+    return (
+        f"Could not load {kind} {what!r} ({type(err).__name__}: {first_line}).\n"
+        f"  {offline_note if offline else ''}"
+        f"The paper scale needs it from the Hugging Face Hub or a local cache:\n{fetch_hint(what, kind)}\n"
+        f"  The default `scale='mini'` runs offline; `make paper-smoke` runs this path on stand-ins."
+    )
 
 
 def _local_or_hub(name: str) -> str:
@@ -41,6 +52,7 @@ def load_causal_lm(name: str, *, dtype="bfloat16", device_map=None):
     onto that device (no full copy in host memory first). Clear error when it cannot be found."""
     import torch
     from transformers import AutoModelForCausalLM
+
     name = _local_or_hub(name)
     try:
         return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), device_map=device_map)
@@ -51,6 +63,7 @@ def load_causal_lm(name: str, *, dtype="bfloat16", device_map=None):
 def logit_width(name: str) -> int:
     """The model's logit width (``config.vocab_size``) read from its config alone, before any weight loads."""
     from transformers import AutoConfig
+
     name = _local_or_hub(name)
     try:
         return int(AutoConfig.from_pretrained(name).vocab_size)
@@ -61,6 +74,7 @@ def logit_width(name: str) -> int:
 def load_paper_tokenizer(name: str):
     """The checkpoint's own tokenizer (local folder, or the Hub / its cache); a pad token is set if missing."""
     from ..tokenizers import load_tokenizer
+
     tok = load_tokenizer(_local_or_hub(name))
     if tok.pad_token is None:
         pad = "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in tok.get_vocab() else tok.eos_token
@@ -75,6 +89,7 @@ def load_text_stream(source: str, *, subset: str | None = None, split: str = "tr
     """A streamed `datasets.IterableDataset` of the texts: a hub dataset id, or a local file / folder of
     .jsonl, .json, .parquet or .txt files (one shard per file, so N processes read disjoint files)."""
     from datasets import load_dataset
+
     p = Path(source).expanduser()
     if p.exists() or source.startswith(("/", "./", "../", "~")):
         if not p.exists():
@@ -118,9 +133,10 @@ def pack_texts(texts, tokenizer, max_length: int, separator: str = "\n\n", block
 
 def _emit(text: str, tokenizer, n: int, final: bool):
     """Yield the complete n-token samples of ``text``; return the text left for the next block."""
-    offs = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                     split_special_tokens=True)["offset_mapping"]
-    usable = len(offs) if final else len(offs) - 1          # the last token may continue in the next block
+    offs = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)[
+        "offset_mapping"
+    ]
+    usable = len(offs) if final else len(offs) - 1  # the last token may continue in the next block
     start = 0
     while start + n <= usable:
         a, b = offs[start][0], offs[start + n - 1][1]
@@ -128,7 +144,7 @@ def _emit(text: str, tokenizer, n: int, final: bool):
         start += n
     if final:
         return ""
-    return text[offs[start][0]:] if start < len(offs) else ""
+    return text[offs[start][0] :] if start < len(offs) else ""
 
 
 def packed_stream(rows, tokenizer, max_length: int, *, text_column: str = "text", separator: str = "\n\n"):
@@ -140,11 +156,13 @@ def packed_stream(rows, tokenizer, max_length: int, *, text_column: str = "text"
         for i in shards:
             part = rows.shard(num_shards=rows.n_shards, index=i)
             yield from pack_texts((r[text_column] for r in part), tokenizer, max_length, separator)
+
     return IterableDataset.from_generator(gen, gen_kwargs={"shards": list(range(rows.n_shards))})
 
 
-def stream_pretraining_text(name: str = PAPER["dataset"], subset: str | None = None, split: str = "train",
-                            text_column: str = "text"):
+def stream_pretraining_text(
+    name: str = PAPER["dataset"], subset: str | None = None, split: str = "train", text_column: str = "text"
+):
     """The raw text stream (`load_text_stream`), kept under its earlier name."""
     return load_text_stream(name, subset=subset, split=split, text_column=text_column)
 
@@ -155,11 +173,13 @@ def projection_for(student_tok, teacher_tok, teacher_width: int, cache_dir, path
     and cached in ``cache_dir`` under the tokenizers' fingerprints (bit-identical on every rebuild)."""
     from ..projection import Projection, build_projection
     from ..tokenizers import tokenizer_fingerprint
+
     if path is not None:
         W = Projection.load(path, student_tok, teacher_tok)
         return W if W.teacher_vocab_size == teacher_width else W.with_teacher_width(teacher_width)
-    f = Path(cache_dir) / (f"{tokenizer_fingerprint(student_tok)}-{tokenizer_fingerprint(teacher_tok)}"
-                           f"-{teacher_width}.safetensors")
+    f = Path(cache_dir) / (
+        f"{tokenizer_fingerprint(student_tok)}-{tokenizer_fingerprint(teacher_tok)}-{teacher_width}.safetensors"
+    )
     if f.exists():
         return Projection.load(f, student_tok, teacher_tok)
     W = build_projection(student_tok, teacher_tok, teacher_vocab_size=teacher_width)
@@ -169,13 +189,13 @@ def projection_for(student_tok, teacher_tok, teacher_width: int, cache_dir, path
     return W
 
 
-
-
 def _in_hub_cache(repo: str, kind: str = "model") -> bool:
     from huggingface_hub import try_to_load_from_cache
+
     name = "config.json" if kind == "model" else "README.md"
     hit = try_to_load_from_cache(repo, name, repo_type=kind)
     if isinstance(hit, str):
         return True
     from huggingface_hub.constants import HF_HUB_CACHE
+
     return kind == "dataset" and (Path(HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}").exists()

@@ -1,6 +1,7 @@
 """The paper-scale grid: checks before anything loads (`preflight`), every (setting, seed) run in-process or under
 torchrun (`run_grid`), the notebooks' config (`grid_config`), the base student's scores (`prepare`), and the
 per-run entry point of ``python -m xtoken.paper LAUNCH.json`` (`main`)."""
+
 from __future__ import annotations
 
 import json
@@ -14,30 +15,38 @@ from .config import PaperConfig, settings_by_name
 from .data import HubUnavailable, _in_hub_cache, _local_or_hub, fetch_hint, load_paper_tokenizer, logit_width
 from .run import run_setting, task_scores
 
+
 def preflight(cfg: PaperConfig, settings) -> None:
     """Refuse a grid before any model loads: unknown teachers, W files for another tokenizer pair, and
     (offline) every checkpoint or dataset missing from the local cache, all named in one message."""
     from ..mini.experiment import Setting
+
     problems = []
     keys = {k for s in settings for k, _, _ in (s.teachers if isinstance(s, Setting) else [])}
     for k in sorted(keys - set(cfg.teachers)):
-        problems.append(f"setting uses teacher {k!r}, which PaperConfig.teachers does not name "
-                        f"(known: {', '.join(cfg.teachers)})")
+        problems.append(
+            f"setting uses teacher {k!r}, which PaperConfig.teachers does not name (known: {', '.join(cfg.teachers)})"
+        )
     for k, path in cfg.projections.items():
         if not Path(path).exists():
             problems.append(f"W file of teacher {k!r} not found: {path}")
     if cfg.offline or os.environ.get("HF_HUB_OFFLINE") == "1":
         for name in [cfg.student] + [cfg.teachers[k] for k in sorted(keys & set(cfg.teachers))]:
             if not Path(name).expanduser().exists() and not _in_hub_cache(name):
-                problems.append(f"model {name!r} is not in the local cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}):\n"
-                                + fetch_hint(name))
+                problems.append(
+                    f"model {name!r} is not in the local cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}):\n"
+                    + fetch_hint(name)
+                )
         if not Path(cfg.dataset).expanduser().exists() and not _in_hub_cache(cfg.dataset, "dataset"):
-            problems.append(f"dataset {cfg.dataset!r} is not a local path nor in the local cache:\n"
-                            + fetch_hint(cfg.dataset, "dataset"))
+            problems.append(
+                f"dataset {cfg.dataset!r} is not a local path nor in the local cache:\n"
+                + fetch_hint(cfg.dataset, "dataset")
+            )
     if problems:
         raise HubUnavailable("the paper-scale grid cannot start:\n- " + "\n- ".join(problems))
-    if cfg.projections:      # W files: refused for another tokenizer pair before any model loads
+    if cfg.projections:  # W files: refused for another tokenizer pair before any model loads
         from ..projection import Projection
+
         s_tok = load_paper_tokenizer(cfg.student)
         for k, path in cfg.projections.items():
             Projection.load(path, s_tok, load_paper_tokenizer(cfg.teachers[k]))
@@ -49,8 +58,16 @@ def _launch(cfg: PaperConfig, setting, seed: int, work_dir) -> None:
     f = Path(work_dir) / "runs" / setting.name / f"seed{seed}" / "launch.json"
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(spec, indent=1))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc_per_node}",
-           "-m", "xtoken.paper", str(f)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={cfg.nproc_per_node}",
+        "-m",
+        "xtoken.paper",
+        str(f),
+    ]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -59,6 +76,7 @@ def run_grid(cfg: PaperConfig, settings, seeds=None, work_dir="runs/paper"):
     """Every (setting, seed) not yet finished, then one row per run as the miniature's grid gives them:
     setting, label, seed, a column per task (fraction correct), final losses, wall times."""
     import pandas as pd
+
     settings = settings_by_name(settings)
     seeds = cfg.seeds if seeds is None else seeds
     preflight(cfg, settings)
@@ -99,22 +117,42 @@ def prepare(cfg: PaperConfig, work_dir) -> dict:
     import pandas as pd
 
     from ..evaluate import evaluate, save_raw_results
+
     if cfg.offline:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    teachers = pd.DataFrame([{"teacher": k, "checkpoint": v, "logit width": logit_width(v)}
-                             for k, v in cfg.teachers.items()])
+    teachers = pd.DataFrame(
+        [{"teacher": k, "checkpoint": v, "logit width": logit_width(v)} for k, v in cfg.teachers.items()]
+    )
     f = Path(work_dir) / "base" / "result.json"
     if not f.exists():
         import torch
+
         t0 = time.time()
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        df, raw = evaluate(_local_or_hub(cfg.student), cfg.tasks, data_dir=cfg.task_data_dir, limit=cfg.eval_limit,
-                           batch_size=cfg.eval_batch_size, device=device, offline=cfg.offline,
-                           dtype="bfloat16" if cfg.bf16 and device == "cuda" else "float32", return_raw=True)
+        df, raw = evaluate(
+            _local_or_hub(cfg.student),
+            cfg.tasks,
+            data_dir=cfg.task_data_dir,
+            limit=cfg.eval_limit,
+            batch_size=cfg.eval_batch_size,
+            device=device,
+            offline=cfg.offline,
+            dtype="bfloat16" if cfg.bf16 and device == "cuda" else "float32",
+            return_raw=True,
+        )
         save_raw_results(raw, f.parent / "lm_eval_results.json")
-        f.write_text(json.dumps({"setting": "base", "label": "base student (no distillation)", **task_scores(df),
-                                 "eval_wall_s": round(time.time() - t0, 2)}, indent=1))
+        f.write_text(
+            json.dumps(
+                {
+                    "setting": "base",
+                    "label": "base student (no distillation)",
+                    **task_scores(df),
+                    "eval_wall_s": round(time.time() - t0, 2),
+                },
+                indent=1,
+            )
+        )
     return {"teachers": teachers, "base": json.loads(f.read_text())}
 
 
@@ -126,6 +164,8 @@ def main(argv=None) -> int:
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     from ..mini.experiment import Setting
-    run_setting(PaperConfig.from_dict(spec["config"]), Setting.from_dict(spec["setting"]), int(spec["seed"]),
-                spec["work_dir"])
+
+    run_setting(
+        PaperConfig.from_dict(spec["config"]), Setting.from_dict(spec["setting"]), int(spec["seed"]), spec["work_dir"]
+    )
     return 0

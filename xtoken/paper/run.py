@@ -1,5 +1,6 @@
 """One paper-scale run (`run_setting`): train with `xtoken.hf.XTokenTrainer`, save, evaluate on rank 0, and
 record what ran (W digests, versions, wall time, tokens/s, peak memory, per-rank digests)."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from .config import TASK_METRICS, PaperConfig, settings_by_name
 from .data import load_causal_lm, load_paper_tokenizer, load_text_stream, logit_width, packed_stream, projection_for
+
 
 def task_scores(df) -> dict:
     """{task: score} from `xtoken.evaluate.evaluate`'s tidy rows, by `TASK_METRICS` (else the first metric)."""
@@ -23,6 +25,7 @@ def task_scores(df) -> dict:
 
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
+
     out = {}
     for p in ("xtoken", "torch", "transformers", "accelerate", "datasets", "lm_eval", "tokenizers"):
         try:
@@ -36,13 +39,15 @@ def _peak_memory_gb(device) -> float:
     import resource
 
     import torch
+
     if getattr(device, "type", str(device)).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20       # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 def _gather(value):
     import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         out = [None] * dist.get_world_size()
         dist.all_gather_object(out, value)
@@ -56,6 +61,7 @@ class _SeenTexts:
 
     def __init__(self, collator):
         import hashlib
+
         self.collator, self.n, self._h = collator, 0, hashlib.sha1()
 
     def __call__(self, rows):
@@ -72,12 +78,14 @@ def _tensor_sums(model):
     """Per-tensor float64 sums of the parameters (cheap on any device): which tensors changed, and a digest
     that must agree across DDP ranks."""
     import torch
+
     with torch.no_grad():
         return torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
 
 
 def _digest(sums) -> str:
     import hashlib
+
     return hashlib.sha1(sums.numpy().tobytes()).hexdigest()[:16]
 
 
@@ -90,6 +98,7 @@ def run_setting(cfg: PaperConfig, setting, seed: int, work_dir) -> dict:
 
     from ..evaluate import evaluate, save_raw_results
     from ..hf import Teacher, XTokenTrainer
+
     (setting,) = settings_by_name([setting])
     out = Path(work_dir) / "runs" / setting.name / f"seed{seed}"
     if (out / "result.json").exists():
@@ -98,8 +107,9 @@ def run_setting(cfg: PaperConfig, setting, seed: int, work_dir) -> dict:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     t_start = time.time()
-    args = cfg.training_args(out / "trainer", seed=seed, teacher_weighting=setting.weighting,
-                             learn_projection=setting.learn_projection)
+    args = cfg.training_args(
+        out / "trainer", seed=seed, teacher_weighting=setting.weighting, learn_projection=setting.learn_projection
+    )
     # tokenizers and W first: a wrong W or a missing teacher is refused before any model loads
     s_tok = load_paper_tokenizer(cfg.student)
     specs = []
@@ -109,22 +119,39 @@ def run_setting(cfg: PaperConfig, setting, seed: int, work_dir) -> dict:
         t_tok = load_paper_tokenizer(cfg.teachers[key])
         W = None
         if loss != "kl":
-            with args.main_process_first(local=False, desc=f"W for {key}"):    # rank 0 builds, the others read
-                W = projection_for(s_tok, t_tok, logit_width(cfg.teachers[key]), Path(work_dir) / "projections",
-                                   cfg.projections.get(key))
+            with args.main_process_first(local=False, desc=f"W for {key}"):  # rank 0 builds, the others read
+                W = projection_for(
+                    s_tok,
+                    t_tok,
+                    logit_width(cfg.teachers[key]),
+                    Path(work_dir) / "projections",
+                    cfg.projections.get(key),
+                )
         specs.append((key, loss, weight, t_tok, W))
-    student = load_causal_lm(cfg.student, dtype="float32")          # fp32 master weights; bf16 autocast in training
+    student = load_causal_lm(cfg.student, dtype="float32")  # fp32 master weights; bf16 autocast in training
     teacher_dtype = "bfloat16" if cfg.bf16 else "float32"
-    teachers = [Teacher(key, load_causal_lm(cfg.teachers[key], dtype=teacher_dtype, device_map={"": args.device}),
-                        t_tok, loss=loss, projection=W, weight=float(weight)) for key, loss, weight, t_tok, W in specs]
+    teachers = [
+        Teacher(
+            key,
+            load_causal_lm(cfg.teachers[key], dtype=teacher_dtype, device_map={"": args.device}),
+            t_tok,
+            loss=loss,
+            projection=W,
+            weight=float(weight),
+        )
+        for key, loss, weight, t_tok, W in specs
+    ]
     rows = load_text_stream(cfg.dataset, subset=cfg.subset, split=cfg.split, text_column=cfg.text_column)
     data = packed_stream(rows, s_tok, cfg.max_length, text_column=cfg.text_column)
     from ..hf import DistillCollator
+
     seen = _SeenTexts(DistillCollator(s_tok, teachers, cfg.max_length))
-    trainer = XTokenTrainer(model=student, args=args, teachers=teachers, train_dataset=data, processing_class=s_tok,
-                            data_collator=seen)
+    trainer = XTokenTrainer(
+        model=student, args=args, teachers=teachers, train_dataset=data, processing_class=s_tok, data_collator=seen
+    )
     sums_before = _tensor_sums(student)
     from transformers.trainer_utils import get_last_checkpoint
+
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     t0 = time.time()
     train_out = trainer.train(resume_from_checkpoint=last)
@@ -134,21 +161,37 @@ def run_setting(cfg: PaperConfig, setting, seed: int, work_dir) -> dict:
     sums_after = _tensor_sums(trainer.model)
     moved = float((sums_after != sums_before).float().mean()) if sums_after.shape == sums_before.shape else None
     world = args.world_size
-    steps_here = train_out.global_step - (int(str(last).rsplit("-", 1)[-1]) if last else 0)   # resumed: steps of this process
+    steps_here = train_out.global_step - (
+        int(str(last).rsplit("-", 1)[-1]) if last else 0
+    )  # resumed: steps of this process
     tokens = steps_here * cfg.global_batch * cfg.max_length
-    final = {k: v for r in trainer.state.log_history for k, v in r.items()
-             if k in ("loss", "ce", "kd") or k.startswith(("kd_", "alpha_"))}
-    record = {"setting": setting.to_dict(), "seed": seed, "world_size": world, "device": str(args.device),
-              "accumulation": args.gradient_accumulation_steps, "global_batch": cfg.global_batch,
-              "resumed_from": last, "w_digests": {k: W.digest() for k, _, _, _, W in specs if W is not None},
-              "versions": _versions(), "train_wall_s": round(train_wall, 2),
-              "tokens_per_s": round(tokens / max(train_wall, 1e-9), 1), "peak_memory_gb_per_rank": peak,
-              "student_master_dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
-              "changed_tensor_share": moved,       # share of the student's weight tensors that training changed
-              "params_digest_per_rank": _gather(_digest(sums_after)) if not cfg.fsdp else None,   # DDP: all equal
-              # collated, not trained: accelerate reads one batch ahead to detect the end of the data
-              "samples_collated_per_rank": _gather(seen.n), "texts_digest_per_rank": _gather(seen.digest()),
-              "config": cfg.to_dict()}
+    final = {
+        k: v
+        for r in trainer.state.log_history
+        for k, v in r.items()
+        if k in ("loss", "ce", "kd") or k.startswith(("kd_", "alpha_"))
+    }
+    record = {
+        "setting": setting.to_dict(),
+        "seed": seed,
+        "world_size": world,
+        "device": str(args.device),
+        "accumulation": args.gradient_accumulation_steps,
+        "global_batch": cfg.global_batch,
+        "resumed_from": last,
+        "w_digests": {k: W.digest() for k, _, _, _, W in specs if W is not None},
+        "versions": _versions(),
+        "train_wall_s": round(train_wall, 2),
+        "tokens_per_s": round(tokens / max(train_wall, 1e-9), 1),
+        "peak_memory_gb_per_rank": peak,
+        "student_master_dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
+        "changed_tensor_share": moved,  # share of the student's weight tensors that training changed
+        "params_digest_per_rank": _gather(_digest(sums_after)) if not cfg.fsdp else None,  # DDP: all equal
+        # collated, not trained: accelerate reads one batch ahead to detect the end of the data
+        "samples_collated_per_rank": _gather(seen.n),
+        "texts_digest_per_rank": _gather(seen.digest()),
+        "config": cfg.to_dict(),
+    }
     del trainer, teachers, student
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -156,21 +199,34 @@ def run_setting(cfg: PaperConfig, setting, seed: int, work_dir) -> dict:
     if args.process_index == 0:
         s_tok.save_pretrained(str(out / "model"))
         t1 = time.time()
-        df, raw = evaluate(out / "model", cfg.tasks, data_dir=cfg.task_data_dir, limit=cfg.eval_limit,
-                           batch_size=cfg.eval_batch_size, device=str(args.device), offline=cfg.offline,
-                           dtype="bfloat16" if cfg.bf16 and str(args.device).startswith("cuda") else "float32",
-                           return_raw=True)
+        df, raw = evaluate(
+            out / "model",
+            cfg.tasks,
+            data_dir=cfg.task_data_dir,
+            limit=cfg.eval_limit,
+            batch_size=cfg.eval_batch_size,
+            device=str(args.device),
+            offline=cfg.offline,
+            dtype="bfloat16" if cfg.bf16 and str(args.device).startswith("cuda") else "float32",
+            return_raw=True,
+        )
         save_raw_results(raw, out / "lm_eval_results.json")
-        result = {"setting": setting.name, "label": setting.label or setting.name, "seed": seed,
-                  **task_scores(df), "final": final, "train_wall_s": record["train_wall_s"],
-                  "eval_wall_s": round(time.time() - t1, 2), "wall_s": round(time.time() - t_start, 2),
-                  "record": record}
+        result = {
+            "setting": setting.name,
+            "label": setting.label or setting.name,
+            "seed": seed,
+            **task_scores(df),
+            "final": final,
+            "train_wall_s": record["train_wall_s"],
+            "eval_wall_s": round(time.time() - t1, 2),
+            "wall_s": round(time.time() - t_start, 2),
+            "record": record,
+        }
         tmp = out / "result.json.tmp"
         tmp.write_text(json.dumps(result, indent=1, default=str))
         os.replace(tmp, out / "result.json")
     import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return result if result is not None else json.loads((out / "result.json").read_text())
-
-
