@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .config import LOSSES
-
-if TYPE_CHECKING:
-    from .cache import TeacherCache
 
 
 class NonFiniteTeacher(Exception):
@@ -34,7 +31,7 @@ class Teacher:
     loss: str = "kl"
     projection: Any = None
     weight: float = 1.0
-    cache: "TeacherCache | None" = None
+    cache: Any = None  # a TeacherCache (xtoken.hf.cache), or None
 
     def __post_init__(self):
         if self.loss not in LOSSES:
