@@ -512,7 +512,7 @@ def test_w_plan_is_cached_per_projection_and_bounded():
         assert len(P._PLANS) <= P.PLAN_CACHE_SIZE
 
 
-def test_chunk_plan_is_the_rows_token_tables_stacked(llama, qwen):
+def test_chunk_tables_are_the_rows_token_tables_stacked(llama, qwen):
     """The batched `chunk_tables` equals `Alignment.token_table` row by row, chunk indices running on across
     rows (rows of different lengths and padding, one row without predictable chunks)."""
     from xtoken.align import align
