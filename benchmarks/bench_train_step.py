@@ -17,15 +17,12 @@ Two modes:
       Collation (tokenization + chunk alignment) is timed apart: with dataloader_num_workers > 0
       it runs in worker processes, beside the step.
 
-  --gpu-paper-shapes
-      random-weight Llama-3.2-1B student vs Qwen3-4B (and Llama-3.2-3B for KL) teacher configs,
-      sequence 2048, batch 1, bf16, on CUDA; step time and peak memory for CE, KL, P-KL, H-KL, GOLD,
-      written to results/gpu_throughput.json. Without CUDA it runs the same code at reduced shapes
-      on the CPU (full real vocabularies, hidden 64, 2 layers, sequence 256) and says so.
+  The paper's shapes on a GPU are measured by benchmarks/gpu_check.py.
 
 A step is ``trainer.training_step`` + ``optimizer.step`` + ``zero_grad`` on pre-collated batches,
 median over the timed steps, everything measured in the same process so ratios compare like with like.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +44,13 @@ from xtoken import load_tokenizer  # noqa: E402
 from xtoken.projection import build_projection  # noqa: E402
 from xtoken.train import DistillCollator, Teacher, TeacherCache, XTokenConfig, XTokenTrainer  # noqa: E402
 
-
 # ---- shared helpers -----------------------------------------------------------------------------
+
 
 def corpus_texts(n: int, seed: int = 0, min_chars: int = 0) -> list[str]:
     """Arithmetic word problems from the miniature's generator (joined up to ``min_chars`` each)."""
     from xtoken.mini.corpus import arithmetic_item
+
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -64,9 +62,18 @@ def corpus_texts(n: int, seed: int = 0, min_chars: int = 0) -> list[str]:
 
 
 def make_trainer(student, tok, teachers, out_dir, **kw) -> XTokenTrainer:
-    args = XTokenConfig(output_dir=str(out_dir), max_steps=1, per_device_train_batch_size=1, learning_rate=1e-4,
-                        use_cpu=not torch.cuda.is_available(), save_strategy="no", disable_tqdm=True,
-                        loss_curve=False, logging_steps=10**9, **kw)
+    args = XTokenConfig(
+        output_dir=str(out_dir),
+        max_steps=1,
+        per_device_train_batch_size=1,
+        learning_rate=1e-4,
+        use_cpu=not torch.cuda.is_available(),
+        save_strategy="no",
+        disable_tqdm=True,
+        loss_curve=False,
+        logging_steps=10**9,
+        **kw,
+    )
     trainer = XTokenTrainer(model=student, args=args, teachers=teachers, processing_class=tok)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1
@@ -115,17 +122,27 @@ def time_teacher_forward(teacher: Teacher, batches, device, warmup: int = 2) -> 
 def time_kd_op(teacher: Teacher, batches, student_vocab: int, device, chunk_size=None, warmup: int = 2) -> float:
     """Median seconds of the KD loss alone (forward + backward to the student logits), teacher logits given."""
     from xtoken.train import teacher_kd_loss
+
     times = []
     for i, batch in enumerate(batches):
         entry = batch["teachers"][teacher.name]
         with torch.no_grad():
-            t_logits = teacher.model(input_ids=entry["input_ids"].to(device),
-                                     attention_mask=entry["attention_mask"].to(device)).logits
+            t_logits = teacher.model(
+                input_ids=entry["input_ids"].to(device), attention_mask=entry["attention_mask"].to(device)
+            ).logits
         s_logits = torch.randn(*batch["input_ids"].shape, student_vocab, device=device, requires_grad=True)
         sync()
         t0 = time.perf_counter()
-        loss, _ = teacher_kd_loss(teacher, s_logits, batch["attention_mask"], t_logits, entry["attention_mask"],
-                                  entry["alignments"], 1.0, chunk_size)
+        loss, _ = teacher_kd_loss(
+            teacher,
+            s_logits,
+            batch["attention_mask"],
+            t_logits,
+            entry["attention_mask"],
+            entry["alignments"],
+            1.0,
+            chunk_size,
+        )
         loss.backward()
         sync()
         if i >= warmup:
@@ -134,6 +151,7 @@ def time_kd_op(teacher: Teacher, batches, student_vocab: int, device, chunk_size
 
 
 # ---- mini-scale ---------------------------------------------------------------------------------
+
 
 def bench_mini(args) -> dict:
     from xtoken.mini.config import ModelSize
@@ -153,43 +171,59 @@ def bench_mini(args) -> dict:
     teacher = Teacher("qwen", t_model, t_tok, args.loss, projection=W)
 
     from datasets import Dataset
+
     n_rows = args.batch * (args.steps + 2)
     ds = Dataset.from_dict({"text": texts[:n_rows], "idx": list(range(n_rows))})
     col = DistillCollator(s_tok, [teacher], max_length=args.max_length)
     rows = [ds[i] for i in range(n_rows)]
-    col(rows[:args.batch])   # first call builds each tokenizer's byte table (once per process)
+    col(rows[: args.batch])  # first call builds each tokenizer's byte table (once per process)
     t0 = time.perf_counter()
-    batches = [col(rows[i:i + args.batch]) for i in range(0, n_rows, args.batch)]
+    batches = [col(rows[i : i + args.batch]) for i in range(0, n_rows, args.batch)]
     collate_s = (time.perf_counter() - t0) / len(batches)
     seq = float(statistics.mean(float(b["attention_mask"].sum()) / args.batch for b in batches))
     tseq = float(statistics.mean(float(b["teachers"]["qwen"]["attention_mask"].sum()) / args.batch for b in batches))
     tokens = args.batch * seq
-    print(f"batch {args.batch}, student tokens/seq {seq:.1f}, teacher tokens/seq {tseq:.1f}; "
-          f"collation (tokenize + align) {collate_s * 1e3:.1f} ms/batch")
+    print(
+        f"batch {args.batch}, student tokens/seq {seq:.1f}, teacher tokens/seq {tseq:.1f}; "
+        f"collation (tokenize + align) {collate_s * 1e3:.1f} ms/batch"
+    )
 
     t0 = time.perf_counter()
     cache = TeacherCache.build(teacher, ds, col, batch_size=64)
     build_s = time.perf_counter() - t0
     cached = Teacher("qwen", t_model, t_tok, args.loss, projection=W, cache=cache)
-    cached_batches = [DistillCollator(s_tok, [cached], max_length=args.max_length)(rows[i:i + args.batch])
-                      for i in range(0, n_rows, args.batch)]
+    cached_batches = [
+        DistillCollator(s_tok, [cached], max_length=args.max_length)(rows[i : i + args.batch])
+        for i in range(0, n_rows, args.batch)
+    ]
 
     with tempfile.TemporaryDirectory() as tmp:
         kw = dict(dynamic_kd_scale=True, max_length=args.max_length, loss_chunk_size=args.loss_chunk_size)
         results = {}
-        for rep in range(args.repeats):   # interleave the three so drift from other load hits all alike
-            for name, teachers, bs in (("ce", [], batches), ("kd_live", [teacher], batches),
-                                       ("kd_cached", [cached], cached_batches)):
+        for _rep in range(args.repeats):  # interleave the three so drift from other load hits all alike
+            for name, teachers, bs in (
+                ("ce", [], batches),
+                ("kd_live", [teacher], batches),
+                ("kd_cached", [cached], cached_batches),
+            ):
                 import copy
+
                 tr = make_trainer(copy.deepcopy(student), s_tok, teachers, tmp, **kw)
                 results.setdefault(name, []).append(time_steps(tr, bs))
             results.setdefault("teacher_forward", []).append(time_teacher_forward(teacher, batches, "cpu"))
-            results.setdefault("kd_loss_op", []).append(time_kd_op(teacher, batches, len(s_l2f), "cpu",
-                                                                   args.loss_chunk_size))
+            results.setdefault("kd_loss_op", []).append(
+                time_kd_op(teacher, batches, len(s_l2f), "cpu", args.loss_chunk_size)
+            )
     t = {k: min(v) for k, v in results.items()}
     out = {
-        "mode": "mini", "loss": args.loss, "batch": args.batch, "loss_chunk_size": args.loss_chunk_size, "student_tokens_per_seq": seq,
-        "teacher_tokens_per_seq": tseq, "student_vocab": len(s_l2f), "teacher_vocab": len(t_l2f),
+        "mode": "mini",
+        "loss": args.loss,
+        "batch": args.batch,
+        "loss_chunk_size": args.loss_chunk_size,
+        "student_tokens_per_seq": seq,
+        "teacher_tokens_per_seq": tseq,
+        "student_vocab": len(s_l2f),
+        "teacher_vocab": len(t_l2f),
         "step_ms": {k: v * 1e3 for k, v in t.items()},
         "tokens_per_s": {k: tokens / t[k] for k in ("ce", "kd_live", "kd_cached")},
         "kd_live_over_ce_throughput": t["ce"] / t["kd_live"],
@@ -198,122 +232,47 @@ def bench_mini(args) -> dict:
         "cached_overhead": (t["kd_cached"] - t["ce"]) / t["ce"],
         "kd_loss_op_over_ce": t["kd_loss_op"] / t["ce"],
         "trainer_glue_over_ce": (t["kd_cached"] - t["ce"] - t["kd_loss_op"]) / t["ce"],
-        "collate_ms_per_batch": collate_s * 1e3, "cache_build_s": build_s,
-        "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "collate_ms_per_batch": collate_s * 1e3,
+        "cache_build_s": build_s,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
     }
     print("\n== mini-scale step (CPU, 1 thread; medians, best of repeats) ==")
     for k in ("ce", "kd_live", "kd_cached"):
-        print(f"  {k:10s} {t[k] * 1e3:8.1f} ms/step  {out['tokens_per_s'][k]:9.0f} tokens/s  "
-              f"throughput vs CE {t['ce'] / t[k]:.2f}x")
+        print(
+            f"  {k:10s} {t[k] * 1e3:8.1f} ms/step  {out['tokens_per_s'][k]:9.0f} tokens/s  "
+            f"throughput vs CE {t['ce'] / t[k]:.2f}x"
+        )
     print(f"  teacher forward alone {t['teacher_forward'] * 1e3:.1f} ms")
-    print(f"  KD overhead beyond the teacher forward: {out['overhead_beyond_teacher_forward'] * 100:+.1f}% of a CE step"
-          f" (target < 25%)")
+    print(
+        f"  KD overhead beyond the teacher forward: {out['overhead_beyond_teacher_forward'] * 100:+.1f}% of a CE step"
+        f" (target < 25%)"
+    )
     print(f"  KD with cached teacher: {out['cached_overhead'] * 100:+.1f}% over a CE step")
-    print(f"    of which the {args.loss} loss op alone (fwd + bwd on the logits): {t['kd_loss_op'] * 1e3:.1f} ms "
-          f"= {out['kd_loss_op_over_ce'] * 100:.0f}% of a CE step; trainer glue (cache rows, dispatch, "
-          f"weights, scaling, metrics): {out['trainer_glue_over_ce'] * 100:+.1f}%")
-    return out
-
-
-# ---- paper shapes -------------------------------------------------------------------------------
-
-def paper_configs(reduced: bool):
-    """HF configs of Llama-3.2-1B, Llama-3.2-3B and Qwen3-4B (published sizes); reduced: hidden 64, 2 layers."""
-    from transformers import LlamaConfig, Qwen3Config
-    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
-    llama1b = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-                   max_position_embeddings=131072, rope_parameters=rope, bos_token_id=128000, eos_token_id=128001)
-    llama3b = dict(llama1b, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, head_dim=128)
-    qwen4b = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                  max_position_embeddings=40960)
-    if reduced:
-        small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=16)
-        llama1b, llama3b, qwen4b = dict(llama1b, **small), dict(llama3b, **small), dict(qwen4b, **small)
-    return LlamaConfig(**llama1b), LlamaConfig(**llama3b), Qwen3Config(**qwen4b)
-
-
-def bench_paper(args) -> dict:
-    from transformers import LlamaForCausalLM, Qwen3ForCausalLM
-    cuda = torch.cuda.is_available()
-    mode = "gpu-paper-shapes" if cuda else "cpu-reduced-paper-shapes"
-    seq = 2048 if cuda else args.cpu_seq
-    device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    if not cuda:
-        torch.set_num_threads(1)
-    print(f"== mode: {mode} ({'CUDA ' + torch.cuda.get_device_name() if cuda else 'no CUDA: CPU, reduced shapes'}), "
-          f"sequence {seq}, batch 1, {dtype} ==")
-    s_tok, q_tok = load_tokenizer("llama"), load_tokenizer("qwen3")
-    W = build_projection(s_tok, q_tok)
-    c1b, c3b, c4b = paper_configs(reduced=not cuda)
-    torch.manual_seed(0)
-    with torch.device(device):
-        student0 = LlamaForCausalLM(c1b).to(dtype)
-        llama_t = LlamaForCausalLM(c3b).to(dtype)
-        qwen_t = Qwen3ForCausalLM(c4b).to(dtype)
-    student_state = {k: v.detach().clone() for k, v in student0.state_dict().items()}
-    texts = corpus_texts(args.steps + 2, min_chars=seq * 6)
-    settings = [("ce", None), ("kl", Teacher("llama3b", llama_t, s_tok, "kl")),
-                ("p_kl", Teacher("qwen4b", qwen_t, q_tok, "p_kl", projection=W)),
-                ("h_kl", Teacher("qwen4b", qwen_t, q_tok, "h_kl", projection=W)),
-                ("gold", Teacher("qwen4b", qwen_t, q_tok, "gold", projection=W))]
-    out = {"mode": mode, "sequence": seq, "batch": 1, "dtype": str(dtype), "device": device,
-           "gpu": torch.cuda.get_device_name() if cuda else None, "results": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, teacher in settings:
-            teachers = [teacher] if teacher else []
-            col = DistillCollator(s_tok, teachers, max_length=seq)
-            batches = [col([{"text": t}]) for t in texts]
-            student0.load_state_dict(student_state)
-            tr = make_trainer(student0, s_tok, teachers, tmp, bf16=cuda, max_length=seq)
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            try:
-                step = time_steps(tr, batches)
-                peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-                out["results"][name] = {"step_s": step, "peak_gib": peak,
-                                        "tokens_per_s": float(batches[0]["attention_mask"].sum()) / step}
-            except NotImplementedError as err:   # a loss not available in this checkout
-                out["results"][name] = {"error": str(err)}
-            del tr
-    ce = out["results"]["ce"]["step_s"]
-    for name, r in out["results"].items():
-        if "step_s" in r:
-            r["throughput_vs_ce"] = ce / r["step_s"]
-            mem = f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""
-            print(f"  {name:5s} {r['step_s'] * 1e3:9.1f} ms/step  throughput vs CE {r['throughput_vs_ce']:.2f}x{mem}")
-        else:
-            print(f"  {name:5s} skipped: {r['error']}")
-    path = ROOT / "results" / "gpu_throughput.json"
-    if cuda or args.write_cpu:
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps(out, indent=1))
-        print(f"wrote {path}")
+    print(
+        f"    of which the {args.loss} loss op alone (fwd + bwd on the logits): {t['kd_loss_op'] * 1e3:.1f} ms "
+        f"= {out['kd_loss_op_over_ce'] * 100:.0f}% of a CE step; trainer glue (cache rows, dispatch, "
+        f"weights, scaling, metrics): {out['trainer_glue_over_ce'] * 100:+.1f}%"
+    )
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--gpu-paper-shapes", action="store_true", help="paper-scale configs (CUDA), reduced on CPU")
     p.add_argument("--loss", default="p_kl", choices=["p_kl", "h_kl", "gold", "uld"], help="mini mode KD loss")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--loss-chunk-size", type=int, default=None,
-                   help="XTokenConfig.loss_chunk_size (chunks per loss block; default: the losses' own)")
+    p.add_argument(
+        "--loss-chunk-size",
+        type=int,
+        default=None,
+        help="XTokenConfig.loss_chunk_size (chunks per loss block; default: the losses' own)",
+    )
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--chars", type=int, default=200, help="mini mode: characters per sample (joined items)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--cpu-seq", type=int, default=256, help="sequence length of the CPU fallback of paper shapes")
-    p.add_argument("--write-cpu", action="store_true", help="also write results/gpu_throughput.json on CPU")
     p.add_argument("--json", help="write the mini-mode result here")
     args = p.parse_args(argv)
-    if args.gpu_paper_shapes:
-        return bench_paper(args)
     out = bench_mini(args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

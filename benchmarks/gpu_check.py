@@ -20,6 +20,7 @@ FLOPs of the step: 6 N T + 12 L d T^2 for the student, 2 N T + 4 L d T^2 for the
 GPU's dense bf16 peak). Text: the stand-in corpus generator (`xtoken.standins`), packed to the sequence.
 At the real shapes on one H200 it takes about 2-4 minutes (budget: 8).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,28 +43,66 @@ from xtoken import load_tokenizer  # noqa: E402
 from xtoken.projection import build_projection  # noqa: E402
 from xtoken.train import DistillCollator, Teacher  # noqa: E402
 
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}   # dense TFLOP/s
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense TFLOP/s
 
 
 def architectures(reduced: bool) -> dict:
     """HF configs of the four models (their published config.json values); reduced: hidden 64, 2 layers."""
     from transformers import LlamaConfig, Phi3Config, Qwen3Config
-    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
-    llama1b = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-                   max_position_embeddings=131072, rope_parameters=rope, bos_token_id=128000, eos_token_id=128001)
+
+    rope = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+    }
+    llama1b = dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+        rope_parameters=rope,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    )
     llama3b = dict(llama1b, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, head_dim=128)
-    qwen4b = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                  max_position_embeddings=40960)
-    phi4 = dict(vocab_size=200064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-                num_attention_heads=24, num_key_value_heads=8, partial_rotary_factor=0.75, tie_word_embeddings=True,
-                max_position_embeddings=131072, bos_token_id=199999, eos_token_id=199999, pad_token_id=199999)
+    qwen4b = dict(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+        max_position_embeddings=40960,
+    )
+    phi4 = dict(
+        vocab_size=200064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        partial_rotary_factor=0.75,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+        bos_token_id=199999,
+        eos_token_id=199999,
+        pad_token_id=199999,
+    )
     cfgs = {"llama1b": llama1b, "llama3b": llama3b, "qwen4b": qwen4b, "phi4": phi4}
     if reduced:
-        small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2)
+        small = dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        )
         cfgs = {k: dict(v, **small, **({"head_dim": 16} if "head_dim" in v else {})) for k, v in cfgs.items()}
     classes = {"llama1b": LlamaConfig, "llama3b": LlamaConfig, "qwen4b": Qwen3Config, "phi4": Phi3Config}
     return {k: classes[k](**v) for k, v in cfgs.items()}
@@ -75,7 +114,7 @@ def model_flops(cfg, tokens: int, train: bool) -> float:
     heads_dim = cfg.num_attention_heads * getattr(cfg, "head_dim", d // cfg.num_attention_heads)
     kv_dim = cfg.num_key_value_heads * getattr(cfg, "head_dim", d // cfg.num_attention_heads)
     per_layer = d * heads_dim + 2 * d * kv_dim + heads_dim * d + 3 * d * cfg.intermediate_size
-    n = L * per_layer + d * V                         # the LM head is a matmul of every position
+    n = L * per_layer + d * V  # the LM head is a matmul of every position
     k = 3 if train else 1
     return k * (2 * n * tokens + 4 * L * heads_dim * tokens * tokens)
 
@@ -84,6 +123,7 @@ def texts(n: int, chars: int) -> list[str]:
     import random
 
     from xtoken.standins import _corpus
+
     rng = random.Random(0)
     out = []
     for _ in range(n):
@@ -96,32 +136,52 @@ def texts(n: int, chars: int) -> list[str]:
 
 def run(reduced: bool, seq: int, steps: int, warmup: int) -> dict:
     from transformers import AutoModelForCausalLM
+
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     gpu = torch.cuda.get_device_name() if cuda else None
     peak = next((v for k, v in PEAK_BF16.items() if gpu and k in gpu), None)
     cfgs = architectures(reduced)
-    toks = {"llama": load_tokenizer("meta-llama/Llama-3.2-1B"), "qwen3": load_tokenizer("Qwen/Qwen3-4B"),
-            "phi": load_tokenizer("microsoft/Phi-4-mini-instruct")}
+    toks = {
+        "llama": load_tokenizer("meta-llama/Llama-3.2-1B"),
+        "qwen3": load_tokenizer("Qwen/Qwen3-4B"),
+        "phi": load_tokenizer("microsoft/Phi-4-mini-instruct"),
+    }
     t0 = time.perf_counter()
-    W = {"qwen3": build_projection(toks["llama"], toks["qwen3"], teacher_vocab_size=cfgs["qwen4b"].vocab_size),
-         "phi": build_projection(toks["llama"], toks["phi"], teacher_vocab_size=cfgs["phi4"].vocab_size)}
+    W = {
+        "qwen3": build_projection(toks["llama"], toks["qwen3"], teacher_vocab_size=cfgs["qwen4b"].vocab_size),
+        "phi": build_projection(toks["llama"], toks["phi"], teacher_vocab_size=cfgs["phi4"].vocab_size),
+    }
     w_s = time.perf_counter() - t0
     torch.manual_seed(0)
     with torch.device(device):
-        student = AutoModelForCausalLM.from_config(cfgs["llama1b"], dtype=torch.float32)     # fp32 master weights
-        teacher_models = {k: AutoModelForCausalLM.from_config(cfgs[c], dtype=torch.bfloat16).eval()
-                          for k, c in (("llama3b", "llama3b"), ("qwen4b", "qwen4b"), ("phi4", "phi4"))}
+        student = AutoModelForCausalLM.from_config(cfgs["llama1b"], dtype=torch.float32)  # fp32 master weights
+        teacher_models = {
+            k: AutoModelForCausalLM.from_config(cfgs[c], dtype=torch.bfloat16).eval()
+            for k, c in (("llama3b", "llama3b"), ("qwen4b", "qwen4b"), ("phi4", "phi4"))
+        }
     state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    settings = [("ce", None, None),
-                ("kl", Teacher("llama3b", teacher_models["llama3b"], toks["llama"], "kl"), "llama3b"),
-                ("p_kl", Teacher("qwen4b", teacher_models["qwen4b"], toks["qwen3"], "p_kl", projection=W["qwen3"]), "qwen4b"),
-                ("gold", Teacher("qwen4b", teacher_models["qwen4b"], toks["qwen3"], "gold", projection=W["qwen3"]), "qwen4b"),
-                ("h_kl", Teacher("phi4", teacher_models["phi4"], toks["phi"], "h_kl", projection=W["phi"]), "phi4")]
+    settings = [
+        ("ce", None, None),
+        ("kl", Teacher("llama3b", teacher_models["llama3b"], toks["llama"], "kl"), "llama3b"),
+        ("p_kl", Teacher("qwen4b", teacher_models["qwen4b"], toks["qwen3"], "p_kl", projection=W["qwen3"]), "qwen4b"),
+        ("gold", Teacher("qwen4b", teacher_models["qwen4b"], toks["qwen3"], "gold", projection=W["qwen3"]), "qwen4b"),
+        ("h_kl", Teacher("phi4", teacher_models["phi4"], toks["phi"], "h_kl", projection=W["phi"]), "phi4"),
+    ]
     corpus = texts(warmup + steps, chars=seq * 6)
-    out = {"mode": "reduced shapes" if reduced else "paper shapes", "device": device, "gpu": gpu,
-           "sequence": seq, "batch": 1, "student": "fp32 master weights, bf16 autocast", "teachers": "bf16",
-           "torch": torch.__version__, "w_build_s": round(w_s, 2), "peak_bf16_flops": peak, "results": {}}
+    out = {
+        "mode": "reduced shapes" if reduced else "paper shapes",
+        "device": device,
+        "gpu": gpu,
+        "sequence": seq,
+        "batch": 1,
+        "student": "fp32 master weights, bf16 autocast",
+        "teachers": "bf16",
+        "torch": torch.__version__,
+        "w_build_s": round(w_s, 2),
+        "peak_bf16_flops": peak,
+        "results": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name, teacher, arch in settings:
             teachers = [teacher] if teacher else []
@@ -146,9 +206,13 @@ def run(reduced: bool, seq: int, steps: int, warmup: int) -> dict:
                 r["loss_share"] = round(loss_s / step, 3)
             r["mfu"] = round(flops / step / peak, 4) if peak else None
             out["results"][name] = r
-            print(f"  {name:5s} {step * 1e3:9.1f} ms/step  {r['tokens_per_s']:9.0f} tok/s"
-                  + (f"  peak {mem:.1f} GiB" if mem else "") + (f"  loss share {r['loss_share']:.2f}" if "loss_share" in r else "")
-                  + (f"  MFU {r['mfu']:.3f}" if r["mfu"] is not None else ""), flush=True)
+            print(
+                f"  {name:5s} {step * 1e3:9.1f} ms/step  {r['tokens_per_s']:9.0f} tok/s"
+                + (f"  peak {mem:.1f} GiB" if mem else "")
+                + (f"  loss share {r['loss_share']:.2f}" if "loss_share" in r else "")
+                + (f"  MFU {r['mfu']:.3f}" if r["mfu"] is not None else ""),
+                flush=True,
+            )
             del tr
             sync()
     ce = out["results"]["ce"]["step_s"]
