@@ -175,7 +175,7 @@ def load_run_results(work_dir, settings=None) -> list[dict]:
 
 
 MINI_SKILLS = ("arithmetic", "knowledge")
-_NOT_SKILLS = {"setting", "label", "seed", "numeral_mass", "digit_split", "single_digit", "train_wall_s",
+_NOT_SKILLS = {"setting", "label", "seed", "arithmetic_200", "numeral_mass", "digit_split", "single_digit", "train_wall_s",
                "eval_wall_s", "wall_s", "tokens_per_s", "average", "pair", "weighting"}
 
 
@@ -826,4 +826,23 @@ def diagnostic_prose(diag: dict, reference: str = "ce_only") -> list[str]:
                 row += f", {grp['same W top teacher token as gold (%)'][s]:.0f}% same W top teacher token"
             parts.append(row)
         out.append("- Wrong numeral answers in the gold's group: " + "; ".join(parts) + ".")
+    key = "same W top teacher token as gold (%)"
+    if grp and tf and dig and key in grp and reference in tf:
+        for s in dict.fromkeys(c.A):
+            g = c[c.A == s].set_index("metric")
+            em, lp = g.loc["arithmetic"], g.loc["arithmetic log p(gold solution)"]
+            kinds = g[g.index.str.startswith("arithmetic: ")]
+            worst = kinds["Δ ours"].idxmin().split(": ")[1]
+            late = lambda x: dig["tens"][x] + dig["units"][x]   # noqa: E731
+            if em.lo > 0 or em.hi >= 0 or lp.lo <= 0:
+                continue
+            out.append(f"- In plain words: {s} puts more teacher-forced probability on the gold solution than "
+                       f"{reference} ({lp['Δ ours']:+.2f} nats) and still decodes greedily worse ({em['Δ ours']:+.2f} "
+                       f"points), most of it on {worst} items. Its wrong answers stay in the gold's W group (same top "
+                       f"teacher token in W's row) {grp[key][s]:.0f}% of the time against {grp[key][reference]:.0f}% for "
+                       f"{reference}, and differ first in the tens or units digit {late(s):.0f}% of the time against "
+                       f"{late(reference):.0f}%: the projected teacher signal "
+                       + ("pins down a numeral's group (its first digit), and the student then picks the wrong numeral "
+                          "inside that group." if grp[key][s] > grp[key][reference] else
+                          "does not keep the student's wrong answers closer to the gold's group."))
     return out
