@@ -7,6 +7,7 @@ from xtoken import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NBVAL_SMOKE_WORK = REPO / "runs" / "nbval-smoke"     # where tests/nbval_smoke/*.ipynb train and write
+NBVAL_PAPER_SMOKE_WORK = REPO / "runs" / "nbval-paper-smoke" / "work"   # tests/nbval_paper_smoke/*.ipynb
 
 
 def pytest_sessionstart(session):
@@ -14,6 +15,7 @@ def pytest_sessionstart(session):
     start every nbval session from an empty one so the comparison covers training, not a stale cache."""
     if session.config.getoption("--nbval", default=False):
         shutil.rmtree(NBVAL_SMOKE_WORK, ignore_errors=True)
+        shutil.rmtree(NBVAL_PAPER_SMOKE_WORK, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

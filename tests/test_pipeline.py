@@ -149,13 +149,14 @@ def test_extra_parameters_reach_the_notebooks_that_declare_them(tmp_path, capsys
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS[2:])
-def test_nbval_smoke_copies_are_current(name):
-    """tests/nbval_smoke holds notebooks 03-05 executed with the smoke parameters (`make nbval-refs`); nbval
-    compares their outputs in CI. They must be the current notebooks: same cells apart from papermill's
-    injected parameters, which must say scale = "smoke"."""
+@pytest.mark.parametrize("copies,scale", [(SMOKE_COPIES, "smoke"), (REPO / "tests" / "nbval_paper_smoke", "paper")])
+def test_nbval_smoke_copies_are_current(name, copies, scale):
+    """tests/nbval_smoke and tests/nbval_paper_smoke hold notebooks 03-05 executed with the smoke parameters and
+    at paper scale on the stand-ins (`make nbval-refs`); nbval compares their outputs in CI. They must be the
+    current notebooks: same cells apart from papermill's injected parameters, which must name their scale."""
     src = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", 4)
-    copy = nbformat.read(SMOKE_COPIES / f"{name}.ipynb", 4)
+    copy = nbformat.read(copies / f"{name}.ipynb", 4)
     strip = lambda nb: [(c.cell_type, c.source) for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]  # noqa: E731
-    assert strip(copy) == strip(src), f"run `make nbval-refs`: tests/nbval_smoke/{name}.ipynb is stale"
+    assert strip(copy) == strip(src), f"run `make nbval-refs`: {copies.name}/{name}.ipynb is stale"
     injected = [c.source for c in copy.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert injected and 'scale = "smoke"' in injected[0]
+    assert injected and f'scale = "{scale}"' in injected[0]
