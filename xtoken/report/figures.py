@@ -1,0 +1,125 @@
+"""The notebooks' figures (matplotlib, headless: notebooks display the returned figures inline)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless by default; notebooks display the returned figures inline
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ..projection import Projection  # noqa: E402
+from .tables import MINI_SKILLS, short, skills_of, with_average  # noqa: E402
+
+
+def plot_row_lengths(projections: dict[str, Projection]):
+    """Histogram of entries per W row (0 = empty), one bar group per teacher, log scale."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / max(len(projections), 1)
+    for j, (teacher, W) in enumerate(projections.items()):
+        lengths = (W.indices >= 0).sum(1)
+        counts = [int((lengths == k).sum()) for k in range(W.top_k + 1)]
+        xs = [k + (j - (len(projections) - 1) / 2) * width for k in range(W.top_k + 1)]
+        bars = ax.bar(xs, counts, width=width, label=short(teacher))
+        ax.bar_label(bars, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("teacher tokens in the student token's W row (0 = empty)")
+    ax.set_ylabel("student tokens")
+    ax.set_title(f"W rows of {short(next(iter(projections.values())).meta.get('student', 'student'))}")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_coverage(audits: dict):
+    """Per category: % of student tokens in GOLD's strict C and H-KL's widened C, per teacher."""
+    cats = [c for c in next(iter(audits.values())).table.category]
+    fig, axes = plt.subplots(1, len(audits), figsize=(6 * len(audits), 3.6), sharey=True, squeeze=False)
+    for ax, (teacher, audit) in zip(axes[0], audits.items()):
+        t = audit.table.set_index("category").loc[cats]
+        xs = range(len(cats))
+        ax.bar([x - 0.2 for x in xs], t.gold_pct, width=0.4, label="GOLD strict C")
+        ax.bar([x + 0.2 for x in xs], t.hkl_pct, width=0.4, label="H-KL widened C")
+        ax.set_xticks(list(xs), [c.replace("_", "\n") for c in cats], fontsize=7)
+        ax.set_title(f"{short(audit.student)} -> {short(teacher)}: {audit.recommend()[0]}")
+        ax.set_ylim(0, 105)
+    axes[0][0].set_ylabel("% of student tokens in C")
+    axes[0][0].legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_grid(df: pd.DataFrame, metrics=None, title="", base: dict | None = None):
+    """Grouped bars (mean over seeds) with error bars (std) per setting and metric (default: the runs'
+    skills or tasks); base as a line."""
+    metrics = skills_of(df) if metrics is None else metrics
+    df = with_average(df, skills_of(df))
+    order = list(dict.fromkeys(df.setting))
+    labels = [df[df.setting == s].label.iloc[0] for s in order]
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(order) + 2), 4))
+    width = 0.8 / len(metrics)
+    for j, m in enumerate(metrics):
+        mean = [df[df.setting == s][m].mean() for s in order]
+        std = [df[df.setting == s][m].std(ddof=1) if (df.setting == s).sum() > 1 else 0 for s in order]
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(order))]
+        ax.bar(xs, mean, width=width, yerr=std, capsize=3, label=m)
+        if base is not None and m in base:
+            ax.axhline(100 * base[m], color=f"C{j}", ls=":", lw=1)
+    ax.set_xticks(range(len(order)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("exact match (%)" if tuple(metrics) == MINI_SKILLS else "score (%)")
+    ax.set_title(title + ("  (dotted: base student)" if base is not None else ""))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_numeral_mass(results: list[dict], settings=None, title="Student mass on multi-digit numerals"):
+    """Mean (over seeds) numeral-mass curve per setting across training: Proposition 1 made visible."""
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    by = {}
+    for r in results:
+        if (settings is None or r["setting"] in settings) and r.get("numeral_mass_history"):
+            by.setdefault((r["setting"], r.get("label", r["setting"])), []).append(r["numeral_mass_history"])
+    for (setting, label), hists in by.items():
+        steps = [s for s, _ in hists[0]]
+        vals = np.array([[v for _, v in h[:len(steps)]] for h in hists if len(h) >= len(steps)])
+        ax.plot(steps, vals.mean(0), label=label)
+        if len(vals) > 1:
+            ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mass on multi-digit numerals\nat numeral positions")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_multi_teacher(df: pd.DataFrame, singles: pd.DataFrame | None = None):
+    """Average exact match per pair and weighting scheme (bars with std), single teachers for reference."""
+    skills = skills_of(df)
+    df = with_average(df, skills)
+    df = df.assign(pair=df.setting.str.split("@").str[0], weighting=df.setting.str.split("@").str[1])
+    pairs, schemes = list(dict.fromkeys(df.pair)), list(dict.fromkeys(df.weighting))
+    fig, axes = plt.subplots(1, len(skills), figsize=(6.5 * len(skills), 4), sharey=False, squeeze=False)
+    axes = axes[0]
+    for ax, metric in zip(axes, skills):
+        width = 0.8 / len(schemes)
+        for j, w in enumerate(schemes):
+            sub = df[df.weighting == w]
+            mean = [sub[sub.pair == p][metric].mean() for p in pairs]
+            std = [sub[sub.pair == p][metric].std(ddof=1) for p in pairs]
+            ax.bar([i + (j - (len(schemes) - 1) / 2) * width for i in range(len(pairs))], mean, width=width,
+                   yerr=std, capsize=2, label=w)
+        if singles is not None:
+            s = with_average(singles, skills)
+            for k, setting in enumerate(("hkl_phi", "pkl_qwen3", "kd_llama")):
+                v = s[s.setting == setting][metric].mean()
+                if v == v:
+                    ax.axhline(v, color=f"C{5 + k}", ls="--", lw=1, label=f"single: {setting}")
+        ax.set_xticks(range(len(pairs)), [p.replace("+", "\n+ ") for p in pairs], fontsize=7)
+        ax.set_title(f"{metric} ({'exact match' if skills == MINI_SKILLS else 'score'}, %)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
