@@ -155,7 +155,7 @@ def test_smoke_grid_end_to_end(tmp_path):
 def test_pool_dag_runs_jobs_after_their_dependencies():
     """Inline (one worker): a job runs after the jobs it names, earliest ready job first; keys that name
     no job count as done; circular dependencies are refused instead of hanging."""
-    from xtoken.mini.experiment import _pool_dag
+    from xtoken.mini.pool import _pool_dag
     order = []
     out = _pool_dag(lambda j: order.append(j) or j.upper(), ["run", "teacher", "cache"],
                     ["run", "teacher", "cache"], [{"cache", "done-before"}, set(), {"teacher"}], workers=1)

@@ -215,7 +215,7 @@ def paper_config(output_dir: str, n_gpus: int | None = None, **overrides):
 
 def settings_by_name(names) -> list:
     """The grid's `Setting` objects (the miniature's catalogue) by name; an unknown name is refused."""
-    from ..mini.experiment import SINGLE_TEACHER_SETTINGS, Setting, multi_teacher_settings
+    from ..mini.settings import SINGLE_TEACHER_SETTINGS, Setting, multi_teacher_settings
 
     catalogue = {s.name: s for s in SINGLE_TEACHER_SETTINGS + multi_teacher_settings()}
     out = []

@@ -19,7 +19,7 @@ from .run import run_setting, task_scores
 def preflight(cfg: PaperConfig, settings) -> None:
     """Refuse a grid before any model loads: unknown teachers, W files for another tokenizer pair, and
     (offline) every checkpoint or dataset missing from the local cache, all named in one message."""
-    from ..mini.experiment import Setting
+    from ..mini.settings import Setting
 
     problems = []
     keys = {k for s in settings for k, _, _ in (s.teachers if isinstance(s, Setting) else [])}
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         print("usage: python -m xtoken.paper LAUNCH.json   (written by xtoken.paper.run_grid)", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
-    from ..mini.experiment import Setting
+    from ..mini.settings import Setting
 
     run_setting(
         PaperConfig.from_dict(spec["config"]), Setting.from_dict(spec["setting"]), int(spec["seed"]), spec["work_dir"]
