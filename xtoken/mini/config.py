@@ -75,7 +75,7 @@ class MiniConfig:
     student_lr: float = 1e-3
     warmup_ratio: float = 0.05
     kd_weight: float = 1.0             # loss = CE + kd_weight * KD (static; fixed before any KD result)
-    dynamic_kd_scale: bool = False     # the paper's KD*stopgrad(CE/KD); off: it swamped CE in REFERENCE §5
+    dynamic_kd_scale: bool = False     # the paper's KD*stopgrad(CE/KD); off: at this scale it swamps CE
     projection_lr: float = 1e-2        # learned-W rows (setting pkl_learned_qwen3): Adam lr of the softmax parameters,
                                        # fixed before that row ran (the trainer's default; same schedule as the student)
     teacher_mix: dict = field(default_factory=dict)   # teacher name -> {"arithmetic": w, "knowledge": w}

@@ -6,7 +6,7 @@ prompt lm-eval gives) and an `answer` (the string after ``#### ``):
 ``arithmetic`` -- GSM8k-like word problems whose numbers span 0..999, with worked steps and a final
   ``#### N`` line. Llama-3 (and o200k) write a number of up to 3 digits as ONE token ("347");
   Qwen3 writes it digit by digit ("3","4","7"). A tiny Llama-tokenized student cannot learn
-  whole-token addition of two 3-digit numbers (REFERENCE §5), so the problems are ones it can
+  whole-token addition of two 3-digit numbers in the miniature's budget, so the problems are ones it can
   learn while it still has to *produce* multi-digit numeral tokens:
     copy       a number stated in the question is the answer ("puts all 347 shells in a box")
     compare    which of two (or three) numbers is larger / smaller
