@@ -1,6 +1,7 @@
 """Tiny models of the paper's real families, over restricted (renumbered) vocabularies.
 
-A miniature cannot afford a 128k-row output layer (it dominates the step time at toy scale), so each model's vocabulary is the set of ids the corpus can produce. Rather than
+A miniature cannot afford a 128k-row output layer (it dominates the step time at toy scale), so
+each model's vocabulary is the set of ids the corpus can produce. Rather than
 keep a side mapping in custom code, `restrict_tokenizer` renumbers a real HF fast tokenizer so the
 kept ids become 0..n-1 (everything else n..V-1, never produced by the corpus): it tokenizes any text
 exactly like the original, only the numbers differ, and ``local_to_full`` maps back. A model with
