@@ -18,7 +18,6 @@ import random
 import time
 import unicodedata
 
-import numpy as np
 import torch
 
 from xtoken import load_tokenizer

@@ -82,6 +82,7 @@ def w_checksum(weights) -> float:
 def main(out_dir: str, assets: str, loss: str = "p_kl") -> None:
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
+
     from xtoken.projection import Projection
     from xtoken.train import Teacher, XTokenConfig, XTokenTrainer
 

@@ -20,7 +20,7 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 @pytest.fixture(scope="module")
 def sp_tok(tmp_path_factory):
     """A real HF fast tokenizer from a tiny SentencePiece BPE model with byte fallback, trained here."""
-    import sentencepiece as spm   # a dev dependency: the SentencePiece pair must never be skipped silently
+    import sentencepiece as spm  # a dev dependency: the SentencePiece pair must never be skipped silently
     from transformers import LlamaTokenizerFast
     rng = random.Random(0)
     words = "the of and to in is was for on that with as by at from apples numbers café naïve".split()

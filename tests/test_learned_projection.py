@@ -5,12 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from xtoken.losses import gold_loss, h_kl_loss, p_kl_loss
-from xtoken.learned_projection import LearnableProjection
-from xtoken.projection import EMPTY, EXACT, MULTI, Projection, ProjectionMismatch
-
 from test_losses import tiny_inputs
+
+from xtoken.learned_projection import LearnableProjection
+from xtoken.losses import gold_loss, h_kl_loss, p_kl_loss
+from xtoken.projection import EMPTY, EXACT, MULTI, Projection, ProjectionMismatch
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 

@@ -7,8 +7,20 @@ import torch
 import torch.nn.functional as F
 
 from xtoken.align import Alignment, align
-from xtoken.losses import (dynamic_kd_scale, generalized_kl, gold_loss, h_kl_loss, hybrid_divergence, kl_loss,
-                           p_kl_divergence, p_kl_loss, project_to_teacher, sorted_l1, uld_loss, w_plan)
+from xtoken.losses import (
+    dynamic_kd_scale,
+    generalized_kl,
+    gold_loss,
+    h_kl_loss,
+    hybrid_divergence,
+    kl_loss,
+    p_kl_divergence,
+    p_kl_loss,
+    project_to_teacher,
+    sorted_l1,
+    uld_loss,
+    w_plan,
+)
 from xtoken.projection import EMPTY, EXACT, MULTI, Projection, build_projection
 
 # ---- a tiny W: student a, b, ab, c, <empty>; teacher a, b, c, d ---------------------------------
@@ -429,7 +441,8 @@ def test_metrics_off_changes_nothing_but_the_metrics(name):
 def test_default_blocks_follow_the_vocabulary_width():
     """chunk_size=None: 64 chunks at Qwen3's width (256 positions for kl at Llama's), all of a small
     batch at narrow vocabularies; same value and gradient as explicit blocks; bad sizes refused."""
-    from xtoken.losses.engine import BLOCK_ELEMENTS, KL_BLOCK_ELEMENTS, block_size as _block_size
+    from xtoken.losses.engine import BLOCK_ELEMENTS, KL_BLOCK_ELEMENTS
+    from xtoken.losses.engine import block_size as _block_size
     assert _block_size(None, 151_936, BLOCK_ELEMENTS, 64) == 64
     assert _block_size(None, 128_256, KL_BLOCK_ELEMENTS, 256) == 256
     assert _block_size(None, 1_362, BLOCK_ELEMENTS, 64) == 7_139        # the miniature: one block per batch

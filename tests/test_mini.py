@@ -106,6 +106,7 @@ def test_corpus_within_kept_ids(smoke_corpus, llama, qwen, phi):
 
 def test_smoke_teacher_trains_and_evaluates(tmp_path):
     from transformers import AutoModelForCausalLM
+
     from xtoken.mini import experiment as E
     cfg = MiniConfig.preset("smoke")
     info = E.build_corpus(cfg, tmp_path)

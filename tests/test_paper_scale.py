@@ -10,8 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from xtoken.paper import (PAPER_TASKS, HubUnavailable, PaperConfig, load_causal_lm, load_text_stream, pack_texts,
-                          paper_config, preflight, settings_by_name)
+from xtoken.paper import (
+    PAPER_TASKS,
+    HubUnavailable,
+    PaperConfig,
+    load_causal_lm,
+    load_text_stream,
+    pack_texts,
+    paper_config,
+    preflight,
+    settings_by_name,
+)
 from xtoken.standins import activate_env, build_standins
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from conftest import NBVAL_SMOKE_WORK
+
 from xtoken.pipeline import NOTEBOOKS, reproduce
 
 REPO = Path(__file__).resolve().parents[1]

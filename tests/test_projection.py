@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from xtoken import load_tokenizer
 from xtoken.projection import EMPTY, EXACT, MULTI, SPECIAL, Projection, ProjectionMismatch, build_projection
 
 

@@ -14,12 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ddp_two_steps
 import numpy as np
 import pytest
 import torch
-
-import ddp_two_steps
 from ddp_two_steps import checksum, dataset, save_assets, small_vocab
+
 from xtoken.train import DistillCollator, Teacher, TeacherCache, XTokenConfig, XTokenTrainer
 
 torch.set_num_threads(1)

@@ -18,16 +18,14 @@ import sys
 import unicodedata
 from pathlib import Path
 
-import numpy as np
+import ddp_two_steps
 import pytest
 import torch
+from ddp_two_steps import checksum, dataset, save_assets
 from hypothesis import given
 from hypothesis import strategies as st
-from transformers import TrainerCallback
-
-import ddp_two_steps
 from test_align import ALPHABET, SETTINGS
-from ddp_two_steps import checksum, dataset, save_assets
+from transformers import TrainerCallback
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -475,6 +473,7 @@ def test_ddp_nonfinite_teacher_on_one_rank(tmp_path, small, mode):
 
 def _ddp_main(out_dir: str, assets: str, mode: str) -> None:
     from transformers import AutoTokenizer
+
     from xtoken.projection import Projection
     xt = _xt()
     rank = int(os.environ.get("RANK", 0))

@@ -16,7 +16,6 @@ from .pool import _logged, _pool_map, _threads
 from .settings import Setting
 from .training import _load_w, evaluate_model, load_vocabs, train_model
 
-
 _WORKER: dict = {}
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 TEACHERS = ("llama", "qwen3", "phi")
 
 

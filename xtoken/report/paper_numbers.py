@@ -3,7 +3,6 @@ Tables 1-2's scores, the differences it headlines, and every comparison the note
 
 from __future__ import annotations
 
-
 # The paper's Table 8: Llama-3 multi-digit numerals in GOLD's common set C.
 PAPER_TABLE8 = {
     "Qwen/Qwen3-4B": {"numeral_2digit": (0, 100), "numeral_3digit": (0, 1000)},
