@@ -5,6 +5,7 @@ Each measurement runs in a fresh subprocess so peak RSS is its own. Run:
 
     python benchmarks/bench_build_w.py
 """
+
 import json
 import subprocess
 import sys
@@ -34,8 +35,11 @@ print(json.dumps({"seconds": sec, "peak_rss_mb": peak / 1024, "tokenizers_rss_mb
 def run(student, teacher, what, threads):
     env = {"RAYON_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "true", "PATH": "/usr/bin:/bin"}
     import os
+
     env = dict(os.environ, **env)
-    out = subprocess.run([sys.executable, "-c", CHILD, student, teacher, what], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, student, teacher, what], capture_output=True, text=True, env=env, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -46,11 +50,15 @@ def main():
         enc = min((run(student, teacher, "encode", threads) for _ in range(2)), key=lambda r: r["seconds"])
         build = min((run(student, teacher, "build", threads) for _ in range(2)), key=lambda r: r["seconds"])
         ratio = build["seconds"] / enc["seconds"]
-        print(f"{student.split('/')[1] + ' -> ' + teacher.split('/')[1]:45s} {enc['seconds']:9.2f} {build['seconds']:8.2f} "
-              f"{ratio:6.2f}x {build['peak_rss_mb']:10.0f} MB  (target <= 3x, < 1536 MB; tokenizers alone "
-              f"{build['tokenizers_rss_mb']:.0f} MB)")
-    print("The official implementation materializes a dense bf16 |V_S| x |V_T| matrix: "
-          f"{128256 * 151936 * 2 / 1e9:.0f} GB for Llama x Qwen3.")
+        print(
+            f"{student.split('/')[1] + ' -> ' + teacher.split('/')[1]:45s} {enc['seconds']:9.2f} {build['seconds']:8.2f} "
+            f"{ratio:6.2f}x {build['peak_rss_mb']:10.0f} MB  (target <= 3x, < 1536 MB; tokenizers alone "
+            f"{build['tokenizers_rss_mb']:.0f} MB)"
+        )
+    print(
+        "The official implementation materializes a dense bf16 |V_S| x |V_T| matrix: "
+        f"{128256 * 151936 * 2 / 1e9:.0f} GB for Llama x Qwen3."
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ up once):
 Both must give identical scores (0 here: random weights; `tests/test_evaluate.py` checks identical
 generations on a trained model); the script checks it and prints the ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,14 @@ def setup(tmp: Path, items: int):
     from xtoken import load_tokenizer
     from xtoken.mini.config import ModelSize
     from xtoken.mini.models import LocalVocab, build_model, keep_ids_for, save_model
-    qa = [(f"Ana has {i * 7 % 1000} pens. Ana gets {i % 9 + 1} more. How many pens does Ana have now?",
-           str(i * 7 % 1000 + i % 9 + 1)) for i in range(items)]
+
+    qa = [
+        (
+            f"Ana has {i * 7 % 1000} pens. Ana gets {i % 9 + 1} more. How many pens does Ana have now?",
+            str(i * 7 % 1000 + i % 9 + 1),
+        )
+        for i in range(items)
+    ]
     texts = [f"{q}\n#### {a}\n\n" for q, a in qa]
     vocab = LocalVocab("llama", load_tokenizer("llama"), keep_ids_for(texts, load_tokenizer("llama")))
     torch.manual_seed(0)
@@ -51,17 +58,24 @@ def plain_lm_eval(model_dir, data_dir):
     from lm_eval.tasks import TaskManager
 
     from xtoken.evaluate import MINI_TASKS, TASK_DIR, task_configs
+
     cfgs = task_configs(MINI_TASKS, data_dir, 48)
     for c in cfgs:
         c["doc_to_target"] = "{{answer}}"
     lm = HFLM(pretrained=str(model_dir), batch_size=64, device="cpu", dtype="float32", add_bos_token=True)
-    res = lm_eval.simple_evaluate(model=lm, tasks=cfgs, task_manager=TaskManager(include_path=str(TASK_DIR),
-                                  include_defaults=False), bootstrap_iters=1000, verbosity="ERROR")
+    res = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=cfgs,
+        task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False),
+        bootstrap_iters=1000,
+        verbosity="ERROR",
+    )
     return sorted((t, m["exact_match,strict-match"]) for t, m in res["results"].items())
 
 
 def ours(model_dir, data_dir):
     from xtoken.evaluate import evaluate
+
     df = evaluate(model_dir, data_dir=data_dir, batch_size=64, max_gen_toks=48)
     return sorted(zip(df["task"], df["value"]))
 
@@ -75,7 +89,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = setup(Path(tmp), args.items)
         fns = {"lm-eval": plain_lm_eval, "xtoken": ours}
-        scores = {name: fn(model_dir, tmp) for name, fn in fns.items()}       # warm-up (imports, first load)
+        scores = {name: fn(model_dir, tmp) for name, fn in fns.items()}  # warm-up (imports, first load)
         times = {name: [] for name in fns}
         for _ in range(args.repeats):
             for name, fn in fns.items():

@@ -26,6 +26,7 @@ Peak memory: ru_maxrss after the loss's first forward+backward minus ru_maxrss o
 (the subprocess is fresh, so the delta is the loss's own peak extra memory). Time: the best of that
 run and --repeats more, default two (TRL: that run only, its per-group Python loops take minutes). Ratios are against kl measured in the same invocation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,10 @@ def rss_mb() -> float:
 def texts(n_tokens: int, llama, qwen):
     sys.path.insert(0, os.path.dirname(__file__))
     from bench_align import numeric, prose
+
     rng = random.Random(0)
     text = " ".join(prose(rng, 60) + " " + numeric(rng, 6) for _ in range(n_tokens // 60 + 2))
-    s_ids = llama(text)["input_ids"][:n_tokens]                          # with Llama's BOS
+    s_ids = llama(text)["input_ids"][:n_tokens]  # with Llama's BOS
     text = llama.decode(s_ids[1:])
     t_ids = qwen(text)["input_ids"]
     return s_ids, t_ids
@@ -58,11 +60,13 @@ def texts(n_tokens: int, llama, qwen):
 
 def run_one(name: str, n: int, chunk_size: int, repeats: int = 2) -> dict:
     import torch
+
     torch.set_num_threads(1)
     from xtoken import load_tokenizer
     from xtoken.align import align
     from xtoken.losses import gold_loss, h_kl_loss, kl_loss, p_kl_loss
     from xtoken.projection import Projection
+
     llama, qwen = load_tokenizer("llama"), load_tokenizer("qwen3")
     s_ids, t_ids = texts(n, llama, qwen)
     a = align(s_ids, t_ids, llama, qwen)
@@ -78,10 +82,21 @@ def run_one(name: str, n: int, chunk_size: int, repeats: int = 2) -> dict:
         from trl.experimental.gold.gold_config import GOLDConfig
         from trl.experimental.gold.gold_trainer import ULDLoss
         from trl.experimental.utils import piece_byte_len
-        cfg = GOLDConfig(output_dir="/tmp/xtoken_bench_trl", use_cpu=True, bf16=False, report_to="none",
-                         use_uld_loss=True, use_extended_uld=True, uld_use_hybrid_loss=name == "trl_gold",
-                         uld_hybrid_matched_weight=1.0, uld_hybrid_unmatched_weight=1.0, beta=0.0,
-                         uld_skip_student_eos=False, uld_skip_teacher_eos=False)
+
+        cfg = GOLDConfig(
+            output_dir="/tmp/xtoken_bench_trl",
+            use_cpu=True,
+            bf16=False,
+            report_to="none",
+            use_uld_loss=True,
+            use_extended_uld=True,
+            uld_use_hybrid_loss=name == "trl_gold",
+            uld_hybrid_matched_weight=1.0,
+            uld_hybrid_unmatched_weight=1.0,
+            beta=0.0,
+            uld_skip_student_eos=False,
+            uld_skip_teacher_eos=False,
+        )
         trl = ULDLoss(cfg, student_tokenizer=llama, teacher_tokenizer=qwen)
 
         def offsets(tok, ids):
@@ -91,16 +106,27 @@ def run_one(name: str, n: int, chunk_size: int, repeats: int = 2) -> dict:
                 out.append((cum, cum + nb))
                 cum += nb
             return torch.tensor([out])
+
         s_lab, t_lab = torch.tensor([[-100] + s_ids[1:]]), torch.tensor([t_ids])
         s_off, t_off = offsets(llama, s_ids), offsets(qwen, t_ids)
-        fn = lambda: trl(student, teacher, s_lab, t_lab, torch.tensor([s_ids]), torch.tensor([t_ids]),
-                         student_byte_offsets=s_off, teacher_byte_offsets=t_off)
+        fn = lambda: trl(
+            student,
+            teacher,
+            s_lab,
+            t_lab,
+            torch.tensor([s_ids]),
+            torch.tensor([t_ids]),
+            student_byte_offsets=s_off,
+            teacher_byte_offsets=t_off,
+        )
     else:
-        fn = {"kl": lambda: kl_loss(student, teacher, chunk_size=chunk_size)[0],
-              "p_kl": lambda: p_kl_loss(student, teacher, [a], W, **kw)[0],
-              "gold": lambda: gold_loss(student, teacher, [a], W, **kw)[0],
-              "gold_top64": lambda: gold_loss(student, teacher, [a], W, uld_top_k=64, **kw)[0],
-              "h_kl": lambda: h_kl_loss(student, teacher, [a], W, **kw)[0]}[name]
+        fn = {
+            "kl": lambda: kl_loss(student, teacher, chunk_size=chunk_size)[0],
+            "p_kl": lambda: p_kl_loss(student, teacher, [a], W, **kw)[0],
+            "gold": lambda: gold_loss(student, teacher, [a], W, **kw)[0],
+            "gold_top64": lambda: gold_loss(student, teacher, [a], W, uld_top_k=64, **kw)[0],
+            "h_kl": lambda: h_kl_loss(student, teacher, [a], W, **kw)[0],
+        }[name]
     base = rss_mb()
     t0 = time.perf_counter()
     loss = fn()
@@ -108,13 +134,21 @@ def run_one(name: str, n: int, chunk_size: int, repeats: int = 2) -> dict:
     first = time.perf_counter() - t0
     peak = rss_mb() - base
     times = [first]
-    for _ in range(0 if name.startswith("trl") else repeats):     # TRL's Python loops take minutes: one run
+    for _ in range(0 if name.startswith("trl") else repeats):  # TRL's Python loops take minutes: one run
         student.grad = None
         t0 = time.perf_counter()
         fn().backward()
         times.append(time.perf_counter() - t0)
-    return {"name": name, "n_student": len(s_ids), "n_teacher": len(t_ids), "chunks": len(a),
-            "time_s": min(times), "first_s": first, "peak_mb": peak, "loss": float(loss)}
+    return {
+        "name": name,
+        "n_student": len(s_ids),
+        "n_teacher": len(t_ids),
+        "chunks": len(a),
+        "time_s": min(times),
+        "first_s": first,
+        "peak_mb": peak,
+        "loss": float(loss),
+    }
 
 
 def main():
@@ -132,6 +166,7 @@ def main():
     if not os.path.exists(W_PATH):
         from xtoken import load_tokenizer
         from xtoken.projection import build_projection
+
         build_projection(load_tokenizer("llama"), load_tokenizer("qwen3")).save(W_PATH)
     rows = {}
     for name in args.only:
@@ -148,9 +183,11 @@ def main():
         rows[name] = json.loads(line[-1])
     ref = rows.get("kl")
     r0 = next(iter(rows.values()))
-    print(f"N student positions {r0['n_student']}, teacher {r0['n_teacher']}; "
-          f"chunk_size {args.chunk_size or 'default'}; one thread; "
-          f"allocator {'glibc, no mmap / no trim' if args.no_page_faults else 'default'}")
+    print(
+        f"N student positions {r0['n_student']}, teacher {r0['n_teacher']}; "
+        f"chunk_size {args.chunk_size or 'default'}; one thread; "
+        f"allocator {'glibc, no mmap / no trim' if args.no_page_faults else 'default'}"
+    )
     print(f"{'loss':11} {'fwd+bwd s':>9} {'x kl':>6} | {'peak MB':>8} {'x kl':>6} | {'value':>10}")
     for name, r in rows.items():
         tr = r["time_s"] / ref["time_s"] if ref else float("nan")

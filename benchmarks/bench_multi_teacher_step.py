@@ -32,6 +32,7 @@ Also printed, to say where any excess goes:
 
 Run:  python benchmarks/bench_multi_teacher_step.py [--repeats 5] [--weighting static] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,6 +62,7 @@ TARGET = 1.15
 
 # ---- memory -------------------------------------------------------------------------------------
 
+
 def _status_kb(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
@@ -85,6 +87,7 @@ def peak_extra_mb(fn) -> float:
 
 # ---- one step / one forward ---------------------------------------------------------------------
 
+
 def forward_once(teacher: Teacher, batch) -> float:
     entry = batch["teachers"][teacher.name]
     sync()
@@ -97,7 +100,7 @@ def forward_once(teacher: Teacher, batch) -> float:
 
 # ---- where a step's time goes (a separate, instrumented pass) ----------------------------------
 
-SEGMENTS = {   # label -> (module path, attribute); wrapped with a timer during `segments` only
+SEGMENTS = {  # label -> (module path, attribute); wrapped with a timer during `segments` only
     "teacher_forward": ("xtoken.train", "XTokenTrainer._teacher_logits"),
     "kd_loss_ops": ("xtoken.train", "teacher_kd_loss"),
     "weights": ("xtoken.multi_teacher", "teacher_weights"),
@@ -114,6 +117,7 @@ def segments(trainers: dict, own: dict, warmup: int) -> dict:
     kd_loss_ops is every teacher's `teacher_kd_loss` forward (its gradient is computed there too: the
     losses differentiate block by block and hand the buffered gradient to backward)."""
     import importlib
+
     acc: dict[str, float] = {}
     undo = []
 
@@ -124,6 +128,7 @@ def segments(trainers: dict, own: dict, warmup: int) -> dict:
                 return fn(*a, **k)
             finally:
                 acc[label] = acc.get(label, 0.0) + time.perf_counter() - t0
+
         return wrapper
 
     for label, (mod, attr) in SEGMENTS.items():
@@ -143,7 +148,7 @@ def segments(trainers: dict, own: dict, warmup: int) -> dict:
                 try:
                     total = step_once(tr, own[name][i])
                 finally:
-                    del tr.accelerator.backward   # the instance attribute; the class's method again
+                    del tr.accelerator.backward  # the instance attribute; the class's method again
                 if i >= warmup:
                     for k in ["step", *SEGMENTS, "backward"]:
                         rec[name].setdefault(k, []).append(total if k == "step" else acc.get(k, 0.0))
@@ -154,6 +159,7 @@ def segments(trainers: dict, own: dict, warmup: int) -> dict:
 
 
 # ---- setup --------------------------------------------------------------------------------------
+
 
 def setup(args):
     from datasets import Dataset  # noqa: F401  (the trainer imports it anyway; keep import cost out of timing)
@@ -167,24 +173,38 @@ def setup(args):
     texts = corpus_texts(n_rows + 64, min_chars=args.chars)
     local = {k: restrict_tokenizer(tok, keep_ids_for(texts, tok)) for k, tok in full.items()}
     s_tok, s_l2f = local["llama"]
-    W = {k: build_projection(full["llama"], full[k]).restrict(s_l2f, local[k][1], student_tok=s_tok, teacher_tok=local[k][0])
-         for k in ("qwen3", "phi")}
+    W = {
+        k: build_projection(full["llama"], full[k]).restrict(
+            s_l2f, local[k][1], student_tok=s_tok, teacher_tok=local[k][0]
+        )
+        for k in ("qwen3", "phi")
+    }
     print("vocabularies: " + ", ".join(f"{k} {len(v[1])}" for k, v in local.items()) + " ids")
 
     tsize = ModelSize(128, 4, 4)
     student = build_model("student", ModelSize(64, 2, 4), len(s_l2f), s_tok, seed=0)
     teachers = {
-        "qwen": Teacher("qwen", build_model("qwen3", tsize, len(local["qwen3"][1]), local["qwen3"][0], seed=1),
-                        local["qwen3"][0], "p_kl", projection=W["qwen3"]),
+        "qwen": Teacher(
+            "qwen",
+            build_model("qwen3", tsize, len(local["qwen3"][1]), local["qwen3"][0], seed=1),
+            local["qwen3"][0],
+            "p_kl",
+            projection=W["qwen3"],
+        ),
         "llama": Teacher("llama", build_model("llama", tsize, len(s_l2f), s_tok, seed=2), s_tok, "kl"),
-        "phi": Teacher("phi", build_model("phi", tsize, len(local["phi"][1]), local["phi"][0], seed=3),
-                       local["phi"][0], "h_kl", projection=W["phi"]),
+        "phi": Teacher(
+            "phi",
+            build_model("phi", tsize, len(local["phi"][1]), local["phi"][0], seed=3),
+            local["phi"][0],
+            "h_kl",
+            projection=W["phi"],
+        ),
     }
     rows = [{"text": t} for t in texts[:n_rows]]
-    chunks = [rows[i:i + args.batch] for i in range(0, n_rows, args.batch)]
+    chunks = [rows[i : i + args.batch] for i in range(0, n_rows, args.batch)]
     # one collator with every teacher: each trainer reads only its own teachers' entries of the same batch
     col_all = DistillCollator(s_tok, list(teachers.values()), max_length=args.max_length)
-    col_all(chunks[0])   # first call builds each tokenizer's byte table (once per process)
+    col_all(chunks[0])  # first call builds each tokenizer's byte table (once per process)
     batches = [col_all(c) for c in chunks]
     return s_tok, student, teachers, chunks, batches
 
@@ -203,29 +223,46 @@ def collate_ms(s_tok, teachers, chunks, max_length, repeats=3) -> float:
 
 # ---- the benchmark ------------------------------------------------------------------------------
 
-PAIRS = {"llama": "qwen+llama", "phi": "qwen+phi"}   # second teacher -> the two-teacher setting
+PAIRS = {"llama": "qwen+llama", "phi": "qwen+phi"}  # second teacher -> the two-teacher setting
 
 
 def bench(args) -> dict:
     torch.manual_seed(0)
     s_tok, student, teachers, chunks, batches = setup(args)
     seq = statistics.mean(float(b["attention_mask"].sum()) / args.batch for b in batches)
-    tseq = {n: statistics.mean(float(b["teachers"][n]["attention_mask"].sum()) / args.batch for b in batches)
-            for n in teachers}
-    print(f"batch {args.batch}, tokens/sample: student {seq:.1f}, "
-          + ", ".join(f"{n} {v:.1f}" for n, v in tseq.items()))
-    settings = {"ce": [], "qwen": ["qwen"], "llama": ["llama"], "phi": ["phi"],
-                "qwen+llama": ["qwen", "llama"], "qwen+phi": ["qwen", "phi"]}
+    tseq = {
+        n: statistics.mean(float(b["teachers"][n]["attention_mask"].sum()) / args.batch for b in batches)
+        for n in teachers
+    }
+    print(
+        f"batch {args.batch}, tokens/sample: student {seq:.1f}, " + ", ".join(f"{n} {v:.1f}" for n, v in tseq.items())
+    )
+    settings = {
+        "ce": [],
+        "qwen": ["qwen"],
+        "llama": ["llama"],
+        "phi": ["phi"],
+        "qwen+llama": ["qwen", "llama"],
+        "qwen+phi": ["qwen", "phi"],
+    }
 
     with tempfile.TemporaryDirectory() as tmp:
-        kw = dict(dynamic_kd_scale=args.dynamic_kd_scale, max_length=args.max_length,
-                  loss_chunk_size=args.loss_chunk_size, teacher_weighting=args.weighting)
-        trainers = {name: make_trainer(copy.deepcopy(student), s_tok, [teachers[n] for n in names], tmp, **kw)
-                    for name, names in settings.items()}
+        kw = dict(
+            dynamic_kd_scale=args.dynamic_kd_scale,
+            max_length=args.max_length,
+            loss_chunk_size=args.loss_chunk_size,
+            teacher_weighting=args.weighting,
+        )
+        trainers = {
+            name: make_trainer(copy.deepcopy(student), s_tok, [teachers[n] for n in names], tmp, **kw)
+            for name, names in settings.items()
+        }
         fwd = {f"fwd_{n}": teachers[n] for n in teachers}
         # each setting's batches hold only its own teachers' entries (same tensors, nothing re-collated)
-        own = {name: [{**b, "teachers": {n: b["teachers"][n] for n in names}} for b in batches]
-               for name, names in settings.items()}
+        own = {
+            name: [{**b, "teachers": {n: b["teachers"][n] for n in names}} for b in batches]
+            for name, names in settings.items()
+        }
         # round-robin, step by step: every setting sees batch i before any sees batch i + 1
         per_rep = []
         for rep in range(args.repeats):
@@ -240,13 +277,20 @@ def bench(args) -> dict:
                     if i >= args.warmup:
                         times[name].append(t)
             per_rep.append({k: statistics.median(v) for k, v in times.items()})
-            print(f"  repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in per_rep[-1].items())
-                  + " ms")
+            print(
+                f"  repeat {rep + 1}/{args.repeats}: "
+                + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in per_rep[-1].items())
+                + " ms"
+            )
         # the second teachers' loss ops alone (fwd + bwd on student-shaped random logits), after the rest
         vocab = student.config.vocab_size
-        kd_op = {n: statistics.median(time_kd_op(teachers[n], batches, vocab, "cpu", args.loss_chunk_size,
-                                                 warmup=args.warmup) for _ in range(args.repeats))
-                 for n in ("qwen", *PAIRS)}
+        kd_op = {
+            n: statistics.median(
+                time_kd_op(teachers[n], batches, vocab, "cpu", args.loss_chunk_size, warmup=args.warmup)
+                for _ in range(args.repeats)
+            )
+            for n in ("qwen", *PAIRS)
+        }
 
         seg = segments({k: trainers[k] for k in ("qwen", *PAIRS.values())}, own, args.warmup)
 
@@ -255,53 +299,81 @@ def bench(args) -> dict:
         for name, tr in trainers.items():
             peak[name] = statistics.median(peak_extra_mb(lambda: step_once(tr, own[name][-1])) for _ in range(3))
         for name, teacher in fwd.items():
-            peak[name] = statistics.median(peak_extra_mb(lambda: forward_once(teacher, batches[-1]))
-                                           for _ in range(3))
+            peak[name] = statistics.median(peak_extra_mb(lambda: forward_once(teacher, batches[-1])) for _ in range(3))
 
     collate = {"qwen": collate_ms(s_tok, [teachers["qwen"]], chunks, args.max_length)}
     for second, pair in PAIRS.items():
         collate[pair] = collate_ms(s_tok, [teachers["qwen"], teachers[second]], chunks, args.max_length)
 
     med = {k: statistics.median(r[k] for r in per_rep) for k in per_rep[0]}
-    out = {"mode": "mini-cpu", "batch": args.batch, "student_tokens_per_seq": seq, "teacher_tokens_per_seq": tseq,
-           "weighting": args.weighting, "dynamic_kd_scale": args.dynamic_kd_scale,
-           "loss_chunk_size": args.loss_chunk_size, "repeats": args.repeats, "steps": args.steps,
-           "step_ms": {k: v * 1e3 for k, v in med.items()},
-           "kd_loss_op_ms": {k: v * 1e3 for k, v in kd_op.items()},
-           "collate_ms": collate, "peak_extra_mb": peak, "segments_ms": seg, "pairs": {}, "target": TARGET,
-           "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-           "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+    out = {
+        "mode": "mini-cpu",
+        "batch": args.batch,
+        "student_tokens_per_seq": seq,
+        "teacher_tokens_per_seq": tseq,
+        "weighting": args.weighting,
+        "dynamic_kd_scale": args.dynamic_kd_scale,
+        "loss_chunk_size": args.loss_chunk_size,
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "step_ms": {k: v * 1e3 for k, v in med.items()},
+        "kd_loss_op_ms": {k: v * 1e3 for k, v in kd_op.items()},
+        "collate_ms": collate,
+        "peak_extra_mb": peak,
+        "segments_ms": seg,
+        "pairs": {},
+        "target": TARGET,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+    }
     T1 = med["qwen"]
     for second, pair in PAIRS.items():
         F2, T2, L2 = med[f"fwd_{second}"], med[pair], kd_op[second]
         ratios = [r[pair] / (r["qwen"] + r[f"fwd_{second}"]) for r in per_rep]
         out["pairs"][pair] = {
-            "second": second, "second_loss": teachers[second].loss,
-            "T1_ms": T1 * 1e3, "F2_ms": F2 * 1e3, "T2_ms": T2 * 1e3,
-            "ratio": T2 / (T1 + F2), "ratio_per_repeat": ratios, "meets_target": T2 / (T1 + F2) <= TARGET,
+            "second": second,
+            "second_loss": teachers[second].loss,
+            "T1_ms": T1 * 1e3,
+            "F2_ms": F2 * 1e3,
+            "T2_ms": T2 * 1e3,
+            "ratio": T2 / (T1 + F2),
+            "ratio_per_repeat": ratios,
+            "meets_target": T2 / (T1 + F2) <= TARGET,
             "excess_ms": (T2 - T1 - F2) * 1e3,
-            "second_loss_op_ms": L2 * 1e3, "glue_ms": (T2 - T1 - F2 - L2) * 1e3,
+            "second_loss_op_ms": L2 * 1e3,
+            "glue_ms": (T2 - T1 - F2 - L2) * 1e3,
             "ratio_with_collation": (T2 + collate[pair] / 1e3) / (T1 + collate["qwen"] / 1e3 + F2),
             "additivity": T2 / (T1 + med[second] - med["ce"]),
         }
 
-    print(f"\n== two-teacher step vs one teacher + the second forward (CPU, 1 thread, live teachers, "
-          f"weighting {args.weighting}, dynamic_kd_scale {args.dynamic_kd_scale}; medians) ==")
+    print(
+        f"\n== two-teacher step vs one teacher + the second forward (CPU, 1 thread, live teachers, "
+        f"weighting {args.weighting}, dynamic_kd_scale {args.dynamic_kd_scale}; medians) =="
+    )
     print(f"  {'setting':12s} {'ms/step':>9s} {'peak MB':>8s}")
     for k in [*settings, *fwd]:
         print(f"  {k:12s} {med[k] * 1e3:9.1f} {peak[k]:8.1f}")
-    print("  loss op alone (fwd + bwd): " + ", ".join(f"{n} ({teachers[n].loss}) {v * 1e3:.1f} ms"
-                                                       for n, v in kd_op.items()))
+    print(
+        "  loss op alone (fwd + bwd): "
+        + ", ".join(f"{n} ({teachers[n].loss}) {v * 1e3:.1f} ms" for n, v in kd_op.items())
+    )
     print("  collation per batch: " + ", ".join(f"{k} {v:.1f} ms" for k, v in collate.items()))
-    print(f"\n  {'pair':11s} {'T1':>7s} {'F2':>7s} {'T2':>7s} {'T2/(T1+F2)':>11s} {'per repeat':>17s} "
-          f"{'excess':>7s} {'= L2':>6s} {'+ glue':>7s} {'w/ collate':>10s}")
+    print(
+        f"\n  {'pair':11s} {'T1':>7s} {'F2':>7s} {'T2':>7s} {'T2/(T1+F2)':>11s} {'per repeat':>17s} "
+        f"{'excess':>7s} {'= L2':>6s} {'+ glue':>7s} {'w/ collate':>10s}"
+    )
     for pair, r in out["pairs"].items():
-        print(f"  {pair:11s} {r['T1_ms']:7.1f} {r['F2_ms']:7.1f} {r['T2_ms']:7.1f} {r['ratio']:11.3f} "
-              f"{min(r['ratio_per_repeat']):8.3f}-{max(r['ratio_per_repeat']):.3f} {r['excess_ms']:7.1f} "
-              f"{r['second_loss_op_ms']:6.1f} {r['glue_ms']:7.1f} {r['ratio_with_collation']:10.3f}  "
-              f"{'meets' if r['meets_target'] else 'MISSES'} <= {TARGET}")
+        print(
+            f"  {pair:11s} {r['T1_ms']:7.1f} {r['F2_ms']:7.1f} {r['T2_ms']:7.1f} {r['ratio']:11.3f} "
+            f"{min(r['ratio_per_repeat']):8.3f}-{max(r['ratio_per_repeat']):.3f} {r['excess_ms']:7.1f} "
+            f"{r['second_loss_op_ms']:6.1f} {r['glue_ms']:7.1f} {r['ratio_with_collation']:10.3f}  "
+            f"{'meets' if r['meets_target'] else 'MISSES'} <= {TARGET}"
+        )
     print("  (ms; excess = T2 - T1 - F2; L2 = the second teacher's loss op alone; glue = the rest)")
-    print("\n  instrumented pass (ms per step, medians; kd_loss_ops = every teacher's teacher_kd_loss, gradient included):")
+    print(
+        "\n  instrumented pass (ms per step, medians; kd_loss_ops = every teacher's teacher_kd_loss, gradient included):"
+    )
     cols = ["step", *SEGMENTS, "backward"]
     print(f"  {'setting':11s}" + "".join(f"{c:>16s}" for c in cols))
     for name, r in seg.items():

@@ -6,8 +6,8 @@ import pytest
 from xtoken import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-NBVAL_SMOKE_WORK = REPO / "runs" / "nbval-smoke"     # where tests/nbval_smoke/*.ipynb train and write
-NBVAL_PAPER_SMOKE_WORK = REPO / "runs" / "nbval-paper-smoke" / "work"   # tests/nbval_paper_smoke/*.ipynb
+NBVAL_SMOKE_WORK = REPO / "runs" / "nbval-smoke"  # where tests/nbval_smoke/*.ipynb train and write
+NBVAL_PAPER_SMOKE_WORK = REPO / "runs" / "nbval-paper-smoke" / "work"  # tests/nbval_paper_smoke/*.ipynb
 
 
 def pytest_sessionstart(session):

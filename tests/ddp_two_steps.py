@@ -11,6 +11,7 @@ the real Llama-3 / Qwen3 tokenizers renumbered (`xtoken.mini.models.restrict_tok
 ids of the test texts are 0..n-1 (~50 ids each), and W built on the full vocabularies then restricted.
 A full 128k-row output layer works too but makes every step ~10x slower.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ TEXTS = [
 def small_vocab(tok, texts=TEXTS):
     """(renumbered tokenizer, local_to_full): the ids of ``texts`` plus bos/eos/pad become 0..n-1."""
     from xtoken.mini.models import restrict_tokenizer
+
     keep = {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None}
     for row in tok(list(texts))["input_ids"]:
         keep.update(row)
@@ -46,25 +48,42 @@ def save_assets(out_dir, s_tok, t_tok, W) -> None:
 def tiny_llama(vocab_size: int = 128256, hidden: int = 32, layers: int = 1, seed: int = 0):
     """A random LlamaForCausalLM, hidden 32, one layer."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                      head_dim=hidden // 2, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden // 2,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(cfg)
 
 
 def tiny_qwen(vocab_size: int = 151936, hidden: int = 32, layers: int = 1, seed: int = 1):
     """A random Qwen3ForCausalLM, hidden 32, one layer (151,936 logits: the real Qwen3 padding)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
+
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                      head_dim=hidden // 2, tie_word_embeddings=True)
+    cfg = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden // 2,
+        tie_word_embeddings=True,
+    )
     return Qwen3ForCausalLM(cfg)
 
 
 def dataset(n: int = 8):
     from datasets import Dataset
+
     texts = [TEXTS[i % len(TEXTS)] for i in range(n)]
     return Dataset.from_dict({"text": texts, "idx": list(range(n))})
 
@@ -92,23 +111,44 @@ def main(out_dir: str, assets: str, loss: str = "p_kl") -> None:
     student = tiny_llama(W.student_vocab_size)
     if loss == "kl":
         teacher = Teacher("llama", tiny_llama(W.student_vocab_size, seed=2), s_tok, "kl")
-    else:   # "p_kl_learned": P-KL with a learned W (its gradients must be averaged over the ranks too)
+    else:  # "p_kl_learned": P-KL with a learned W (its gradients must be averaged over the ranks too)
         t_tok = AutoTokenizer.from_pretrained(os.path.join(assets, "teacher_tok"))
         teacher = Teacher("qwen", tiny_qwen(W.teacher_vocab_size), t_tok, loss.replace("_learned", ""), projection=W)
-    args = XTokenConfig(output_dir=out_dir, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
-                        logging_steps=1, use_cpu=True, ddp_backend="gloo", save_strategy="no",
-                        disable_tqdm=True, loss_curve=False, seed=0, max_length=64,
-                        learn_projection=loss.endswith("_learned"), projection_learning_rate=0.5)
-    trainer = XTokenTrainer(model=student, args=args, teachers=[teacher], train_dataset=dataset(8),
-                            processing_class=s_tok)
+    args = XTokenConfig(
+        output_dir=out_dir,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        use_cpu=True,
+        ddp_backend="gloo",
+        save_strategy="no",
+        disable_tqdm=True,
+        loss_curve=False,
+        seed=0,
+        max_length=64,
+        learn_projection=loss.endswith("_learned"),
+        projection_learning_rate=0.5,
+    )
+    trainer = XTokenTrainer(
+        model=student, args=args, teachers=[teacher], train_dataset=dataset(8), processing_class=s_tok
+    )
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     ce = [r["ce"] for r in trainer.state.log_history if "ce" in r]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"rank": rank, "world_size": trainer.args.world_size, "losses": losses, "ce": ce,
-                   "checksum": checksum(trainer.model),
-                   "teacher_checksum": checksum(teacher.model),
-                   "w_checksum": sum(w_checksum(lp.weights()) for lp in trainer.learned_projections.values())}, f)
+        json.dump(
+            {
+                "rank": rank,
+                "world_size": trainer.args.world_size,
+                "losses": losses,
+                "ce": ce,
+                "checksum": checksum(trainer.model),
+                "teacher_checksum": checksum(teacher.model),
+                "w_checksum": sum(w_checksum(lp.weights()) for lp in trainer.learned_projections.values()),
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

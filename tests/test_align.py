@@ -1,4 +1,5 @@
 """Span alignment (xtoken.align): properties on random text over real tokenizer pairs."""
+
 import io
 import random
 import unicodedata
@@ -11,8 +12,12 @@ from hypothesis import strategies as st
 
 from xtoken.align import _gather_bytes, align, align_batch, byte_table
 
-ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789") + list("     \t\n\n.,;:!?'\"()-_/+=#%") + \
-    list("東京都日本語") + ["🙂", "👍🏽", "é", "ß", "ñ"]
+ALPHABET = (
+    list("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789")
+    + list("     \t\n\n.,;:!?'\"()-_/+=#%")
+    + list("東京都日本語")
+    + ["🙂", "👍🏽", "é", "ß", "ñ"]
+)
 TEXT = st.lists(st.sampled_from(ALPHABET), min_size=0, max_size=120).map("".join)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -22,14 +27,25 @@ def sp_tok(tmp_path_factory):
     """A real HF fast tokenizer from a tiny SentencePiece BPE model with byte fallback, trained here."""
     import sentencepiece as spm  # a dev dependency: the SentencePiece pair must never be skipped silently
     from transformers import LlamaTokenizerFast
+
     rng = random.Random(0)
     words = "the of and to in is was for on that with as by at from apples numbers café naïve".split()
-    lines = [" ".join(rng.choice(words) if rng.random() < 0.8 else str(rng.randint(0, 999)) for _ in range(12))
-             for _ in range(400)]
+    lines = [
+        " ".join(rng.choice(words) if rng.random() < 0.8 else str(rng.randint(0, 999)) for _ in range(12))
+        for _ in range(400)
+    ]
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=400, model_type="bpe",
-                                   byte_fallback=True, character_coverage=1.0, minloglevel=2,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+    )
     d = tmp_path_factory.mktemp("sp")
     (d / "tokenizer.model").write_bytes(buf.getvalue())
     tok = LlamaTokenizerFast.from_pretrained(str(d))
@@ -39,8 +55,10 @@ def sp_tok(tmp_path_factory):
 
 def check_alignment(a, s_ids, t_ids, s_tok, t_tok):
     """The three properties: equal bytes per chunk; ordered, non-overlapping spans; full coverage."""
-    for side, spans, unpaired, n in (("s", a.student_spans, a.student_unpaired, len(s_ids)),
-                                     ("t", a.teacher_spans, a.teacher_unpaired, len(t_ids))):
+    for side, spans, unpaired, n in (
+        ("s", a.student_spans, a.student_unpaired, len(s_ids)),
+        ("t", a.teacher_spans, a.teacher_unpaired, len(t_ids)),
+    ):
         assert (spans[:, 1] > spans[:, 0]).all()
         assert (spans[1:, 0] >= spans[:-1, 1]).all(), f"{side}: chunks overlap or are out of order"
         covered = np.concatenate([np.arange(x, y) for x, y in spans] + [unpaired]).astype(int)
@@ -62,7 +80,7 @@ def run_pair(text, s_tok, t_tok, s_special=True, t_special=True):
 @SETTINGS
 @given(TEXT)
 def test_llama_qwen_properties(llama, qwen, text):
-    text = unicodedata.normalize("NFC", text)        # Qwen normalizes to NFC; Llama does not
+    text = unicodedata.normalize("NFC", text)  # Qwen normalizes to NFC; Llama does not
     a, s_ids, t_ids = run_pair(text, llama, qwen)
     # same text, same bytes: the only unpaired token is Llama's BOS
     assert a.student_unpaired.tolist() == [0] and a.teacher_unpaired.tolist() == []
@@ -97,7 +115,7 @@ def test_sentencepiece_byte_fallback_example(sp_tok, llama):
     text = "the 東京 café 🙂 had 12 apples\tand\nnaïve numbers"
     s_ids = sp_tok(text)["input_ids"]
     t_ids = llama(" " + text, add_special_tokens=False)["input_ids"]
-    assert any(sp_tok.convert_ids_to_tokens(i).startswith("<0x") for i in s_ids)     # byte fallback used
+    assert any(sp_tok.convert_ids_to_tokens(i).startswith("<0x") for i in s_ids)  # byte fallback used
     a = align(s_ids, t_ids, sp_tok, llama)
     check_alignment(a, s_ids, t_ids, sp_tok, llama)
     assert len(a.teacher_unpaired) == 0 and len(a.student_unpaired) <= 1
@@ -110,7 +128,7 @@ def test_bos_on_one_side_only(llama, qwen):
     assert s_ids[0] == llama.bos_token_id and t_ids[0] != qwen.bos_token_id
     a = align(s_ids, t_ids, llama, qwen)
     assert a.student_unpaired.tolist() == [0] and len(a.teacher_unpaired) == 0
-    assert a.student_spans[0].tolist() == [1, 2] and a.teacher_spans[0].tolist() == [0, 1]   # 'In' ~ 'In'
+    assert a.student_spans[0].tolist() == [1, 2] and a.teacher_spans[0].tolist() == [0, 1]  # 'In' ~ 'In'
     # ' 202','4' (Llama) against ' ','2','0','2','4' (Qwen): one chunk each for ' ' , '202', '4'
     texts = [a.chunk_bytes(k, llama, qwen)[0] for k in range(len(a))]
     assert texts[:5] == [b"In", b" ", b"202", b"4", b","]
@@ -121,8 +139,11 @@ def test_bos_on_one_side_only(llama, qwen):
 
 def test_paired_specials_and_chat_markers(llama, qwen):
     """Specials with the same role on both sides pair up; a marker on one side only is unpaired."""
-    s_ids = [llama.bos_token_id] + llama("Hi there", add_special_tokens=False)["input_ids"] + \
-        [llama.convert_tokens_to_ids("<|eot_id|>")]
+    s_ids = (
+        [llama.bos_token_id]
+        + llama("Hi there", add_special_tokens=False)["input_ids"]
+        + [llama.convert_tokens_to_ids("<|eot_id|>")]
+    )
     t_ids = qwen("Hi there", add_special_tokens=False)["input_ids"] + [qwen.convert_tokens_to_ids("<|im_end|>")]
     a = align(s_ids, t_ids, llama, qwen)
     check_alignment(a, s_ids, t_ids, llama, qwen)
@@ -139,7 +160,7 @@ def test_normalizer_disagreement_does_not_lump(llama, qwen):
     check_alignment(a, s_ids, t_ids, llama, qwen)
     assert len(a.student_unpaired) <= 3 and len(a.teacher_unpaired) <= 3
     biggest = int((a.student_spans[:, 1] - a.student_spans[:, 0]).max())
-    assert biggest <= 3          # the TRL walk would put everything after 'caf' in one group
+    assert biggest <= 3  # the TRL walk would put everything after 'caf' in one group
 
 
 def test_truncation_at_different_places(llama, qwen):
@@ -150,7 +171,7 @@ def test_truncation_at_different_places(llama, qwen):
     check_alignment(a, s_ids, t_ids, llama, qwen)
     last = a.student_spans[-1, 1]
     assert a.student_unpaired.tolist() == list(range(last, len(s_ids)))
-    assert len(a.teacher_unpaired) <= 1          # at most a teacher token cut mid-student-token
+    assert len(a.teacher_unpaired) <= 1  # at most a teacher token cut mid-student-token
 
 
 def test_align_batch_left_and_right_padding(llama, qwen):
@@ -158,11 +179,15 @@ def test_align_batch_left_and_right_padding(llama, qwen):
     s_rows = [llama(x)["input_ids"] for x in texts]
     t_rows = [qwen(x)["input_ids"] for x in texts]
     L_s, L_t = max(map(len, s_rows)) + 2, max(map(len, t_rows)) + 1
-    s = torch.zeros(2, L_s, dtype=torch.long); sm = torch.zeros_like(s)
-    t = torch.zeros(2, L_t, dtype=torch.long); tm = torch.zeros_like(t)
-    for b in range(2):   # student left-padded, teacher right-padded
-        s[b, L_s - len(s_rows[b]):] = torch.tensor(s_rows[b]); sm[b, L_s - len(s_rows[b]):] = 1
-        t[b, :len(t_rows[b])] = torch.tensor(t_rows[b]); tm[b, :len(t_rows[b])] = 1
+    s = torch.zeros(2, L_s, dtype=torch.long)
+    sm = torch.zeros_like(s)
+    t = torch.zeros(2, L_t, dtype=torch.long)
+    tm = torch.zeros_like(t)
+    for b in range(2):  # student left-padded, teacher right-padded
+        s[b, L_s - len(s_rows[b]) :] = torch.tensor(s_rows[b])
+        sm[b, L_s - len(s_rows[b]) :] = 1
+        t[b, : len(t_rows[b])] = torch.tensor(t_rows[b])
+        tm[b, : len(t_rows[b])] = 1
     out = align_batch(s, t, llama, qwen, student_mask=sm, teacher_mask=tm)
     for b, a in enumerate(out):
         ref = align(s_rows[b], t_rows[b], llama, qwen)
@@ -170,7 +195,7 @@ def test_align_batch_left_and_right_padding(llama, qwen):
         assert (a.student_spans - pad).tolist() == ref.student_spans.tolist()
         assert a.teacher_spans.tolist() == ref.teacher_spans.tolist()
         assert (a.student_unpaired - pad).tolist() == ref.student_unpaired.tolist()
-        assert a.predictable.tolist() == ref.predictable.tolist()   # a pad logit never predicts a chunk
+        assert a.predictable.tolist() == ref.predictable.tolist()  # a pad logit never predicts a chunk
 
 
 def test_token_table_matches_logit_positions(llama, qwen):
@@ -180,7 +205,7 @@ def test_token_table_matches_logit_positions(llama, qwen):
     ok = np.flatnonzero(a.predictable)
     for k, c in enumerate(ok):
         assert logit_pos[chunk == k].tolist() == a.logit_positions("teacher")[c].tolist()
-        assert ids[chunk == k].tolist() == a.teacher_ids[a.teacher_spans[c, 0]:a.teacher_spans[c, 1]].tolist()
+        assert ids[chunk == k].tolist() == a.teacher_ids[a.teacher_spans[c, 0] : a.teacher_spans[c, 1]].tolist()
         assert offset[chunk == k].tolist() == list(range((chunk == k).sum()))
 
 
@@ -194,16 +219,21 @@ def test_small_window_resync_matches_vectorised():
     import random
 
     from xtoken.align import _resync_in, _resync_small
+
     rng = random.Random(0)
     for _ in range(500):
         base = bytes(rng.choice(b"abc ") for _ in range(rng.randint(1, 40)))
         other = bytearray(base)
         for _ in range(rng.randint(0, 3)):
             k = rng.randrange(len(other) + 1)
-            other[k:k + rng.randint(0, 2)] = bytes(rng.choice(b"abcx") for _ in range(rng.randint(0, 3)))
+            other[k : k + rng.randint(0, 2)] = bytes(rng.choice(b"abcx") for _ in range(rng.randint(0, 3)))
         sides = []
         for data in (base, bytes(other)):
-            cuts = sorted(set(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 12))))) if len(data) > 1 else []
+            cuts = (
+                sorted(set(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 12)))))
+                if len(data) > 1
+                else []
+            )
             begin = np.array([0] + cuts, dtype=np.int64) if data else np.zeros(0, dtype=np.int64)
             sides.append((np.frombuffer(data, dtype=np.uint8), begin))
         (sb, s_begin), (tb, t_begin) = sides
@@ -211,20 +241,27 @@ def test_small_window_resync_matches_vectorised():
             continue
         si, ti = rng.randrange(len(s_begin)), rng.randrange(len(t_begin))
         agree = rng.choice([2, 4, 16])
-        assert _resync_small(sb.tobytes(), s_begin.tolist(), si, tb.tobytes(), t_begin.tolist(), ti, 4, agree) == \
-            _resync_in(sb, s_begin, si, tb, t_begin, ti, 4, agree)
+        assert _resync_small(
+            sb.tobytes(), s_begin.tolist(), si, tb.tobytes(), t_begin.tolist(), ti, 4, agree
+        ) == _resync_in(sb, s_begin, si, tb, t_begin, ti, 4, agree)
 
 
 def _same(a, b):
-    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in
-               ("student_spans", "teacher_spans", "student_unpaired", "teacher_unpaired", "is_special")) \
-        and a.student_valid == b.student_valid and a.teacher_valid == b.teacher_valid
+    return (
+        all(
+            np.array_equal(getattr(a, f), getattr(b, f))
+            for f in ("student_spans", "teacher_spans", "student_unpaired", "teacher_unpaired", "is_special")
+        )
+        and a.student_valid == b.student_valid
+        and a.teacher_valid == b.teacher_valid
+    )
 
 
 def test_alignment_memo_returns_what_align_computes(llama, qwen):
     """A memo hit equals a fresh alignment, also when the same row comes back padded differently
     (another batch) or left-padded; a different row is a miss, never a wrong hit; the memo is bounded."""
     from xtoken.align import AlignmentMemo
+
     texts = ["The year 1999 ended.", "Short one", unicodedata.normalize("NFD", "café 123 au lait")]
     s_rows = [llama(x)["input_ids"] for x in texts]
     t_rows = [qwen(x)["input_ids"] for x in texts]
@@ -234,13 +271,14 @@ def test_alignment_memo_returns_what_align_computes(llama, qwen):
         assert _same(align(s_rows[b], t_rows[b], llama, qwen, memo=memo), fresh)
         # the same row inside a wider, left-padded student batch: a hit, shifted by the padding
         pad = 3
-        s = np.array([0] * pad + s_rows[b]); sm = np.array([0] * pad + [1] * len(s_rows[b]))
+        s = np.array([0] * pad + s_rows[b])
+        sm = np.array([0] * pad + [1] * len(s_rows[b]))
         hits = memo.hits
         got = align(s, t_rows[b], llama, qwen, student_mask=sm, memo=memo)
         assert memo.hits == hits + 1
         ref = align(s, t_rows[b], llama, qwen, student_mask=sm)
         assert _same(got, ref) and (got.student_spans - pad).tolist() == fresh.student_spans.tolist()
-    assert memo.misses == 3 and len(memo) == 2          # three rows seen, the oldest dropped
+    assert memo.misses == 3 and len(memo) == 2  # three rows seen, the oldest dropped
     # an altered row (one teacher token less) is not confused with the stored one
     short = align(s_rows[1], t_rows[1][:-1], llama, qwen, memo=memo)
     assert memo.misses == 4 and _same(short, align(s_rows[1], t_rows[1][:-1], llama, qwen))
@@ -270,6 +308,7 @@ def reference_walk(s_bytes, s_ends, t_bytes, t_ends, window, agree_bytes):
     agreeing stretch, `np.intersect1d` of both sides' end offsets relative to the stretch start; each
     resynchronisation is the numpy search over the small window, then over the full one."""
     from xtoken.align import _agreement, _resync_in
+
     ns, nt = len(s_ends), len(t_ends)
     s_begin = np.concatenate([[0], s_ends[:-1]]).astype(np.int64)
     t_begin = np.concatenate([[0], t_ends[:-1]]).astype(np.int64)
@@ -279,7 +318,9 @@ def reference_walk(s_bytes, s_ends, t_bytes, t_ends, window, agree_bytes):
         agree = _agreement(s_bytes, sb, t_bytes, tb)
         s_hi = int(np.searchsorted(s_ends, sb + agree, side="right"))
         t_hi = int(np.searchsorted(t_ends, tb + agree, side="right"))
-        _, i_s, i_t = np.intersect1d(s_ends[si:s_hi] - sb, t_ends[ti:t_hi] - tb, assume_unique=True, return_indices=True)
+        _, i_s, i_t = np.intersect1d(
+            s_ends[si:s_hi] - sb, t_ends[ti:t_hi] - tb, assume_unique=True, return_indices=True
+        )
         if len(i_s):
             s_stop, t_stop = si + i_s + 1, ti + i_t + 1
             out_s.append(np.stack([np.concatenate([[si], s_stop[:-1]]), s_stop], 1))
@@ -316,16 +357,17 @@ def test_text_walk_matches_reference_on_random_bytes():
     byte strings: substitutions, insertions and deletions (an NFC rewrite is one), truncation of either
     side, texts present on one side only; windows from 1 to 32, agreement from 1 to 16 bytes."""
     from xtoken.align import _text_walk
+
     rng = random.Random(1)
     accents = [b"e\xcc\x81", b"\xc3\xa9", b"a\xcc\x88", b"\xc3\xa4", b"x", b""]
     for case in range(1500):
         base = bytearray(rng.choice(b"ab c") for _ in range(rng.randint(0, 120)))
         other = bytearray(base)
-        for _ in range(rng.randint(0, 6)):      # edits on the teacher side
+        for _ in range(rng.randint(0, 6)):  # edits on the teacher side
             k = rng.randrange(len(other) + 1)
-            other[k:k + rng.randint(0, 3)] = rng.choice(accents)
-        if rng.random() < 0.2:                  # truncation at different places
-            other = other[:rng.randint(0, len(other))]
+            other[k : k + rng.randint(0, 3)] = rng.choice(accents)
+        if rng.random() < 0.2:  # truncation at different places
+            other = other[: rng.randint(0, len(other))]
         if rng.random() < 0.5:
             base, other = other, base
         (sb, s_ends), (tb, t_ends) = _walk_inputs(rng, bytes(base)), _walk_inputs(rng, bytes(other))
@@ -340,6 +382,7 @@ def test_align_matches_reference_walk_on_nfd_text(llama, qwen, phi, monkeypatch)
     """`align` with the walk equals `align` with the reference walk on real tokenizations that disagree
     (decomposed accents Qwen's NFC rewrites, numbers, truncation, a BOS on one side), two pairs."""
     import xtoken.align as A
+
     rng = random.Random(2)
     words = "the of and 2024 apples 12.50 café naïve résumé déjà über Ångström x_1".split()
     rows = []
@@ -350,11 +393,11 @@ def test_align_matches_reference_walk_on_nfd_text(llama, qwen, phi, monkeypatch)
         s_ids = s_tok(text, add_special_tokens=k % 2 == 0)["input_ids"]
         t_ids = t_tok(text)["input_ids"]
         if k % 5 == 0:
-            t_ids = t_ids[:rng.randint(0, len(t_ids))]
+            t_ids = t_ids[: rng.randint(0, len(t_ids))]
         rows.append((s_ids, t_ids, s_tok, t_tok, rng.choice([4, 32])))
     got = [A.align(*row[:4], window=row[4]) for row in rows]
     monkeypatch.setattr(A, "_text_walk", reference_walk)
     ref = [A.align(*row[:4], window=row[4]) for row in rows]
-    assert sum(len(a.student_unpaired) for a in ref) > 60        # the disagreements are there
+    assert sum(len(a.student_unpaired) for a in ref) > 60  # the disagreements are there
     for a, b in zip(got, ref):
         assert _same(a, b)

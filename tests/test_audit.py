@@ -1,4 +1,5 @@
 """The coverage audit reproduces the paper's Table 8 with the real vocabularies."""
+
 import pytest
 
 from xtoken.audit import coverage_audit, token_category
@@ -44,13 +45,24 @@ def test_counts_add_up(audits, llama):
 
 
 def test_given_projection_is_used(llama, qwen):
-    W = build_projection(llama, qwen, max_span=2)      # 3-digit numerals now have empty rows
+    W = build_projection(llama, qwen, max_span=2)  # 3-digit numerals now have empty rows
     a = coverage_audit(llama, qwen, projection=W)
     assert _row(a, "numeral_3digit").hkl_common == 0 and _row(a, "numeral_3digit").empty_rows == 1000
 
 
-@pytest.mark.parametrize("raw,cat", [(b"!", "ascii_punctuation"), (b"7", "single_digit"), (b"42", "numeral_2digit"),
-                                     (b"201", "numeral_3digit"), (b" \n", "whitespace"), (b"\xe4\xbd", "multibyte"),
-                                     (None, "special"), (b" the", "word"), (b"_init", "other")])
+@pytest.mark.parametrize(
+    "raw,cat",
+    [
+        (b"!", "ascii_punctuation"),
+        (b"7", "single_digit"),
+        (b"42", "numeral_2digit"),
+        (b"201", "numeral_3digit"),
+        (b" \n", "whitespace"),
+        (b"\xe4\xbd", "multibyte"),
+        (None, "special"),
+        (b" the", "word"),
+        (b"_init", "other"),
+    ],
+)
 def test_token_category(raw, cat):
     assert token_category(raw) == cat

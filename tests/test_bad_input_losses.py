@@ -1,4 +1,5 @@
 """The losses, the trainer's W checks and the alignment refuse bad input loudly instead of returning wrong numbers."""
+
 import math
 from pathlib import Path
 
@@ -44,14 +45,17 @@ def _call(name, s, t, alignments, W, **kw):
 
 # ---- item: W paired with the wrong tokenizers -------------------------------------------------------
 
+
 def test_teacher_refuses_a_w_built_for_another_teacher(qwen, w_phi):
     from xtoken.train import Teacher
+
     with pytest.raises(ProjectionMismatch, match="teacher tokenizer 'microsoft/Phi-4-mini-instruct'"):
         Teacher("qwen3", None, qwen, loss="p_kl", projection=w_phi)
 
 
 def test_collator_refuses_a_w_built_for_another_student(phi, qwen, w_qwen):
     from xtoken.train import DistillCollator, Teacher
+
     teacher = Teacher("qwen3", None, qwen, loss="h_kl", projection=w_qwen)
     with pytest.raises(ProjectionMismatch, match="student tokenizer 'meta-llama/Llama-3.2-1B'"):
         DistillCollator(phi, [teacher])
@@ -88,6 +92,7 @@ def test_swapped_logits_say_so(pair, w_qwen):
 
 def _toks():
     from xtoken import load_tokenizer
+
     return load_tokenizer("meta-llama/Llama-3.2-1B"), load_tokenizer("Qwen/Qwen3-4B")
 
 
@@ -101,11 +106,16 @@ def test_alignments_must_fit_the_batch(pair, w_qwen):
 
 # ---- item: dtypes, temperature, -inf teachers -------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["p_kl", "h_kl", "gold", "uld"])
 def test_half_precision_inputs_compute_in_float32(name, pair, w_qwen):
     s, t, al = pair
     ref = _call(name, s, t, al, w_qwen)[0]
-    for s_dt, t_dt in ((torch.float16, torch.float16), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)):
+    for s_dt, t_dt in (
+        (torch.float16, torch.float16),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float16),
+    ):
         x = s.detach().to(s_dt).clone().requires_grad_(True)
         loss, _ = _call(name, x, t.to(t_dt), al, w_qwen)
         assert loss.dtype == torch.float32 and math.isfinite(float(loss.detach()))
@@ -152,15 +162,25 @@ def test_kl_with_a_top_k_masked_teacher(direction, pair):
     loss.backward()
     assert math.isfinite(float(loss)) and bool(x.grad.isfinite().all())
     lp_s, lp_t = torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1)
-    if direction == "forward":        # sum over the teacher's support only (0 log 0 = 0)
+    if direction == "forward":  # sum over the teacher's support only (0 log 0 = 0)
         ref = torch.where(lp_t > -math.inf, lp_t.exp() * (lp_t - lp_s), 0.0).sum(-1).mean()
-    else:                             # the teacher's zeros clamped at EPS on the right
+    else:  # the teacher's zeros clamped at EPS on the right
         ref = (lp_s.exp() * (lp_s - lp_t.clamp_min(math.log(1e-12)))).sum(-1).mean()
     assert float(loss) == pytest.approx(float(ref), rel=1e-5)
 
 
-@pytest.mark.parametrize("name,merge", [("p_kl", "w"), ("p_kl", "chain"), ("p_kl", "first"), ("p_kl", "mean"),
-                                        ("gold", None), ("h_kl", None), ("uld", None)])
+@pytest.mark.parametrize(
+    "name,merge",
+    [
+        ("p_kl", "w"),
+        ("p_kl", "chain"),
+        ("p_kl", "first"),
+        ("p_kl", "mean"),
+        ("gold", None),
+        ("h_kl", None),
+        ("uld", None),
+    ],
+)
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_cross_tokenizer_losses_with_a_top_k_masked_teacher(name, merge, direction, pair, w_qwen):
     s, t, al = pair
@@ -177,8 +197,19 @@ def test_cross_tokenizer_losses_with_a_top_k_masked_teacher(name, merge, directi
 
 # ---- item: padded teacher columns ----------------------------------------------------------------
 
-@pytest.mark.parametrize("name,merge", [("p_kl", None), ("p_kl", "chain"), ("p_kl", "first"), ("p_kl", "mean"),
-                                        ("gold", None), ("h_kl", None), ("uld", None)])
+
+@pytest.mark.parametrize(
+    "name,merge",
+    [
+        ("p_kl", None),
+        ("p_kl", "chain"),
+        ("p_kl", "first"),
+        ("p_kl", "mean"),
+        ("gold", None),
+        ("h_kl", None),
+        ("uld", None),
+    ],
+)
 def test_padded_teacher_columns_have_zero_probability(name, merge, qwen, pair, w_qwen):
     """Qwen3: 151,669 tokens, 151,936 logits. High logits on the 267 padded columns change nothing."""
     s, t, al = pair
@@ -186,7 +217,7 @@ def test_padded_teacher_columns_have_zero_probability(name, merge, qwen, pair, w
     high[..., 151669:] = 30.0
     kw = {"merge": merge} if merge else {}
     if name == "uld":
-        kw["teacher_tok"] = qwen                       # no W: the tokenizer tells where the padding starts
+        kw["teacher_tok"] = qwen  # no W: the tokenizer tells where the padding starts
     ref = _call(name, s, t[..., :151669], al, w_qwen.with_teacher_width(151669), **kw)[0]
     assert float(_call(name, s, high, al, w_qwen, **kw)[0]) == float(ref)
     # a W file from before teacher_tokens, loaded without the tokenizer: the loss's teacher_tok tells instead
@@ -212,6 +243,7 @@ def test_kl_shapes(pair):
 
 
 # ---- item: alignment ids and shapes --------------------------------------------------------------------
+
 
 def test_align_refuses_ignore_index_ids(llama, qwen):
     s_ids, t_ids = llama(TEXT)["input_ids"], qwen(TEXT)["input_ids"]

@@ -1,4 +1,5 @@
 """W refuses bad input loudly: wrong tokenizers, widths that do not fit, bad ids, damaged or foreign files."""
+
 import json
 import struct
 from pathlib import Path
@@ -28,6 +29,7 @@ def w_phi(llama, phi):
 def local(llama, qwen):
     """Restricted (renumbered) tokenizers as the miniature makes them, and their ids in the full vocabularies."""
     from xtoken.mini.models import keep_ids_for, restrict_tokenizer
+
     texts = ["The 3 cats ate 201 apples.", "Hundreds of numbers: 12 + 345 = 357"]
     s_tok, s_l2f = restrict_tokenizer(llama, keep_ids_for(texts, llama))
     t_tok, t_l2f = restrict_tokenizer(qwen, keep_ids_for(texts, qwen))
@@ -36,6 +38,7 @@ def local(llama, qwen):
 
 # ---- tokenizer checks ---------------------------------------------------------------------------
 
+
 def test_check_tokenizers_names_the_side_and_both_tokenizers(llama, qwen, phi, w_qwen):
     assert w_qwen.check_tokenizers(llama, qwen) is w_qwen
     with pytest.raises(ProjectionMismatch, match="teacher tokenizer 'Qwen/Qwen3-4B'") as e:
@@ -43,7 +46,7 @@ def test_check_tokenizers_names_the_side_and_both_tokenizers(llama, qwen, phi, w
     assert "microsoft/Phi-4-mini-instruct" in str(e.value) and tokenizer_fingerprint(phi) in str(e.value)
     with pytest.raises(ProjectionMismatch, match="student tokenizer 'meta-llama/Llama-3.2-1B'"):
         w_qwen.check_tokenizers(qwen, qwen)
-    w_qwen.check_tokenizers(None, qwen)                 # one side only
+    w_qwen.check_tokenizers(None, qwen)  # one side only
     w_qwen.check_tokenizers(llama, None)
 
 
@@ -56,9 +59,10 @@ def test_restrict_records_the_local_tokenizers_and_stays_checkable(llama, qwen, 
     assert R.meta["restricted_from_teacher"] == tokenizer_fingerprint(qwen)
     R.check_tokenizers(s_tok, t_tok)
     with pytest.raises(ProjectionMismatch, match="teacher"):
-        R.check_tokenizers(s_tok, qwen)                  # the full tokenizer is not the model's local one
+        R.check_tokenizers(s_tok, qwen)  # the full tokenizer is not the model's local one
     # the local tokenizers as the miniature stores them (save_pretrained, reloaded): same fingerprints
     from xtoken.mini.models import LocalVocab
+
     back = LocalVocab.load(LocalVocab("qwen3", qwen, t_l2f.tolist(), local_tok=t_tok).save(tmp_path / "t"))
     path = R.save(tmp_path / "r.safetensors")
     Projection.load(path, s_tok, back.tok)
@@ -76,7 +80,7 @@ def test_teacher_tokens_recorded_and_kept_by_restrict(llama, qwen, w_qwen, local
     assert w_qwen.teacher_vocab_size == 151936 and w_qwen.teacher_tokens == len(qwen) == 151669
     s_tok, s_l2f, t_tok, t_l2f = local
     assert w_qwen.restrict(s_l2f, t_l2f).teacher_tokens == len(t_l2f)
-    padded = torch.cat([t_l2f, torch.tensor([151700, 151800])])      # two padded teacher columns, last
+    padded = torch.cat([t_l2f, torch.tensor([151700, 151800])])  # two padded teacher columns, last
     R = w_qwen.restrict(s_l2f, padded)
     assert (R.teacher_vocab_size, R.teacher_tokens) == (len(t_l2f) + 2, len(t_l2f))
     with pytest.raises(ValueError, match="padded ids"):
@@ -85,6 +89,7 @@ def test_teacher_tokens_recorded_and_kept_by_restrict(llama, qwen, w_qwen, local
 
 def test_build_projection_teacher_width(llama, qwen):
     from xtoken.projection import build_projection
+
     with pytest.raises(ValueError, match="smaller than the teacher tokenizer"):
         build_projection(llama, qwen, teacher_vocab_size=151_000)
 
@@ -108,6 +113,7 @@ def test_older_file_without_teacher_tokens_loads(qwen):
 
 # ---- ids ----------------------------------------------------------------------------------------
 
+
 def test_row_refuses_negative_and_out_of_range_ids(w_qwen):
     assert w_qwen.row(0) == [("!", 0, 1.0)]
     with pytest.raises(IndexError, match=r"student id -1 is out of range: W has rows 0\.\.128255"):
@@ -127,17 +133,18 @@ def test_restrict_refuses_ids_outside_w(w_qwen):
 
 # ---- files --------------------------------------------------------------------------------------
 
+
 def _header(path) -> dict:
     raw = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n])
+    return json.loads(raw[8 : 8 + n])
 
 
 def _flip(path, out, tensor: str, element: int, byte: int, bit: int) -> Path:
     """A copy of a safetensors file with one bit of one element of ``tensor`` flipped (a storage fault)."""
     raw = bytearray(Path(path).read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
-    info = json.loads(raw[8:8 + n])[tensor]
+    info = json.loads(raw[8 : 8 + n])[tensor]
     size = {"I32": 4, "F32": 4, "U8": 1, "I64": 8}[info["dtype"]]
     raw[8 + n + info["data_offsets"][0] + element * size + byte] ^= 1 << bit
     Path(out).write_bytes(bytes(raw))
@@ -156,6 +163,7 @@ def _resave(path, out, **changes) -> Path:
     """The file's tensors and metadata with some tensors replaced (or dropped: None)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
+
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     for k, v in changes.items():
@@ -169,6 +177,7 @@ def _resave(path, out, **changes) -> Path:
 
 def test_save_records_a_digest_and_load_checks_it(small_file, tmp_path):
     from xtoken.projection import ProjectionFileError
+
     R, path = small_file
     meta = json.loads(_header(path)["__metadata__"]["xtoken_projection"])
     assert meta["digest"] == R.digest()
@@ -183,20 +192,30 @@ def test_save_records_a_digest_and_load_checks_it(small_file, tmp_path):
 
 def test_bit_flipped_index_is_refused(small_file, tmp_path):
     from xtoken.projection import ProjectionFileError
+
     R, path = small_file
     row = int((R.row_kind != EMPTY).nonzero()[0, 0])
-    bad = _flip(path, tmp_path / "flip.safetensors", "indices", row * R.top_k, 3, 7)   # the int32's sign bit
+    bad = _flip(path, tmp_path / "flip.safetensors", "indices", row * R.top_k, 3, 7)  # the int32's sign bit
     with pytest.raises(ProjectionFileError, match=rf"teacher index -\d+ at row {row} is outside"):
         Projection.load(bad)
 
 
-@pytest.mark.parametrize("defect,match", [
-    ("nan", "is not finite"), ("negative", "is negative"), ("huge", "sums to"), ("half", "sums to"),
-    ("index", "teacher index 999999"), ("kind", "unknown row kind"), ("missing", r"\['row_kind'\] missing"),
-])
+@pytest.mark.parametrize(
+    "defect,match",
+    [
+        ("nan", "is not finite"),
+        ("negative", "is negative"),
+        ("huge", "sums to"),
+        ("half", "sums to"),
+        ("index", "teacher index 999999"),
+        ("kind", "unknown row kind"),
+        ("missing", r"\['row_kind'\] missing"),
+    ],
+)
 def test_damaged_content_is_refused_with_one_clear_error(small_file, tmp_path, defect, match):
     """Files without a digest (as older ones) still get every structural check."""
     from xtoken.projection import ProjectionFileError
+
     R, path = small_file
     row = int((R.row_kind != EMPTY).nonzero()[0, 0])
     idx, w, kind = R.indices.to(torch.int32).clone(), R.weights.clone(), R.row_kind.clone()
@@ -220,6 +239,7 @@ def test_damaged_content_is_refused_with_one_clear_error(small_file, tmp_path, d
     # drop the digest, so that each structural check is what catches its defect
     from safetensors import safe_open
     from safetensors.torch import save_file
+
     with safe_open(str(out), framework="pt") as f:
         meta = json.loads(f.metadata()["xtoken_projection"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -234,6 +254,7 @@ def test_foreign_and_non_safetensors_files_are_refused(tmp_path):
     from safetensors.torch import save_file
 
     from xtoken.projection import ProjectionFileError
+
     foreign = tmp_path / "model.safetensors"
     save_file({"weight": torch.zeros(2, 2)}, str(foreign))
     with pytest.raises(ProjectionFileError, match="no X-Token projection metadata"):

@@ -1,5 +1,6 @@
 """`python -m xtoken`: output folders made before the work, argument checks before tokenizers load, one-line
 errors (exit 2) unless --traceback, and reproduce's -p NAME=VALUE parameters."""
+
 import json
 import subprocess
 import sys
@@ -31,8 +32,12 @@ def tiny_pair(tmp_path_factory):
         digits = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
         tk.pre_tokenizer = pre_tokenizers.Sequence(digits + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
         tk.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|end|>"], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<|end|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tk.train_from_iterator(["the cat sat on the mat with 12 apples and 345 pears"] * 20, trainer)
         folder = tmp_path_factory.mktemp(name)
         PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|end|>").save_pretrained(folder)
@@ -60,19 +65,51 @@ def test_summary_and_csv_go_into_folders_that_do_not_exist_yet(tiny_pair, tmp_pa
 def test_an_output_that_is_a_folder_is_refused_before_the_work(tiny_pair, tmp_path, capsys):
     student, teacher = tiny_pair
     (tmp_path / "summary.json").mkdir()
-    code = main(["build-w", "--student", student, "--teacher", teacher, "-o", str(tmp_path / "w.safetensors"),
-                 "--summary", str(tmp_path / "summary.json")])
+    code = main(
+        [
+            "build-w",
+            "--student",
+            student,
+            "--teacher",
+            teacher,
+            "-o",
+            str(tmp_path / "w.safetensors"),
+            "--summary",
+            str(tmp_path / "summary.json"),
+        ]
+    )
     assert code == 2
     _one_line_error(capsys, f"--summary {tmp_path / 'summary.json'} is a folder")
     assert not (tmp_path / "w.safetensors").exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--top-k", "0"), ("--max-span", "0"), ("--beta", "0"), ("--beta", "-1"),
-                                        ("--gamma", "0"), ("--gamma", "1"), ("--gamma", "1.5")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--top-k", "0"),
+        ("--max-span", "0"),
+        ("--beta", "0"),
+        ("--beta", "-1"),
+        ("--gamma", "0"),
+        ("--gamma", "1"),
+        ("--gamma", "1.5"),
+    ],
+)
 def test_build_w_arguments_are_checked_before_tokenizers_load(flag, value, tmp_path, capsys):
     # the student does not exist: were it loaded first, the error would be about it
-    code = main(["build-w", "--student", str(tmp_path / "nowhere"), "--teacher", "qwen3",
-                 "-o", str(tmp_path / "w.safetensors"), flag, value])
+    code = main(
+        [
+            "build-w",
+            "--student",
+            str(tmp_path / "nowhere"),
+            "--teacher",
+            "qwen3",
+            "-o",
+            str(tmp_path / "w.safetensors"),
+            flag,
+            value,
+        ]
+    )
     assert code == 2
     _one_line_error(capsys, flag)
 
@@ -107,19 +144,40 @@ def test_traceback_flag_and_variable_reraise(tmp_path, monkeypatch):
 
 
 def test_module_entry_point_exits_2_with_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "xtoken", "build-w", "--student", "llama", "--teacher", "qwen3",
-                           "-o", str(tmp_path / "w.safetensors"), "--top-k", "0"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xtoken",
+            "build-w",
+            "--student",
+            "llama",
+            "--teacher",
+            "qwen3",
+            "-o",
+            str(tmp_path / "w.safetensors"),
+            "--top-k",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.startswith("error: --top-k") and "Traceback" not in done.stderr
 
 
 def _parameters_notebook(folder):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell("results_dir = '.'\nsteps = 1\nlr = 0.1\nnames = []\nlabel = 'x'",
-                                          metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("import json, pathlib\npathlib.Path(results_dir, 'seen.json')"
-                                          ".write_text(json.dumps([steps, lr, names, label]))")]
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "results_dir = '.'\nsteps = 1\nlr = 0.1\nnames = []\nlabel = 'x'", metadata={"tags": ["parameters"]}
+        ),
+        nbformat.v4.new_code_cell(
+            "import json, pathlib\npathlib.Path(results_dir, 'seen.json')"
+            ".write_text(json.dumps([steps, lr, names, label]))"
+        ),
+    ]
     folder.mkdir()
     nbformat.write(nb, folder / "01_projection_matrix.ipynb")
     return folder
@@ -127,9 +185,29 @@ def _parameters_notebook(folder):
 
 def test_reproduce_parameters_are_parsed_as_yaml(tmp_path, capsys):
     src = _parameters_notebook(tmp_path / "src")
-    code = main(["reproduce", "--scale", "smoke", "--notebooks", str(src), "--out", str(tmp_path / "out"),
-                 "--results", str(tmp_path / "r"), "--work", str(tmp_path / "w"),
-                 "-p", "steps=3", "--parameter", "lr=1e-3", "-p", "names=[a, b]", "-p", "label=12 apples"])
+    code = main(
+        [
+            "reproduce",
+            "--scale",
+            "smoke",
+            "--notebooks",
+            str(src),
+            "--out",
+            str(tmp_path / "out"),
+            "--results",
+            str(tmp_path / "r"),
+            "--work",
+            str(tmp_path / "w"),
+            "-p",
+            "steps=3",
+            "--parameter",
+            "lr=1e-3",
+            "-p",
+            "names=[a, b]",
+            "-p",
+            "label=12 apples",
+        ]
+    )
     assert code == 0, capsys.readouterr()
     assert json.loads((tmp_path / "r" / "seen.json").read_text()) == [3, 0.001, ["a", "b"], "12 apples"]
 

@@ -4,6 +4,7 @@ A 1-layer Llama over a restricted vocabulary memorises four question -> '#### an
 exact match must then be 1.0 on the true key and 0.0 on a wrong key, and its generations must equal
 HF greedy generation on the same prompts.
 """
+
 import json
 
 import pytest
@@ -13,8 +14,12 @@ from xtoken.evaluate import MINI_TASKS, evaluate, load_lm, task_configs
 from xtoken.mini.config import ModelSize
 from xtoken.mini.models import LocalVocab, build_model, keep_ids_for, save_model
 
-ITEMS = [("How many coins does Mia have?", "347"), ("How many pens does Leo have?", "12"),
-         ("What is the capital of Vaslo?", "Rinix"), ("How old is Ixdre Lomi?", "58")]
+ITEMS = [
+    ("How many coins does Mia have?", "347"),
+    ("How many pens does Leo have?", "12"),
+    ("What is the capital of Vaslo?", "Rinix"),
+    ("How old is Ixdre Lomi?", "58"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +64,17 @@ def test_exact_match_against_answer_key(memorised):
 
 def test_generations_match_hf_greedy(memorised):
     from xtoken.mini.models import load_model
+
     d, _ = memorised
-    df, raw = evaluate(d / "model", ["xtoken_mini_arithmetic"], data_dir=d / "right", batch_size=4,
-                       log_samples=True, return_raw=True)
+    df, raw = evaluate(
+        d / "model", ["xtoken_mini_arithmetic"], data_dir=d / "right", batch_size=4, log_samples=True, return_raw=True
+    )
     model, tok, _, _ = load_model(d / "model")
     for s in raw["samples"]["xtoken_mini_arithmetic"]:
         prompt = s["arguments"][0][0]
         enc = tok(prompt, return_tensors="pt")
         out = model.generate(**enc, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id)
-        text = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        text = tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
         assert s["resps"][0][0] == text.split("\n\n")[0]
 
 
@@ -76,7 +83,7 @@ def test_task_configs_need_data(tmp_path):
         task_configs(["xtoken_mini_arithmetic"])
     with pytest.raises(FileNotFoundError):
         task_configs(["xtoken_mini_arithmetic"], data_dir=tmp_path)
-    assert task_configs(["gsm8k"]) == ["gsm8k"]   # lm-eval's own tasks pass through by name
+    assert task_configs(["gsm8k"]) == ["gsm8k"]  # lm-eval's own tasks pass through by name
 
 
 def test_reused_tokenizer_and_env_report_change_nothing(memorised):
@@ -85,12 +92,14 @@ def test_reused_tokenizer_and_env_report_change_nothing(memorised):
     from lm_eval.models.huggingface import HFLM
 
     from xtoken import evaluate as ev
+
     d, _ = memorised
     plain = HFLM(pretrained=str(d / "model"), batch_size=4, device="cpu", dtype="float32", add_bos_token=True)
     runs = [evaluate(d / "model", MINI_TASKS, data_dir=d / "right", lm=plain, log_samples=True, return_raw=True)]
     for _ in range(2):
-        runs.append(evaluate(d / "model", MINI_TASKS, data_dir=d / "right", batch_size=4, log_samples=True,
-                             return_raw=True))
+        runs.append(
+            evaluate(d / "model", MINI_TASKS, data_dir=d / "right", batch_size=4, log_samples=True, return_raw=True)
+        )
     assert load_lm(d / "model", batch_size=4).tokenizer is load_lm(d / "model", batch_size=4).tokenizer
     (df0, raw0), *rest = runs
     for df, raw in rest:
@@ -105,11 +114,14 @@ def test_per_item_scores_and_teacher_forced_pass(memorised, tmp_path):
     """Per-item scores: lm-eval's exact match per item, the whole-solution match read from its generation, and
     the teacher-forced log p of the gold solution equal to a direct one-item computation on the training ids."""
     from xtoken.mini.items import score_items, teacher_forced
+
     d, _ = memorised
     for task in ("arithmetic", "knowledge"):
         with open(tmp_path / f"{task}_test.jsonl", "w") as f:
             for i, (q, a) in enumerate(ITEMS):
-                f.write(json.dumps({"idx": i, "kind": "k", "question": q, "answer": a, "text": f"{q}\n#### {a}\n\n"}) + "\n")
+                f.write(
+                    json.dumps({"idx": i, "kind": "k", "question": q, "answer": a, "text": f"{q}\n#### {a}\n\n"}) + "\n"
+                )
     lm = load_lm(d / "model", batch_size=4)
     df, raw = evaluate(d / "model", MINI_TASKS, data_dir=tmp_path, lm=lm, log_samples=True, return_raw=True)
     items = score_items(lm, raw, batch=3)

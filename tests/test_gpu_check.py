@@ -1,4 +1,5 @@
 """benchmarks/gpu_check.py at reduced shapes on the CPU: the code a GPU run executes, minus the widths."""
+
 import json
 import subprocess
 import sys
@@ -9,8 +10,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_runs_every_loss_and_writes_its_json(tmp_path):
     out = tmp_path / "gpu_throughput.json"
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--reduced", "--seq", "128", "--steps", "1",
-                           "--warmup", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/gpu_check.py",
+            "--reduced",
+            "--seq",
+            "128",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["mode"] == "reduced shapes" and res["sequence"] == 128
@@ -18,5 +36,5 @@ def test_gpu_check_runs_every_loss_and_writes_its_json(tmp_path):
     for name, r in res["results"].items():
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0
         if name != "ce":
-            assert r["loss_s"] > 0 and r["loss_share"] > 0, (name, r)   # the loss op alone over the whole step
+            assert r["loss_s"] > 0 and r["loss_share"] > 0, (name, r)  # the loss op alone over the whole step
     assert res["results"]["ce"]["step_vs_ce"] == 1.0

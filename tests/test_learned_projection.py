@@ -1,5 +1,6 @@
 """Learned W (xtoken.learned_projection.LearnableProjection): simplex, identity at theta = 0,
 gradients only through P-KL, same file format and tokenizer check as a built W."""
+
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,10 @@ def w_llama_qwen(llama, qwen):
 def three_row_projection():
     """Student a, b, ab, abc, <empty>; teacher a, b, c, d. Two multi rows ('ab' and 'abc')."""
     idx = torch.tensor([[0, -1, -1], [1, -1, -1], [0, 1, -1], [0, 1, 2], [-1, -1, -1]])
-    w = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0.9 / 0.99, 0.09 / 0.99, 0], [0.9 / 0.999, 0.09 / 0.999, 0.009 / 0.999],
-                      [0, 0, 0]], dtype=torch.float32)
+    w = torch.tensor(
+        [[1.0, 0, 0], [1.0, 0, 0], [0.9 / 0.99, 0.09 / 0.99, 0], [0.9 / 0.999, 0.09 / 0.999, 0.009 / 0.999], [0, 0, 0]],
+        dtype=torch.float32,
+    )
     kind = torch.tensor([EXACT, EXACT, MULTI, MULTI, EMPTY], dtype=torch.uint8)
     return Projection(idx, w, kind, 4, {"beta": 0.9, "gamma": 0.1, "kind": "built"})
 
@@ -34,7 +37,8 @@ def test_theta_zero_gives_the_built_weights_bit_for_bit(w_llama_qwen):
         lp = LearnableProjection(proj)
         assert torch.equal(lp.weights(), proj.weights)
     assert LearnableProjection(w_llama_qwen).n_trainable_rows == int(
-        ((w_llama_qwen.row_kind == MULTI) & ((w_llama_qwen.indices >= 0).sum(1) >= 2)).sum())
+        ((w_llama_qwen.row_kind == MULTI) & ((w_llama_qwen.indices >= 0).sum(1) >= 2)).sum()
+    )
 
 
 def test_rows_stay_on_the_simplex_after_optimizer_steps():
@@ -42,7 +46,7 @@ def test_rows_stay_on_the_simplex_after_optimizer_steps():
     lp = LearnableProjection(proj)
     opt = torch.optim.AdamW(lp.parameters(), lr=0.5)
     s, t, aligns = tiny_inputs(torch.float32)
-    s, t = s[..., :5], t[..., :4]                      # real columns only
+    s, t = s[..., :5], t[..., :4]  # real columns only
     for _ in range(20):
         opt.zero_grad()
         loss, _ = p_kl_loss(s, t, aligns, proj, weights=lp.weights())
@@ -52,9 +56,9 @@ def test_rows_stay_on_the_simplex_after_optimizer_steps():
     assert not torch.equal(w, proj.weights), "20 steps at lr 0.5 should move the multi rows"
     assert (w >= 0).all()
     assert torch.allclose(w.sum(1), proj.weights.sum(1), atol=1e-6)
-    assert torch.equal(w[proj.indices < 0], torch.zeros(int((proj.indices < 0).sum())))    # the pattern is fixed
+    assert torch.equal(w[proj.indices < 0], torch.zeros(int((proj.indices < 0).sum())))  # the pattern is fixed
     fixed = proj.row_kind != MULTI
-    assert torch.equal(w[fixed], proj.weights[fixed])                                      # exact/empty rows never move
+    assert torch.equal(w[fixed], proj.weights[fixed])  # exact/empty rows never move
 
 
 def test_gradient_matches_brute_force_and_gradcheck():
@@ -68,7 +72,7 @@ def test_gradient_matches_brute_force_and_gradcheck():
     # dense reference: r = q_s @ W (W dense from the same weights), same divergence via the public loss on
     # a projection whose weights are the perturbed ones (finite differences, central)
     eps = 1e-6
-    for (i, j) in [(2, 0), (2, 1), (3, 0), (3, 2), (0, 0)]:
+    for i, j in [(2, 0), (2, 1), (3, 0), (3, 2), (0, 0)]:
         wp, wm = proj.weights.double().clone(), proj.weights.double().clone()
         wp[i, j] += eps
         wm[i, j] -= eps
@@ -76,9 +80,11 @@ def test_gradient_matches_brute_force_and_gradcheck():
         lm_, _ = p_kl_loss(s, t, aligns, proj, weights=wm)
         assert g[i, j].item() == pytest.approx((lp_ - lm_).item() / (2 * eps), rel=1e-5, abs=1e-9)
     lp = LearnableProjection(proj).double()
-    at = lambda th: torch.func.functional_call(lp, {"theta": th}, ())   # noqa: E731  W at parameters th
-    assert torch.autograd.gradcheck(lambda th: p_kl_loss(s, t, aligns, proj, weights=at(th))[0],
-                                    (torch.randn_like(lp.theta) * 0.3).requires_grad_(True))
+    at = lambda th: torch.func.functional_call(lp, {"theta": th}, ())  # noqa: E731  W at parameters th
+    assert torch.autograd.gradcheck(
+        lambda th: p_kl_loss(s, t, aligns, proj, weights=at(th))[0],
+        (torch.randn_like(lp.theta) * 0.3).requires_grad_(True),
+    )
 
 
 def test_only_p_kl_reaches_the_parameters():
@@ -89,7 +95,7 @@ def test_only_p_kl_reaches_the_parameters():
     for fn in (gold_loss, h_kl_loss):
         with pytest.raises(ValueError, match="P-KL option"):
             fn(s, t, aligns, proj, weights=lp.weights())
-        loss, _ = fn(s, t, aligns, lp.to_projection())     # GOLD/H-KL read W's pattern only: no graph to theta
+        loss, _ = fn(s, t, aligns, lp.to_projection())  # GOLD/H-KL read W's pattern only: no graph to theta
         loss.backward()
         assert lp.theta.grad is None
     ce = torch.nn.functional.cross_entropy(s.reshape(-1, 5), torch.zeros(s.shape[0] * s.shape[1], dtype=torch.long))
@@ -124,8 +130,8 @@ def test_moved_rows_lists_the_largest_changes_first():
     proj = three_row_projection()
     lp = LearnableProjection(proj)
     with torch.no_grad():
-        lp.theta[1] = torch.tensor([0.0, 2.0, 0.0])     # row 'abc' moves a lot
-        lp.theta[0] = torch.tensor([0.0, 0.1, 0.0])     # row 'ab' a little
+        lp.theta[1] = torch.tensor([0.0, 2.0, 0.0])  # row 'abc' moves a lot
+        lp.theta[0] = torch.tensor([0.0, 0.1, 0.0])  # row 'ab' a little
     moved = lp.moved_rows(2)
     assert [m["row"] for m in moved] == [3, 2]
     assert moved[0]["l1_change"] > moved[1]["l1_change"] > 0

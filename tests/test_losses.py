@@ -1,4 +1,5 @@
 """Losses (xtoken.losses): brute force on a tiny vocabulary, gradcheck, Proposition 1, real W, TRL parity."""
+
 import math
 
 import numpy as np
@@ -25,7 +26,7 @@ from xtoken.projection import EMPTY, EXACT, MULTI, Projection, build_projection
 
 # ---- a tiny W: student a, b, ab, c, <empty>; teacher a, b, c, d ---------------------------------
 G = 0.1
-W_AB = tuple(float(np.float32(x)) for x in (0.9 / 0.99, 0.09 / 0.99))   # 'ab' -> 'a','b' (W stores float32)
+W_AB = tuple(float(np.float32(x)) for x in (0.9 / 0.99, 0.09 / 0.99))  # 'ab' -> 'a','b' (W stores float32)
 
 
 def tiny_projection():
@@ -44,11 +45,17 @@ def manual_alignment(s_ids, t_ids, s_spans, t_spans):
     """An Alignment built by hand: positions not in a span are unpaired."""
     s_cov = {p for a, b in s_spans for p in range(a, b)}
     t_cov = {p for a, b in t_spans for p in range(a, b)}
-    return Alignment(np.array(s_spans, dtype=np.int64), np.array(t_spans, dtype=np.int64),
-                     np.array([p for p in range(len(s_ids)) if p not in s_cov], dtype=np.int64),
-                     np.array([p for p in range(len(t_ids)) if p not in t_cov], dtype=np.int64),
-                     np.array(s_ids), np.array(t_ids), (0, len(s_ids)), (0, len(t_ids)),
-                     np.zeros(len(s_spans), dtype=bool))
+    return Alignment(
+        np.array(s_spans, dtype=np.int64),
+        np.array(t_spans, dtype=np.int64),
+        np.array([p for p in range(len(s_ids)) if p not in s_cov], dtype=np.int64),
+        np.array([p for p in range(len(t_ids)) if p not in t_cov], dtype=np.int64),
+        np.array(s_ids),
+        np.array(t_ids),
+        (0, len(s_ids)),
+        (0, len(t_ids)),
+        np.zeros(len(s_spans), dtype=bool),
+    )
 
 
 # chunks of length 1-3 on each side; position 0 unpaired (no predicting logit)
@@ -58,8 +65,8 @@ S_SPANS, T_SPANS = [(1, 2), (2, 4), (4, 7)], [(1, 3), (3, 5), (5, 8)]
 
 def tiny_inputs(dtype=torch.float64, seed=0, batch=2):
     g = torch.Generator().manual_seed(seed)
-    s = torch.randn(batch, len(S_IDS), 5 + 1, generator=g, dtype=dtype)      # one padded column
-    t = torch.randn(batch, len(T_IDS), 4 + 2, generator=g, dtype=dtype)      # two padded columns
+    s = torch.randn(batch, len(S_IDS), 5 + 1, generator=g, dtype=dtype)  # one padded column
+    t = torch.randn(batch, len(T_IDS), 4 + 2, generator=g, dtype=dtype)  # two padded columns
     aligns = [manual_alignment(S_IDS, T_IDS, S_SPANS, T_SPANS)] * batch
     return s, t, aligns
 
@@ -78,9 +85,9 @@ def brute_chunks(s, t, T, merge):
             q_s = p[0] * np.prod([p[i][S_IDS[a + i]] for i in range(1, e - a)])
             pt = [softmax(t[b, j - 1, :4], T) for j in range(c, d)]
             if merge == "w":
-                om = np.array([0.9 * G ** i for i in range(d - c)])
+                om = np.array([0.9 * G**i for i in range(d - c)])
                 q_t = sum(w * x for w, x in zip(om / om.sum(), pt))
-            else:   # chain
+            else:  # chain
                 q_t = pt[0] * np.prod([pt[i][T_IDS[c + i]] for i in range(1, d - c)])
             out.append((q_s, q_t))
     return out
@@ -103,14 +110,23 @@ def test_metrics_brute_force(name):
     """Every logged metric against the full chunk distributions (the losses read them from the slices
     they exponentiate, or from the mass and the logits, never from a full-width exp)."""
     s, t, aligns = tiny_inputs(seed=3)
-    s[0, 2, 1] = 4.0                                                    # a confident chunk: a clear argmax
+    s[0, 2, 1] = 4.0  # a confident chunk: a clear argmax
     W = tiny_projection()
     fn = {"p_kl": p_kl_loss, "gold": gold_loss, "h_kl": h_kl_loss}[name]
     _, m = fn(s, t, aligns, W, student_vocab_size=5, teacher_vocab_size=4)
     chunks = brute_chunks(s.numpy(), t.numpy(), 1.0, "w" if name == "p_kl" else "chain")
     pair = {"gold": W.exact_pairs(), "h_kl": W.top1()}.get(name)
-    want = {k: [] for k in ("student_chunk_mass", "teacher_chunk_mass", "mass_lost_empty_rows", "top1_agreement",
-                            "student_common_mass", "teacher_common_mass")}
+    want = {
+        k: []
+        for k in (
+            "student_chunk_mass",
+            "teacher_chunk_mass",
+            "mass_lost_empty_rows",
+            "top1_agreement",
+            "student_common_mass",
+            "teacher_common_mass",
+        )
+    }
     for q_s, q_t in chunks:
         want["student_chunk_mass"].append(q_s.sum())
         want["teacher_chunk_mass"].append(q_t.sum())
@@ -133,8 +149,9 @@ def test_metrics_brute_force(name):
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_p_kl_brute_force(T, direction):
     s, t, aligns = tiny_inputs()
-    loss, m = p_kl_loss(s, t, aligns, tiny_projection(), temperature=T, direction=direction,
-                        student_vocab_size=5, teacher_vocab_size=4)
+    loss, m = p_kl_loss(
+        s, t, aligns, tiny_projection(), temperature=T, direction=direction, student_vocab_size=5, teacher_vocab_size=4
+    )
     ref = []
     for q_s, q_t in brute_chunks(s.numpy(), t.numpy(), T, "w"):
         r = q_s @ W_DENSE
@@ -160,11 +177,13 @@ def test_gold_and_h_kl_brute_force(direction):
 
     for q_s, q_t in brute_chunks(s.numpy(), t.numpy(), 1.5, "chain"):
         # GOLD: C = {(a,a), (b,b), (c,c)}; uncommon student {ab, <empty>}, teacher {d}
-        ref_gold.append(kl_terms([(q_t[0], q_s[0]), (q_t[1], q_s[1]), (q_t[2], q_s[3])])
-                        + brute_l1([q_s[2], q_s[4]], [q_t[3]]))
+        ref_gold.append(
+            kl_terms([(q_t[0], q_s[0]), (q_t[1], q_s[1]), (q_t[2], q_s[3])]) + brute_l1([q_s[2], q_s[4]], [q_t[3]])
+        )
         # H-KL: 'a' and 'ab' share top-1 'a' -> group sum; uncommon student {<empty>}, teacher {d}
-        ref_hkl.append(kl_terms([(q_t[0], q_s[0] + q_s[2]), (q_t[1], q_s[1]), (q_t[2], q_s[3])])
-                       + brute_l1([q_s[4]], [q_t[3]]))
+        ref_hkl.append(
+            kl_terms([(q_t[0], q_s[0] + q_s[2]), (q_t[1], q_s[1]), (q_t[2], q_s[3])]) + brute_l1([q_s[4]], [q_t[3]])
+        )
     assert gold.item() == pytest.approx(np.mean(ref_gold), rel=1e-10)
     assert hkl.item() == pytest.approx(np.mean(ref_hkl), rel=1e-10)
 
@@ -178,7 +197,10 @@ def test_uld_brute_force():
 
 def test_kl_loss_brute_force_and_mask():
     g = torch.Generator().manual_seed(3)
-    s, t = torch.randn(2, 3, 6, generator=g, dtype=torch.float64), torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    s, t = (
+        torch.randn(2, 3, 6, generator=g, dtype=torch.float64),
+        torch.randn(2, 3, 7, generator=g, dtype=torch.float64),
+    )
     mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
     for direction in ("forward", "reverse"):
         loss, m = kl_loss(s, t, mask, temperature=2.0, direction=direction, vocab_size=5)
@@ -194,8 +216,8 @@ def test_w_consistent_merge_gives_zero_for_perfect_pair():
     Taking the teacher's first position only (merge='first') leaves a positive loss."""
     s = torch.full((1, 3, 5), -60.0, dtype=torch.float64)
     t = torch.full((1, 4, 4), -60.0, dtype=torch.float64)
-    s[0, 0, 2] = 0            # logit 0 predicts student token 1 = 'ab'
-    t[0, 0, 0] = 0            # teacher logit 0 predicts 'a', logit 1 predicts 'b'
+    s[0, 0, 2] = 0  # logit 0 predicts student token 1 = 'ab'
+    t[0, 0, 0] = 0  # teacher logit 0 predicts 'a', logit 1 predicts 'b'
     t[0, 1, 1] = 0
     a = manual_alignment([4, 2, 3], [3, 0, 1, 2], [(1, 2)], [(1, 3)])
     loss, _ = p_kl_loss(s, t, [a], tiny_projection())
@@ -204,14 +226,16 @@ def test_w_consistent_merge_gives_zero_for_perfect_pair():
     assert first.item() > 0.05
 
 
-@pytest.mark.parametrize("name", ["p_kl_w", "p_kl_chain", "p_kl_mean", "p_kl_rev", "gold", "gold_rev", "h_kl",
-                                  "h_kl_rev", "uld", "kl", "kl_rev"])
+@pytest.mark.parametrize(
+    "name",
+    ["p_kl_w", "p_kl_chain", "p_kl_mean", "p_kl_rev", "gold", "gold_rev", "h_kl", "h_kl_rev", "uld", "kl", "kl_rev"],
+)
 def test_gradcheck(name):
     s, t, aligns = tiny_inputs(batch=1, seed=4)
     s.requires_grad_(True)
     proj = tiny_projection()
-    kw = dict(temperature=1.3, chunk_size=2)        # several blocks: the eager per-block gradient path
-    other = s.detach().clone()                      # gradcheck perturbs s in place: the teacher must not alias it
+    kw = dict(temperature=1.3, chunk_size=2)  # several blocks: the eager per-block gradient path
+    other = s.detach().clone()  # gradcheck perturbs s in place: the teacher must not alias it
     fns = {
         "p_kl_w": lambda x: p_kl_loss(x, t, aligns, proj, **kw)[0],
         "p_kl_chain": lambda x: p_kl_loss(x, t, aligns, proj, merge="chain", **kw)[0],
@@ -249,6 +273,7 @@ def test_dynamic_kd_scale():
 
 
 # ---- real W ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def w_llama_qwen(llama, qwen):
@@ -291,7 +316,7 @@ def test_proposition_1(llama, qwen, w_llama_qwen):
     plan = w_plan(Wr, v_s, v_t, "cpu", "exact")
     uncommon = plan.pairing.s_uncommon
     multi_digit = torch.tensor([i for i, x in enumerate(s_tok) if x.isdigit() and len(x) > 1])
-    assert set(multi_digit.tolist()) <= set(uncommon.tolist())      # Table 8: no multi-digit numeral in C
+    assert set(multi_digit.tolist()) <= set(uncommon.tolist())  # Table 8: no multi-digit numeral in C
     d, *_ = hybrid_divergence(torch.log_softmax(z, -1), q_t, plan, uld_weight=0.0)
     (grad,) = torch.autograd.grad(d.sum(), z)
     p = torch.softmax(z, -1).detach()
@@ -305,7 +330,7 @@ def test_proposition_1(llama, qwen, w_llama_qwen):
     (grad,) = torch.autograd.grad(d.sum(), z)
     pushed_up = grad[0, multi_digit] < 0
     assert pushed_up.any() and not pushed_up.all()
-    assert grad[0, s_tok.index("20")] < 0          # '20' -> '2','0': the teacher's favourites
+    assert grad[0, s_tok.index("20")] < 0  # '20' -> '2','0': the teacher's favourites
 
 
 def test_p_kl_with_real_alignment_and_padded_teacher_vocab(llama, qwen, w_llama_qwen):
@@ -317,7 +342,7 @@ def test_p_kl_with_real_alignment_and_padded_teacher_vocab(llama, qwen, w_llama_
     s = torch.randn(1, len(s_ids), 128256, generator=g)
     t = torch.randn(1, len(t_ids), 151936, generator=g)
     base, m = p_kl_loss(s, t, [a], w_llama_qwen, teacher_vocab_size=len(qwen))
-    t[:, :, len(qwen):] = 1e4                  # padded columns: must be ignored
+    t[:, :, len(qwen) :] = 1e4  # padded columns: must be ignored
     again, _ = p_kl_loss(s, t, [a], w_llama_qwen, teacher_vocab_size=len(qwen))
     assert again.item() == pytest.approx(base.item(), rel=1e-6)
     assert m["n_chunks"] == a.predictable.sum() and 0 < m["teacher_chunk_mass"] <= 1
@@ -325,27 +350,40 @@ def test_p_kl_with_real_alignment_and_padded_teacher_vocab(llama, qwen, w_llama_
 
 # ---- parity with TRL 1.16.0's GOLD hybrid loss ------------------------------------------------------
 
+
 def test_gold_matches_trl_on_one_to_one_alignment(llama, qwen, w_llama_qwen, tmp_path):
     """Where the definitions agree (1:1 alignment, string-identical tokens, forward KL on the matched set
     with full-softmax probabilities, unit weights, sorted L1 on the rest), the values agree."""
     trl_gold = pytest.importorskip("trl.experimental.gold.gold_trainer")
     from trl.experimental.gold.gold_config import GOLDConfig
+
     text = "The cat sat on the mat and the dog ran in the park"
     s_ids, t_ids = llama(text, add_special_tokens=False)["input_ids"], qwen(text)["input_ids"]
     assert llama.convert_ids_to_tokens(s_ids) == qwen.convert_ids_to_tokens(t_ids)
-    cfg = GOLDConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", use_uld_loss=True,
-                     use_extended_uld=False, uld_use_hybrid_loss=True, uld_hybrid_matched_weight=1.0,
-                     uld_hybrid_unmatched_weight=1.0, beta=0.0, uld_token_merge_strategy="bayesian",
-                     uld_skip_student_eos=False, uld_skip_teacher_eos=False)
+    cfg = GOLDConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        use_uld_loss=True,
+        use_extended_uld=False,
+        uld_use_hybrid_loss=True,
+        uld_hybrid_matched_weight=1.0,
+        uld_hybrid_unmatched_weight=1.0,
+        beta=0.0,
+        uld_token_merge_strategy="bayesian",
+        uld_skip_student_eos=False,
+        uld_skip_teacher_eos=False,
+    )
     uld = trl_gold.ULDLoss(cfg, student_tokenizer=llama, teacher_tokenizer=qwen)
     n = len(s_ids)
     g = torch.Generator().manual_seed(0)
     s = torch.randn(1, n, 128256, generator=g)
     t = torch.randn(1, n, 151936, generator=g)
-    t[:, :, len(qwen):] = -float("inf")        # Qwen's padded columns
+    t[:, :, len(qwen) :] = -float("inf")  # Qwen's padded columns
     # specials: TRL matches by token string (Llama/Qwen specials differ), we by role; make them negligible
     s[:, :, 128000:] = -40
-    t[:, :, 151643:len(qwen)] = -40
+    t[:, :, 151643 : len(qwen)] = -40
     labels = torch.tensor([[-100] + s_ids[1:]])
     ref = uld(s, t, labels, labels, torch.tensor([s_ids]), torch.tensor([t_ids]))
     a = manual_alignment(s_ids, t_ids, [(i, i + 1) for i in range(n)], [(i, i + 1) for i in range(n)])
@@ -356,11 +394,12 @@ def test_gold_matches_trl_on_one_to_one_alignment(llama, qwen, w_llama_qwen, tmp
 
 # ---- fast paths against plain autograd references ---------------------------------------------------
 
+
 def _random_projection(v_s, v_t, k, seed):
     """Random W pattern with empty rows, one-entry rows and columns, shared columns, and teacher ids no
     row reaches (off W's image)."""
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, v_t - 3, (v_s, k), generator=g)                # the last 3 teacher ids: off the image
+    idx = torch.randint(0, v_t - 3, (v_s, k), generator=g)  # the last 3 teacher ids: off the image
     n_entries = torch.randint(0, k + 1, (v_s,), generator=g)
     idx[torch.arange(k).unsqueeze(0) >= n_entries.unsqueeze(1)] = -1
     w = torch.rand(v_s, k, generator=g, dtype=torch.float64) * (idx >= 0)
@@ -381,7 +420,7 @@ def test_projected_kl_fast_path_matches_autograd_reference(direction, seed, v_t,
     g = torch.Generator().manual_seed(seed + 10)
     z = (torch.randn(5, v_s, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
     q_t = torch.softmax(torch.randn(5, v_t, generator=g, dtype=torch.float64) * 3, -1) * 0.9
-    q_t[0, :4] = 0                                                          # zero teacher entries
+    q_t[0, :4] = 0  # zero teacher entries
     w = plan.w.double().requires_grad_(True)
     d, r, image, _ = p_kl_divergence(torch.log_softmax(z, -1), q_t, plan, direction, w)
     scale = torch.rand(5, generator=g, dtype=torch.float64)
@@ -402,13 +441,23 @@ def test_sorted_l1_partitioned_matches_full_sort(n_a, n_b, dtype):
     """_SortedL1 (partition, sort the k largest only, numpy) == full descending sorts under autograd."""
     g = torch.Generator().manual_seed(n_a * 100 + n_b)
     a = torch.softmax(torch.randn(4, n_a, generator=g, dtype=dtype) * 3, -1) if n_a else torch.zeros(4, 0, dtype=dtype)
-    b = torch.softmax(torch.randn(4, n_b, generator=g, dtype=dtype) * 3, -1) * 0.8 if n_b else torch.zeros(4, 0, dtype=dtype)
+    b = (
+        torch.softmax(torch.randn(4, n_b, generator=g, dtype=dtype) * 3, -1) * 0.8
+        if n_b
+        else torch.zeros(4, 0, dtype=dtype)
+    )
     if n_a > 2:
-        a[0, :2] = 0                                                        # zeros in the student's tail
+        a[0, :2] = 0  # zeros in the student's tail
     a.requires_grad_(True)
     k_max = max(n_a, n_b)
-    ref = (F.pad(a.sort(-1, descending=True).values, (0, k_max - n_a))
-           - F.pad(b.sort(-1, descending=True).values, (0, k_max - n_b))).abs().sum(-1)
+    ref = (
+        (
+            F.pad(a.sort(-1, descending=True).values, (0, k_max - n_a))
+            - F.pad(b.sort(-1, descending=True).values, (0, k_max - n_b))
+        )
+        .abs()
+        .sum(-1)
+    )
     out = sorted_l1(a, b)
     scale = torch.rand(4, generator=g, dtype=dtype)
     tol = 1e-6 if dtype == torch.float32 else 1e-12
@@ -417,7 +466,7 @@ def test_sorted_l1_partitioned_matches_full_sort(n_a, n_b, dtype):
         (g_out,) = torch.autograd.grad((out * scale).sum(), a)
         (g_ref,) = torch.autograd.grad((ref * scale).sum(), a)
         assert torch.equal(g_out, g_ref)
-        assert torch.allclose(sorted_l1(b, a), out.detach(), atol=tol)   # teacher first: same value
+        assert torch.allclose(sorted_l1(b, a), out.detach(), atol=tol)  # teacher first: same value
 
 
 @pytest.mark.parametrize("name", ["p_kl", "gold", "h_kl", "kl"])
@@ -443,10 +492,11 @@ def test_default_blocks_follow_the_vocabulary_width():
     batch at narrow vocabularies; same value and gradient as explicit blocks; bad sizes refused."""
     from xtoken.losses.engine import BLOCK_ELEMENTS, KL_BLOCK_ELEMENTS
     from xtoken.losses.engine import block_size as _block_size
+
     assert _block_size(None, 151_936, BLOCK_ELEMENTS, 64) == 64
     assert _block_size(None, 128_256, KL_BLOCK_ELEMENTS, 256) == 256
-    assert _block_size(None, 1_362, BLOCK_ELEMENTS, 64) == 7_139        # the miniature: one block per batch
-    assert _block_size(None, 10**9, BLOCK_ELEMENTS, 64) == 64           # never below the floor
+    assert _block_size(None, 1_362, BLOCK_ELEMENTS, 64) == 7_139  # the miniature: one block per batch
+    assert _block_size(None, 10**9, BLOCK_ELEMENTS, 64) == 64  # never below the floor
     assert _block_size(5, 372, BLOCK_ELEMENTS, 64) == 5
     with pytest.raises(ValueError):
         _block_size(0, 372, BLOCK_ELEMENTS, 64)
@@ -465,16 +515,17 @@ def test_cpu_blocks_keep_every_side_within_the_budget(monkeypatch):
     multi-token chunks count), cover the chunks in order, give a wider-than-budget chunk a block of its own,
     and change nothing but the summation order."""
     from xtoken.losses import engine as losses
-    s_starts = np.array([0, 1, 2, 3, 4, 5, 6, 7])                       # 7 chunks, one student token each
-    t_starts = np.array([0, 2, 3, 8, 9, 10, 12, 13])                   # teacher: 2, 1, 5, 1, 1, 2, 1 tokens
-    bounds = losses.block_bounds(7, None, [s_starts, t_starts], [10, 10], budget=30)   # 3 rows per side
-    assert bounds == [(0, 2), (2, 3), (3, 5), (5, 7)]                   # chunk 2 (5 teacher rows) alone
+
+    s_starts = np.array([0, 1, 2, 3, 4, 5, 6, 7])  # 7 chunks, one student token each
+    t_starts = np.array([0, 2, 3, 8, 9, 10, 12, 13])  # teacher: 2, 1, 5, 1, 1, 2, 1 tokens
+    bounds = losses.block_bounds(7, None, [s_starts, t_starts], [10, 10], budget=30)  # 3 rows per side
+    assert bounds == [(0, 2), (2, 3), (3, 5), (5, 7)]  # chunk 2 (5 teacher rows) alone
     for lo, hi in bounds:
         assert hi - lo >= 1 and (t_starts[hi] - t_starts[lo] <= 3 or hi - lo == 1)
     assert losses.block_bounds(7, 3, [s_starts, t_starts], [10, 10], budget=30) == [(0, 3), (3, 6), (6, 7)]
     s, t, aligns = tiny_inputs(batch=3, seed=7)
     outs = {}
-    for budget in (losses.CPU_BLOCK_ELEMENTS, 6):                      # one block; one or two rows per block
+    for budget in (losses.CPU_BLOCK_ELEMENTS, 6):  # one block; one or two rows per block
         monkeypatch.setattr(losses, "CPU_BLOCK_ELEMENTS", budget)
         for name, fn in (("kl", None), ("p_kl", p_kl_loss), ("h_kl", h_kl_loss)):
             x = s.clone().requires_grad_(True)
@@ -484,7 +535,7 @@ def test_cpu_blocks_keep_every_side_within_the_budget(monkeypatch):
     for name, (one, many) in outs.items():
         assert one[0] == pytest.approx(many[0], rel=1e-12), name
         assert torch.allclose(one[1], many[1], rtol=1e-10, atol=1e-14), name
-        if name != "kl":                                                # the padded student column: no gradient
+        if name != "kl":  # the padded student column: no gradient
             assert one[1][..., -1].abs().max() == 0 and many[1][..., -1].abs().max() == 0
 
 
@@ -492,8 +543,9 @@ def test_cpu_blocks_keep_every_side_within_the_budget(monkeypatch):
 def test_fast_argmax_is_torchs(dtype):
     """numpy's argmax on CPU: the same index as torch's, first maximum on ties."""
     from xtoken.losses.engine import argmax as _argmax
+
     x = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)).to(dtype)
-    x[1, 10] = x[1, 500] = x[1].max() + 1                              # a tie: the first wins
+    x[1, 10] = x[1, 500] = x[1].max() + 1  # a tie: the first wins
     x[2] = 0
     assert torch.equal(_argmax(x), x.argmax(-1)) and _argmax(x)[1] == 10 and _argmax(x)[2] == 0
 
@@ -501,8 +553,12 @@ def test_fast_argmax_is_torchs(dtype):
 @pytest.mark.parametrize("width", [5, 372, 8192, 20_000])
 def test_rowdot_narrow_and_wide_paths(width):
     from xtoken.losses.engine import rowdot as _rowdot
+
     g = torch.Generator().manual_seed(width)
-    x, y = torch.rand(7, width, generator=g, dtype=torch.float64), torch.rand(7, width, generator=g, dtype=torch.float64)
+    x, y = (
+        torch.rand(7, width, generator=g, dtype=torch.float64),
+        torch.rand(7, width, generator=g, dtype=torch.float64),
+    )
     assert torch.allclose(_rowdot(x, y), (x * y).sum(-1), rtol=1e-12)
     assert _rowdot(x[:0], y[:0]).shape == (0,)
 
@@ -513,14 +569,15 @@ def test_w_plan_is_cached_per_projection_and_bounded():
     grow with the number of calls (a leak of W-sized tensors per training step: a cache key that changes at
     every call would do that), and it holds at most PLAN_CACHE_SIZE plans."""
     from xtoken.losses import plan as P
+
     W = _random_projection(40, 30, 3, 0)
     first = P.w_plan(W, 40, 30, "cpu", "top1")
     n = len(P._PLANS)
     for _ in range(5):
         assert P.w_plan(W, 40, 30, "cpu", "top1") is first
     assert len(P._PLANS) == n
-    assert P.w_plan(W, 40, 30, "cpu") is not first                            # another loss: another entry
-    for width in range(P.PLAN_CACHE_SIZE + 3):                                # more plans than the bound
+    assert P.w_plan(W, 40, 30, "cpu") is not first  # another loss: another entry
+    for width in range(P.PLAN_CACHE_SIZE + 3):  # more plans than the bound
         P.w_plan(W, 40, 30 - width % 10, "cpu", None if width % 2 else "exact")
         assert len(P._PLANS) <= P.PLAN_CACHE_SIZE
 
@@ -530,11 +587,12 @@ def test_chunk_tables_are_the_rows_token_tables_stacked(llama, qwen):
     rows (rows of different lengths and padding, one row without predictable chunks)."""
     from xtoken.align import align
     from xtoken.losses.plan import chunk_tables
+
     texts = ["Tom has 201 apples and 35 pears.", "Hello", "Zürich's 1999 budget: 12,345.67 francs."]
     aligns = []
     for i, t in enumerate(texts):
         s, q = llama.encode(t, add_special_tokens=False), qwen.encode(t, add_special_tokens=False)
-        pad = [0] * i                                                       # left padding, masks say so
+        pad = [0] * i  # left padding, masks say so
         aligns.append(align(pad + s, q, llama, qwen, student_mask=[0] * i + [1] * len(s)))
     tables = chunk_tables(aligns, "cpu")
     n = tables.n_chunks
@@ -575,13 +633,14 @@ def test_hybrid_from_teacher_log_probs_matches_probabilities(kind, direction, ne
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("t_spans", [T_SPANS, [(1, 2), (2, 5), (5, 6)]])   # every chunk longer; one-token chunks too
+@pytest.mark.parametrize("t_spans", [T_SPANS, [(1, 2), (2, 5), (5, 6)]])  # every chunk longer; one-token chunks too
 def test_w_merge_image_is_the_full_merge_read_on_the_image(t_spans):
     """P-KL's teacher side (`w_merge_image`: first and continuation rows gathered apart, (C2) formed at full
     width for the longer chunks only) == `teacher_merge(..., "w")` read on W's image: q_T there, sum q_T log q_T,
     the mass off the image and argmax q_T."""
     from xtoken.losses.chunks import split_rows, teacher_merge, w_merge_image
     from xtoken.losses.plan import chunk_tables
+
     s, t, _ = tiny_inputs()
     aligns = [manual_alignment(S_IDS, T_IDS, S_SPANS, t_spans)] * 2
     plan = w_plan(tiny_projection(), 5, 4, "cpu")
@@ -591,7 +650,7 @@ def test_w_merge_image_is_the_full_merge_read_on_the_image(t_spans):
     q_ti, neg_ent, off, top = w_merge_image(split_rows(t, table, 4, 2.0), table, n, G, plan)
     b, p, ids, offset, chunk = table.row, table.pos, table.ids, table.offset, table.chunk
     q = teacher_merge(torch.log_softmax(t[b, p, :4] / 2.0, -1), chunk, ids, offset, n, "w", G)
-    assert plan.off_image_ids.tolist() == [3]                             # no student row reaches teacher id 3
+    assert plan.off_image_ids.tolist() == [3]  # no student row reaches teacher id 3
     assert torch.allclose(q_ti, q[:, plan.image_ids], atol=1e-12)
     assert torch.allclose(neg_ent, torch.xlogy(q, q).sum(-1), atol=1e-12)
     assert torch.allclose(off, q[:, 3], atol=1e-12)

@@ -1,5 +1,6 @@
 """The miniature: corpus determinism and Arrow round trip, restricted tokenizers, vocabulary check,
 and the smoke preset end to end (teacher training through XTokenTrainer + lm-eval)."""
+
 import hashlib
 import json
 import random
@@ -42,7 +43,7 @@ def test_corpus_shape(smoke_corpus):
     for skill in ("arithmetic", "knowledge"):
         rows = [r for r in test if r["skill"] == skill]
         assert 0 < len(rows) <= {"arithmetic": cfg.n_test_arith, "knowledge": cfg.n_test_know}[skill]
-        for r in rows:   # the answer is the one after '#### ', and the prompt is the text's prefix
+        for r in rows:  # the answer is the one after '#### ', and the prompt is the text's prefix
             assert r["text"].startswith(r["question"] + "\n")
             assert r["text"].rstrip("\n").endswith("#### " + r["answer"])
     # no arithmetic test question appears in training
@@ -96,10 +97,11 @@ def test_corpus_within_kept_ids(smoke_corpus, llama, qwen, phi):
     toks = {"llama": llama, "qwen3": qwen, "phi": phi}
     train_texts = list(smoke_corpus["train"]["text"])
     keep = {k: set(keep_ids_for(train_texts, t)) for k, t in toks.items()}
-    check_vocab(smoke_corpus, toks, keep)          # test split included: raises if a test word is unseen
+    check_vocab(smoke_corpus, toks, keep)  # test split included: raises if a test word is unseen
     bad = make_corpus(MiniConfig.preset("smoke"))
-    bad["train"] = bad["train"].add_item({"idx": -1, "skill": "knowledge", "kind": "x", "question": "",
-                                          "text": "Zyzzyva quokka", "answer": ""})
+    bad["train"] = bad["train"].add_item(
+        {"idx": -1, "skill": "knowledge", "kind": "x", "question": "", "text": "Zyzzyva quokka", "answer": ""}
+    )
     with pytest.raises(CorpusOutOfVocab):
         check_vocab(bad, toks, keep)
 
@@ -108,6 +110,7 @@ def test_smoke_teacher_trains_and_evaluates(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from xtoken.mini import experiment as E
+
     cfg = MiniConfig.preset("smoke")
     info = E.build_corpus(cfg, tmp_path)
     assert info["vocab_sizes"]["qwen3"] < info["vocab_sizes"]["llama"]
@@ -128,9 +131,13 @@ def test_smoke_grid_end_to_end(tmp_path):
     student and its teacher's cache), then a CE run and a two-teacher run, each writing result.json;
     second calls read everything back."""
     from xtoken.mini import experiment as E
+
     cfg = MiniConfig.preset("smoke", workers=2)
-    settings = [E.SINGLE_TEACHER_SETTINGS[0], E.Setting("gold_qwen3", [("qwen3", "gold", 1.0)]),
-                E.Setting("two", [("phi", "h_kl", 0.5), ("llama", "kl", 0.5)])]
+    settings = [
+        E.SINGLE_TEACHER_SETTINGS[0],
+        E.Setting("gold_qwen3", [("qwen3", "gold", 1.0)]),
+        E.Setting("two", [("phi", "h_kl", 0.5), ("llama", "kl", 0.5)]),
+    ]
     prep = E.prepare(cfg, tmp_path, runs=settings[1:2])
     assert list(prep["teachers"]["teacher"]) == list(E.TEACHERS) and "models_s" in prep["timings"]
     assert 0.0 <= prep["base"]["numeral_mass"] <= 1.0
@@ -147,7 +154,7 @@ def test_smoke_grid_end_to_end(tmp_path):
     res = json.loads((tmp_path / "runs" / "two" / "seed0" / "result.json").read_text())
     assert res["setting_spec"]["teachers"] == [["phi", "h_kl", 0.5], ["llama", "kl", 0.5]]
     assert len(res["numeral_mass_history"]) >= 2
-    again = E.run_grid(cfg, settings, [0], tmp_path, workers=1)     # read back, nothing retrained
+    again = E.run_grid(cfg, settings, [0], tmp_path, workers=1)  # read back, nothing retrained
     assert again["arithmetic"].tolist() == df["arithmetic"].tolist()
     table = E.results_table(df)
     assert list(table.index) == ["ce_only", "gold_qwen3", "two"]
@@ -157,10 +164,16 @@ def test_pool_dag_runs_jobs_after_their_dependencies():
     """Inline (one worker): a job runs after the jobs it names, earliest ready job first; keys that name
     no job count as done; circular dependencies are refused instead of hanging."""
     from xtoken.mini.pool import _pool_dag
+
     order = []
-    out = _pool_dag(lambda j: order.append(j) or j.upper(), ["run", "teacher", "cache"],
-                    ["run", "teacher", "cache"], [{"cache", "done-before"}, set(), {"teacher"}], workers=1)
-    assert order == ["teacher", "cache", "run"] and out == ["RUN", "TEACHER", "CACHE"]   # results in job order
+    out = _pool_dag(
+        lambda j: order.append(j) or j.upper(),
+        ["run", "teacher", "cache"],
+        ["run", "teacher", "cache"],
+        [{"cache", "done-before"}, set(), {"teacher"}],
+        workers=1,
+    )
+    assert order == ["teacher", "cache", "run"] and out == ["RUN", "TEACHER", "CACHE"]  # results in job order
     with pytest.raises(ValueError, match="circular"):
         _pool_dag(lambda j: j, ["a", "b"], ["a", "b"], [{"b"}, {"a"}], workers=1)
 
@@ -169,11 +182,12 @@ def test_test_sizes_never_change_training():
     """Training depends on the corpus stream only: the test sizes change the test split, never the training split;
     a larger arithmetic test set starts with the smaller one's items, and no test question is a training question."""
     from xtoken.mini.corpus import RESERVED_ARITH
+
     base = dict(n_train_arith=300, n_train_know=60, n_countries=6, n_people=10)
     small = make_corpus(MiniConfig.preset("smoke", n_test_arith=16, n_test_know=5, **base))
     big = make_corpus(MiniConfig.preset("smoke", n_test_arith=RESERVED_ARITH + 300, n_test_know=40, **base))
     assert _table_hash(small["train"]) == _table_hash(big["train"])
-    arith = lambda dd: [r for r in dd["test"] if r["skill"] == "arithmetic"]   # noqa: E731
+    arith = lambda dd: [r for r in dd["test"] if r["skill"] == "arithmetic"]  # noqa: E731
     a_small, a_big = arith(small), arith(big)
     assert len(a_small) == 16 and len(a_big) == RESERVED_ARITH + 300
     assert [r["question"] for r in a_small] == [r["question"] for r in a_big[:16]]
@@ -182,5 +196,5 @@ def test_test_sizes_never_change_training():
     train_q = {q for q, s in zip(big["train"]["question"], big["train"]["skill"]) if s == "arithmetic"}
     assert not train_q & set(q_big)
     assert {r["kind"] for r in a_big[RESERVED_ARITH:]} == {"copy", "compare", "increment", "decrement", "count"}
-    know = lambda dd: [r["question"] for r in dd["test"] if r["skill"] == "knowledge"]   # noqa: E731
+    know = lambda dd: [r["question"] for r in dd["test"] if r["skill"] == "knowledge"]  # noqa: E731
     assert know(small) == know(big)[:5]

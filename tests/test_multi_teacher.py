@@ -1,4 +1,5 @@
 """Multi-teacher weighting and aggregation (xtoken.multi_teacher)."""
+
 import pytest
 import torch
 
@@ -19,8 +20,8 @@ def test_adaptive_favours_the_confident_teacher(scheme):
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 20, (3, 6), generator=g)
     sharp = torch.full((3, 6, 20), -5.0)
-    sharp[:, :-1].scatter_(-1, labels[:, 1:].unsqueeze(-1), 5.0)            # confident and right
-    vague = torch.randn(3, 6, 20, generator=g) * 0.1                        # nearly uniform
+    sharp[:, :-1].scatter_(-1, labels[:, 1:].unsqueeze(-1), 5.0)  # confident and right
+    vague = torch.randn(3, 6, 20, generator=g) * 0.1  # nearly uniform
     stats = [teacher_stats(vague, labels), teacher_stats(sharp, labels)]
     w = teacher_weights(scheme, stats)
     assert w.sum().item() == pytest.approx(1.0) and w[1] > 0.6
@@ -39,14 +40,14 @@ def test_aggregate_static_same_tokenizer_kl_and_per_sample():
     g = torch.Generator().manual_seed(1)
     s = torch.randn(2, 4, 8, generator=g, requires_grad=True)
     t1, t2 = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
-    l1, _ = kl_loss(s, t1)            # a same-tokenizer teacher uses plain KL
+    l1, _ = kl_loss(s, t1)  # a same-tokenizer teacher uses plain KL
     l2, _ = kl_loss(s, t2, direction="reverse")
     total = aggregate([l1, l2], teacher_weights("static", alphas=[0.75, 0.25]))
     assert total.item() == pytest.approx(0.75 * l1.item() + 0.25 * l2.item(), rel=1e-6)
     total.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     per_sample = [torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])]
-    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])                              # sample 0 -> teacher 0, 1 -> 1
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # sample 0 -> teacher 0, 1 -> 1
     assert aggregate(per_sample, w).item() == pytest.approx((1.0 + 2.0) / 2)
 
 

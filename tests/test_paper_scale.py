@@ -2,6 +2,7 @@
 real classes and vocabulary sizes in a Hugging Face cache under the real hub ids, a local corpus, local tasks.
 
 The runs go through subprocesses because huggingface_hub reads HF_HOME once, at import."""
+
 import json
 import os
 import subprocess
@@ -35,13 +36,15 @@ def standins(tmp_path_factory):
 
 def _python(code: str, root, timeout=600) -> str:
     env = dict(os.environ, **activate_env(root))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out.stdout
 
 
 # ---- configuration -------------------------------------------------------------------------------
+
 
 def test_paper_config_matches_the_paper(tmp_path):
     cfg = PaperConfig.preset("paper")
@@ -61,7 +64,8 @@ def test_global_batch_is_64_on_any_world_size(world, accumulation):
 
 def test_world_size_comes_from_the_launch(tmp_path, monkeypatch):
     from xtoken.paper import launch_world_size
-    monkeypatch.setenv("WORLD_SIZE", "8")                  # what torchrun / accelerate launch set
+
+    monkeypatch.setenv("WORLD_SIZE", "8")  # what torchrun / accelerate launch set
     assert PaperConfig().accumulation(launch_world_size()) == 8
     monkeypatch.delenv("WORLD_SIZE")
     args = PaperConfig().training_args(tmp_path)
@@ -85,6 +89,7 @@ def test_bad_config_values_are_refused():
 
 
 # ---- loading: messages that name today's commands ------------------------------------------------
+
 
 def test_offline_model_load_names_the_hf_commands(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -117,11 +122,17 @@ def test_preflight_lists_every_missing_checkpoint_offline(tmp_path):
         "try:\n"
         "    paper.preflight(cfg, paper.settings_by_name(['phi_hkl+qwen3_pkl@static']))\n"
         "except paper.HubUnavailable as e:\n"
-        "    print(e)\n", tmp_path)
-    for name in ("meta-llama/Llama-3.2-1B", "Qwen/Qwen3-4B", "microsoft/Phi-4-mini-instruct",
-                 "nvidia/Nemotron-Pretraining-Specialized-v1.1"):
+        "    print(e)\n",
+        tmp_path,
+    )
+    for name in (
+        "meta-llama/Llama-3.2-1B",
+        "Qwen/Qwen3-4B",
+        "microsoft/Phi-4-mini-instruct",
+        "nvidia/Nemotron-Pretraining-Specialized-v1.1",
+    ):
         assert f"hf download {name}" in out
-    assert "Llama-3.2-3B" not in out          # not used by this setting
+    assert "Llama-3.2-3B" not in out  # not used by this setting
 
 
 def test_unknown_setting_and_teacher_are_refused():
@@ -134,6 +145,7 @@ def test_unknown_setting_and_teacher_are_refused():
 
 def test_a_w_file_for_another_teacher_is_refused_before_any_model_loads():
     from xtoken.projection import ProjectionMismatch
+
     phi_w = REPO / "results" / "W_Llama-3.2-1B_to_Phi-4-mini-instruct.safetensors"
     cfg = PaperConfig.preset("paper", projections={"qwen3": str(phi_w)})
     with pytest.raises(ProjectionMismatch):
@@ -142,18 +154,23 @@ def test_a_w_file_for_another_teacher_is_refused_before_any_model_loads():
 
 # ---- data: packing -------------------------------------------------------------------------------
 
+
 def test_packing_keeps_every_token_and_cuts_all_sides_at_one_character(llama):
     """Consecutive samples of max_length student tokens covering the joined stream without a gap; the
     collator then gives the student exactly max_length tokens and the teacher the same characters."""
     from xtoken.train import DistillCollator
-    docs = [f"Document {i}: the river carried {i * 37} tons of salt to Größenstadt; "
-            f"naïve traders counted 1,{i:03d} coins. " * (3 + i % 5) for i in range(40)]
+
+    docs = [
+        f"Document {i}: the river carried {i * 37} tons of salt to Größenstadt; "
+        f"naïve traders counted 1,{i:03d} coins. " * (3 + i % 5)
+        for i in range(40)
+    ]
     samples = [s["text"] for s in pack_texts(docs, llama, 64, block_chars=700)]
     joined = "\n\n".join(docs)
-    assert "".join(samples) == joined[:len("".join(samples))]          # consecutive, nothing dropped
-    assert len(joined) - len("".join(samples)) < 400                    # only the last partial sample's text
+    assert "".join(samples) == joined[: len("".join(samples))]  # consecutive, nothing dropped
+    assert len(joined) - len("".join(samples)) < 400  # only the last partial sample's text
     col = DistillCollator(llama, [], max_length=64)
-    student = col._student_ids(samples)               # (ids, the text every teacher sees) per sample
+    student = col._student_ids(samples)  # (ids, the text every teacher sees) per sample
     full = [len(ids) == 64 and cut == text for (ids, cut), text in zip(student, samples)]
     assert sum(full) >= 0.95 * len(full), [len(ids) for ids, _ in student]
 
@@ -166,28 +183,33 @@ def test_local_corpus_streams_one_shard_per_file(standins):
 
 # ---- W against the model's logit width -------------------------------------------------------------
 
+
 def test_w_has_the_models_logit_width_whatever_the_tokenizer_source(standins, llama, tmp_path):
     """A tokenizer read from a local folder knows 151,669 Qwen3 tokens; W takes the model's 151,936 columns."""
     from transformers import AutoTokenizer
 
     from xtoken.paper import logit_width, projection_for
+
     snap = next((standins / "hf_home" / "hub" / "models--Qwen--Qwen3-4B" / "snapshots").iterdir())
     local = AutoTokenizer.from_pretrained(snap)
     assert len(local) == 151669
     W = projection_for(llama, local, logit_width(str(snap)), tmp_path)
     assert W.teacher_vocab_size == 151936
-    again = projection_for(llama, local, 151936, tmp_path)             # read from the cache, same W
+    again = projection_for(llama, local, 151936, tmp_path)  # read from the cache, same W
     assert again.digest() == W.digest()
 
 
 # ---- the runs themselves ---------------------------------------------------------------------------
 
+
 def test_one_run_trains_fp32_master_weights_and_records_it(standins, tmp_path):
     """One stand-in run end to end in bf16 autocast: every weight tensor moves, masters stay fp32, the
     record and lm-eval's raw JSON are written, a second call reads the run back."""
-    code = (f"from xtoken import paper\n"
-            f"cfg = paper.grid_config({str(standins)!r})\n"
-            f"r = paper.run_setting(cfg, 'pkl_qwen3', 0, {str(tmp_path)!r})\n")
+    code = (
+        f"from xtoken import paper\n"
+        f"cfg = paper.grid_config({str(standins)!r})\n"
+        f"r = paper.run_setting(cfg, 'pkl_qwen3', 0, {str(tmp_path)!r})\n"
+    )
     _python(code, standins)
     d = tmp_path / "runs" / "pkl_qwen3" / "seed0"
     r = json.loads((d / "result.json").read_text())
@@ -201,21 +223,23 @@ def test_one_run_trains_fp32_master_weights_and_records_it(standins, tmp_path):
     assert raw["configs"]["xtoken_standin_gsm8k"]["num_fewshot"] == 5
     assert raw["configs"]["xtoken_standin_arc"]["num_fewshot"] == 25
     assert (d / "model" / "config.json").exists() and (d / "model" / "tokenizer.json").exists()
-    assert len(list((d / "trainer").glob("checkpoint-*"))) <= 2               # save_total_limit
-    _python(code, standins)                                                  # finished: read back, not retrained
+    assert len(list((d / "trainer").glob("checkpoint-*"))) <= 2  # save_total_limit
+    _python(code, standins)  # finished: read back, not retrained
     assert json.loads((d / "result.json").read_text()) == r
 
 
 def test_two_processes_read_different_samples_and_agree(standins, tmp_path):
     """torchrun --nproc_per_node 2 (gloo) on the streamed corpus: global batch kept, ranks read disjoint
     samples, DDP keeps their weights identical, one evaluation on rank 0."""
-    code = (f"from xtoken import paper\n"
-            f"cfg = paper.grid_config({str(standins)!r}, nproc_per_node=2)\n"
-            f"paper.run_grid(cfg, ['hkl_phi'], work_dir={str(tmp_path)!r})\n")
+    code = (
+        f"from xtoken import paper\n"
+        f"cfg = paper.grid_config({str(standins)!r}, nproc_per_node=2)\n"
+        f"paper.run_grid(cfg, ['hkl_phi'], work_dir={str(tmp_path)!r})\n"
+    )
     _python(code, standins, timeout=900)
     rec = json.loads((tmp_path / "runs" / "hkl_phi" / "seed0" / "result.json").read_text())["record"]
     assert rec["world_size"] == 2 and rec["accumulation"] == 1 and rec["global_batch"] == 2
-    assert rec["samples_collated_per_rank"] == [2 + 1, 2 + 1]     # 2 steps x 1 sample per rank + read-ahead
+    assert rec["samples_collated_per_rank"] == [2 + 1, 2 + 1]  # 2 steps x 1 sample per rank + read-ahead
     assert len(set(rec["texts_digest_per_rank"])) == 2
     assert len(set(rec["params_digest_per_rank"])) == 1
     assert len(rec["peak_memory_gb_per_rank"]) == 2

@@ -1,4 +1,5 @@
 """W as the paper builds it: expected rows, invariants, canonicalization, determinism, persistence."""
+
 import hashlib
 import json
 
@@ -72,6 +73,7 @@ def test_canonicalization_is_byte_level_without_public_defects(llama, qwen, w_qw
 
 def test_partial_utf8_tokens_match_by_bytes(llama, qwen, w_qwen):
     from xtoken.canonical import token_bytes
+
     lb, qb = token_bytes(llama), token_bytes(qwen)
     q_index = {b: i for i, b in enumerate(qb) if b is not None}
     checked = 0
@@ -81,7 +83,7 @@ def test_partial_utf8_tokens_match_by_bytes(llama, qwen, w_qwen):
         try:
             b.decode("utf-8")
         except UnicodeDecodeError:
-            if b in q_index:      # same partial sequence on both sides: an exact match, not U+FFFD noise
+            if b in q_index:  # same partial sequence on both sides: an exact match, not U+FFFD noise
                 assert w_qwen.row_kind[s] == EXACT and int(w_qwen.indices[s, 0]) == q_index[b]
                 checked += 1
     assert checked > 100
@@ -100,7 +102,7 @@ def test_max_span_skips_long_retokenizations(llama, qwen):
     short = build_projection(llama, qwen, max_span=2)
     default = build_projection(llama, qwen)
     assert short.meta["counts"]["too_long"] > default.meta["counts"]["too_long"]
-    assert short.row_kind[llama.convert_tokens_to_ids("201")] == EMPTY   # 3 teacher tokens > 2
+    assert short.row_kind[llama.convert_tokens_to_ids("201")] == EMPTY  # 3 teacher tokens > 2
     assert short.row("20")[0][0] == "2"
 
 
@@ -139,7 +141,7 @@ def test_top1_and_exact_pairs(llama, qwen, w_qwen):
 
 def test_restrict_reindexes_and_renormalizes(llama, qwen, w_qwen):
     s_ids = llama.convert_tokens_to_ids(["201", "2", "Ġthe"])
-    t_ids = qwen.convert_tokens_to_ids(["2", "0", "Ġthe"])       # '1' left out
+    t_ids = qwen.convert_tokens_to_ids(["2", "0", "Ġthe"])  # '1' left out
     R = w_qwen.restrict(s_ids, t_ids)
     assert R.indices.shape == (3, 4) and R.teacher_vocab_size == 3
     assert R.indices[0, :2].tolist() == [0, 1] and R.indices[0, 2] == -1
@@ -151,10 +153,12 @@ def _sentencepiece_tokenizer(tmp_path):
     """A small SentencePiece-style tokenizer (Metaspace '▁', BPE with byte fallback) trained here."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     text = ["the cat sat on the mat with 12 apples and 345 pears", "Hundreds of numbers 1 2 3 4 5 6 7 8 9 0"] * 50
     trainer = trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     tk.train_from_iterator(text, trainer)
@@ -170,11 +174,11 @@ def _sentencepiece_tokenizer(tmp_path):
 
 def test_sentencepiece_with_byte_fallback_both_directions(llama, qwen, tmp_path):
     sp = _sentencepiece_tokenizer(tmp_path)
-    W = build_projection(sp, llama)            # SentencePiece student, byte-level teacher
+    W = build_projection(sp, llama)  # SentencePiece student, byte-level teacher
     assert W.row("▁the")[0][:2] == ("Ġthe", llama.convert_tokens_to_ids("Ġthe"))
     assert W.row("<0x09>") == [("ĉ", llama.convert_tokens_to_ids("ĉ"), 1.0)]
     assert W.row("</s>") == [("<|end_of_text|>", 128001, 1.0)]
-    back = build_projection(llama, sp)         # byte-level student, SentencePiece teacher
+    back = build_projection(llama, sp)  # byte-level student, SentencePiece teacher
     assert back.row("ĉ") == [("<0x09>", sp.convert_tokens_to_ids("<0x09>"), 1.0)]
     assert back.row("Ġthe") == [("▁the", sp.convert_tokens_to_ids("▁the"), 1.0)]
     # 'z' never occurs in the SP training text: the teacher spells ' z' as '▁' + byte fallback <0x7A>
@@ -183,7 +187,9 @@ def test_sentencepiece_with_byte_fallback_both_directions(llama, qwen, tmp_path)
     assert back.row("Ġworld") == [] and back.meta["counts"]["too_long"] > 0
 
 
-@pytest.mark.parametrize("teacher,fixture,tok", [("Qwen3-4B", "w_qwen", "qwen"), ("Phi-4-mini-instruct", "w_phi", "phi")])
+@pytest.mark.parametrize(
+    "teacher,fixture,tok", [("Qwen3-4B", "w_qwen", "qwen"), ("Phi-4-mini-instruct", "w_phi", "phi")]
+)
 def test_committed_w_files_rebuild_to_the_same_content(teacher, fixture, tok, request, llama, tmp_path):
     """results/W_*.safetensors (notebook 01) hold exactly what build_projection produces today: every tensor bit
     for bit and the same metadata. The files predate meta["teacher_tokens"] and meta["digest"], the two keys a
@@ -191,6 +197,7 @@ def test_committed_w_files_rebuild_to_the_same_content(teacher, fixture, tok, re
     from pathlib import Path
 
     from safetensors import safe_open
+
     committed = Path(__file__).parent.parent / "results" / f"W_Llama-3.2-1B_to_{teacher}.safetensors"
     built = request.getfixturevalue(fixture)
     rebuilt = built.save(tmp_path / "w.safetensors")

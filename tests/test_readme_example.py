@@ -28,6 +28,10 @@ def test_readme_own_training_loop_step_runs():
 def test_readme_ready_made_w_row():
     code = _python_block("### W and the coverage audit")
     scope: dict = {}
-    exec(compile(code.replace("results/", str(Path(__file__).resolve().parents[1] / "results") + "/"), "README.md",
-                 "exec"), scope)
+    exec(
+        compile(
+            code.replace("results/", str(Path(__file__).resolve().parents[1] / "results") + "/"), "README.md", "exec"
+        ),
+        scope,
+    )
     assert scope["W"].row("201")[0][0] == "2"

@@ -1,5 +1,6 @@
 """xtoken.stats: the verdict rule on known intervals, the bootstrap against closed-form standard errors, the MDE,
 and seed-paired differences read from a tidy per-item frame."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,12 +8,21 @@ import pytest
 from xtoken.stats import combine_verdicts, compare, mde, paired_arrays, paired_bootstrap, verdict
 
 
-@pytest.mark.parametrize("lo,hi,sign,expected", [
-    (0.5, 2.0, +1, "reproduced"), (-2.0, -0.5, -1, "reproduced"),
-    (0.5, 2.0, -1, "contradicted"), (-2.0, -0.5, +3.8, "contradicted"),
-    (-0.1, 2.0, +1, "inconclusive"), (-2.0, 0.0, -1, "inconclusive"), (0.0, 0.0, +1, "inconclusive"),
-    (0.5, 2.0, None, "A higher"), (-2.0, -0.5, None, "B higher"), (-1.0, 1.0, None, "inconclusive"),
-])
+@pytest.mark.parametrize(
+    "lo,hi,sign,expected",
+    [
+        (0.5, 2.0, +1, "reproduced"),
+        (-2.0, -0.5, -1, "reproduced"),
+        (0.5, 2.0, -1, "contradicted"),
+        (-2.0, -0.5, +3.8, "contradicted"),
+        (-0.1, 2.0, +1, "inconclusive"),
+        (-2.0, 0.0, -1, "inconclusive"),
+        (0.0, 0.0, +1, "inconclusive"),
+        (0.5, 2.0, None, "A higher"),
+        (-2.0, -0.5, None, "B higher"),
+        (-1.0, 1.0, None, "inconclusive"),
+    ],
+)
 def test_verdict_rule(lo, hi, sign, expected):
     assert verdict(lo, hi, sign) == expected
 
@@ -53,7 +63,7 @@ def test_bootstrap_over_seeds_matches_closed_form():
     d = np.repeat(means[:, None], 50, axis=1)
     r = paired_bootstrap(d, n_boot=6000, seed=0)
     assert r["se"] == pytest.approx(means.std() / np.sqrt(10), rel=0.06)
-    assert paired_bootstrap(d, n_boot=500, resample_seeds=False)["se"] == 0.0   # nothing left to resample
+    assert paired_bootstrap(d, n_boot=500, resample_seeds=False)["se"] == 0.0  # nothing left to resample
 
 
 def test_bootstrap_groups_weighted_mean_and_shared_seeds():
@@ -74,8 +84,10 @@ def _items(p_a, p_b, n=1500, seeds=(0, 1, 2), skill="arithmetic", rng=None):
     for s in seeds:
         for setting, p in (("A", p_a), ("B", p_b)):
             hits = rng.random(n) < p
-            rows += [{"setting": setting, "seed": s, "skill": skill, "item": i, "exact_match": float(h)}
-                     for i, h in enumerate(hits)]
+            rows += [
+                {"setting": setting, "seed": s, "skill": skill, "item": i, "exact_match": float(h)}
+                for i, h in enumerate(hits)
+            ]
     return pd.DataFrame(rows)
 
 
@@ -90,7 +102,14 @@ def test_compare_verdicts_on_known_effects():
 
 
 def test_paired_arrays_pair_by_seed_and_item():
-    df = pd.DataFrame({"setting": ["A", "A", "B", "B", "B"], "seed": [0, 1, 1, 0, 2], "skill": "x",
-                       "item": [0, 0, 0, 0, 0], "v": [5.0, 7.0, 1.0, 2.0, 9.0]})
+    df = pd.DataFrame(
+        {
+            "setting": ["A", "A", "B", "B", "B"],
+            "seed": [0, 1, 1, 0, 2],
+            "skill": "x",
+            "item": [0, 0, 0, 0, 0],
+            "v": [5.0, 7.0, 1.0, 2.0, 9.0],
+        }
+    )
     d = paired_arrays(df, "A", "B", "v")["x"]
-    assert d.tolist() == [[3.0], [6.0]]      # seeds 0 and 1 (seed 2 ran for B only)
+    assert d.tolist() == [[3.0], [6.0]]  # seeds 0 and 1 (seed 2 ran for B only)

@@ -3,6 +3,7 @@
 Fixtures (tests/fixtures/token_ids.json) come from independent sources; see
 tests/fixtures/make_token_fixtures.py for how each family's ids were produced.
 """
+
 import json
 import os
 import subprocess
@@ -92,7 +93,7 @@ def test_rebuild_cache_keeps_one_entry_per_family(tmp_path, monkeypatch, qwen):
     stale = [cache / "qwen3-0123456789abcdef.json", cache / "qwen3-fedcba9876543210.json"]
     for p in stale:
         p.write_text("{}")
-    (cache / "qwen3-0123456789abcdef.tmp4242").write_text("{")      # left by a killed builder
+    (cache / "qwen3-0123456789abcdef.tmp4242").write_text("{")  # left by a killed builder
     os.utime(cache / "qwen3-0123456789abcdef.tmp4242", (0, 0))
     other = cache / "llama3-0123456789abcdef.json"
     other.write_text("{}")

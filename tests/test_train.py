@@ -5,6 +5,7 @@ Real tokenizers renumbered to small vocabularies (the ids of the test texts, ~50
 size 32 and one layer: a training step takes milliseconds on one CPU thread. The collator test
 uses the full tokenizers.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def full_W(llama, qwen):
     from xtoken.projection import build_projection
+
     return build_projection(llama, qwen)
 
 
-VOCAB = {}   # model output sizes, set by the `small` fixture
+VOCAB = {}  # model output sizes, set by the `small` fixture
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +71,19 @@ def tiny_qwen(seed=1):
 
 
 def config(tmp_path, **kw) -> XTokenConfig:
-    base = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
-                logging_steps=1, use_cpu=True, save_strategy="no", disable_tqdm=True, loss_curve=False, seed=0,
-                max_length=64)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        loss_curve=False,
+        seed=0,
+        max_length=64,
+    )
     base.update(kw)
     return XTokenConfig(**base)
 
@@ -84,8 +96,9 @@ def train(tmp_path, stok, teachers, n=8, **kw):
     student = tiny_llama()
     before = [p.detach().clone() for p in student.parameters()]
     t_before = [checksum(t.model) for t in teachers]
-    trainer = XTokenTrainer(model=student, args=config(tmp_path, **kw), teachers=teachers,
-                            train_dataset=dataset(n), processing_class=stok)
+    trainer = XTokenTrainer(
+        model=student, args=config(tmp_path, **kw), teachers=teachers, train_dataset=dataset(n), processing_class=stok
+    )
     trainer.train()
     logs = [r for r in trainer.state.log_history if "loss" in r]
     changed = any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
@@ -95,8 +108,9 @@ def train(tmp_path, stok, teachers, n=8, **kw):
 
 # ---- the collator -------------------------------------------------------------------------------
 
+
 def test_collator_labels_and_same_text(llama, qwen, full_W):
-    teacher = Teacher("qwen", None, qwen, "p_kl", projection=full_W)   # the collator never runs the model
+    teacher = Teacher("qwen", None, qwen, "p_kl", projection=full_W)  # the collator never runs the model
     col = DistillCollator(llama, [teacher], max_length=12)
     rows = [dataset(4)[0], {"text": "Add 12 and 999.", "idx": 7}, dataset(4)[2]]
     batch = col(rows)
@@ -116,6 +130,7 @@ def test_collator_labels_and_same_text(llama, qwen, full_W):
 
 # ---- training steps -----------------------------------------------------------------------------
 
+
 def test_ce_only(tmp_path, stok):
     _, logs, changed, _ = train(tmp_path, stok, [])
     assert changed and len(logs) == 2
@@ -125,7 +140,7 @@ def test_ce_only(tmp_path, stok):
 
 @pytest.mark.parametrize("loss", ["kl", "gold", "p_kl", "h_kl", "uld"])
 def test_two_steps_each_loss(tmp_path, stok, ttok, W, loss):
-    if loss == "kl":   # same-tokenizer teacher
+    if loss == "kl":  # same-tokenizer teacher
         teacher = Teacher("llama3b", tiny_llama(seed=3), stok, "kl")
     else:
         teacher = qwen_teacher(ttok, W, loss)
@@ -149,8 +164,10 @@ def test_static_weights(tmp_path, stok):
 
 
 def test_multi_teacher_kl_plus_pkl(tmp_path, stok, ttok, W):
-    teachers = [Teacher("llama3b", tiny_llama(seed=3), stok, "kl", weight=0.5),
-                qwen_teacher(ttok, W, "p_kl", weight=0.5)]
+    teachers = [
+        Teacher("llama3b", tiny_llama(seed=3), stok, "kl", weight=0.5),
+        qwen_teacher(ttok, W, "p_kl", weight=0.5),
+    ]
     _, logs, changed, teacher_same = train(tmp_path, stok, teachers, dynamic_kd_scale=False)
     assert changed and teacher_same
     r = logs[0]
@@ -160,13 +177,14 @@ def test_multi_teacher_kl_plus_pkl(tmp_path, stok, ttok, W):
 @pytest.mark.parametrize("scheme,per", [("ce", "batch"), ("entropy", "sample"), ("max_prob", "batch")])
 def test_adaptive_weights(tmp_path, stok, ttok, W, scheme, per):
     teachers = [Teacher("llama3b", tiny_llama(seed=3), stok, "kl"), qwen_teacher(ttok, W, "p_kl")]
-    _, logs, changed, _ = train(tmp_path, stok, teachers, max_steps=1, teacher_weighting=scheme,
-                                weighting_per=per, dynamic_kd_scale=False)
+    _, logs, changed, _ = train(
+        tmp_path, stok, teachers, max_steps=1, teacher_weighting=scheme, weighting_per=per, dynamic_kd_scale=False
+    )
     r = logs[0]
     assert changed and math.isfinite(r["loss"])
     a, b = r["alpha_llama3b"], r["alpha_qwen"]
     assert a + b == pytest.approx(1.0, abs=1e-5) and 0 < a < 1
-    if per == "batch":   # one weight per teacher: KD is exactly their weighted sum
+    if per == "batch":  # one weight per teacher: KD is exactly their weighted sum
         assert r["kd"] == pytest.approx(a * r["kd_llama3b"] + b * r["kd_qwen"], rel=1e-4)
 
 
@@ -185,7 +203,7 @@ def test_bad_config():
     with pytest.raises(ValueError):
         XTokenConfig(output_dir="x", teacher_weighting="softmax")
     with pytest.raises(ValueError):
-        Teacher("t", None, None, "p_kl")   # cross-tokenizer loss without W
+        Teacher("t", None, None, "p_kl")  # cross-tokenizer loss without W
 
 
 def test_kl_teacher_needs_student_tokenizer(stok, ttok):
@@ -193,15 +211,18 @@ def test_kl_teacher_needs_student_tokenizer(stok, ttok):
         DistillCollator(stok, [Teacher("q", None, ttok, "kl")])
 
 
-@pytest.mark.parametrize("kw", [dict(bf16=True), dict(gradient_accumulation_steps=2), dict(dataloader_num_workers=1)],
-                         ids=["bf16", "grad_accum", "workers"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(bf16=True), dict(gradient_accumulation_steps=2), dict(dataloader_num_workers=1)],
+    ids=["bf16", "grad_accum", "workers"],
+)
 def test_trainer_machinery(tmp_path, stok, ttok, W, kw):
     """Mixed precision, accumulation and collation in worker processes come from HF Trainer unchanged."""
     teacher = qwen_teacher(ttok, W, "h_kl")
     _, logs, changed, teacher_same = train(tmp_path, stok, [teacher], **kw)
     assert changed and len(logs) == 2
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["kd"]) for r in logs)
-    if kw.get("bf16"):   # the teacher is cast to the training dtype (so its checksum moves), still frozen
+    if kw.get("bf16"):  # the teacher is cast to the training dtype (so its checksum moves), still frozen
         assert next(teacher.model.parameters()).dtype == torch.bfloat16
         assert not any(p.requires_grad for p in teacher.model.parameters())
     else:
@@ -210,18 +231,29 @@ def test_trainer_machinery(tmp_path, stok, ttok, W, kw):
 
 # ---- teacher cache ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("loss", ["kl", "p_kl"])
 def test_cache_matches_live(tmp_path, stok, ttok, W, loss):
-    teacher = (Teacher("llama3b", tiny_llama(seed=3), stok, "kl") if loss == "kl"
-               else qwen_teacher(ttok, W, loss))
+    teacher = Teacher("llama3b", tiny_llama(seed=3), stok, "kl") if loss == "kl" else qwen_teacher(ttok, W, loss)
     ds = dataset(6)
     live_col = DistillCollator(stok, [teacher], max_length=64)
     cache = TeacherCache.build(teacher, ds, live_col, batch_size=4, path=tmp_path / "cache.npy")
     assert len(cache) == 6 and cache.vocab_size == teacher.model.config.vocab_size
-    cached = Teacher(teacher.name, teacher.model, teacher.tokenizer, teacher.loss, teacher.projection,
-                     cache=TeacherCache.load(tmp_path / "cache.npy"))
-    trainer = XTokenTrainer(model=tiny_llama(), args=config(tmp_path, dynamic_kd_scale=False),
-                            teachers=[teacher], train_dataset=ds, processing_class=stok)
+    cached = Teacher(
+        teacher.name,
+        teacher.model,
+        teacher.tokenizer,
+        teacher.loss,
+        teacher.projection,
+        cache=TeacherCache.load(tmp_path / "cache.npy"),
+    )
+    trainer = XTokenTrainer(
+        model=tiny_llama(),
+        args=config(tmp_path, dynamic_kd_scale=False),
+        teachers=[teacher],
+        train_dataset=ds,
+        processing_class=stok,
+    )
     rows = [ds[i] for i in (5, 0, 3)]
     with torch.no_grad():
         live = trainer.compute_loss(trainer.model, live_col(rows))
@@ -242,28 +274,41 @@ def test_cache_refuses_other_tokenization(tmp_path, stok):
     teacher.cache = cache
     with pytest.raises(ValueError, match="cache row"):
         DistillCollator(stok, [teacher], max_length=8)([ds[0]])
-    with pytest.raises(ValueError, match="cache row"):   # same idx, another text of the same length
+    with pytest.raises(ValueError, match="cache row"):  # same idx, another text of the same length
         DistillCollator(stok, [teacher], max_length=64)([{"text": ds[0]["text"].replace("apples", "pens"), "idx": 0}])
     assert DistillCollator(stok, [teacher], max_length=64)([ds[1]])["teachers"]["llama3b"]["logprobs"].shape[0] == 1
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("learn", [False, True], ids=["fixed_W", "learned_W"])
 def test_resume_gives_same_next_loss(tmp_path, stok, ttok, W, learn):
     def run(out, max_steps, resume=None):
         teacher = qwen_teacher(ttok, W)
-        trainer = XTokenTrainer(model=tiny_llama(), args=config(out, max_steps=max_steps, save_strategy="steps",
-                                                                 save_steps=2, lr_scheduler_type="constant",
-                                                                 learn_projection=learn, projection_learning_rate=0.5),
-                                teachers=[teacher], train_dataset=dataset(8), processing_class=stok)
+        trainer = XTokenTrainer(
+            model=tiny_llama(),
+            args=config(
+                out,
+                max_steps=max_steps,
+                save_strategy="steps",
+                save_steps=2,
+                lr_scheduler_type="constant",
+                learn_projection=learn,
+                projection_learning_rate=0.5,
+            ),
+            teachers=[teacher],
+            train_dataset=dataset(8),
+            processing_class=stok,
+        )
         trainer.train(resume_from_checkpoint=resume)
         return {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}
 
-    full = run(tmp_path / "a", 3)     # constant lr: the first 2 steps of both runs are the same
+    full = run(tmp_path / "a", 3)  # constant lr: the first 2 steps of both runs are the same
     assert run(tmp_path / "b", 2)[2] == full[2]
     ckpt = tmp_path / "b" / "out" / "checkpoint-2"
     from safetensors import safe_open
+
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and set(keys) <= set(tiny_llama().state_dict()), "only the student is saved"
@@ -274,14 +319,23 @@ def test_resume_gives_same_next_loss(tmp_path, stok, ttok, W, learn):
 
 # ---- DDP ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["p_kl", "p_kl_learned"])
 def test_ddp_two_ranks_agree(tmp_path, small, loss):
     save_assets(tmp_path, *small)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ddp_two_steps.py"), str(tmp_path), str(tmp_path), loss]
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "tests" / "ddp_two_steps.py"),
+        str(tmp_path),
+        str(tmp_path),
+        loss,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -291,25 +345,37 @@ def test_ddp_two_ranks_agree(tmp_path, small, loss):
     assert ranks[0]["teacher_checksum"] == pytest.approx(checksum(tiny_qwen()), rel=1e-12)
     assert all(math.isfinite(x) for r in ranks for x in r["losses"])
     assert len(ranks[0]["ce"]) == 2 and ranks[0]["ce"] == ranks[1]["ce"], "logged metrics are averaged over ranks"
-    if loss == "p_kl_learned":   # each rank saw other rows: W stays equal only if its gradients are averaged
+    if loss == "p_kl_learned":  # each rank saw other rows: W stays equal only if its gradients are averaged
         assert ranks[0]["w_checksum"] == ranks[1]["w_checksum"]
-        assert ranks[0]["w_checksum"] != pytest.approx(ddp_two_steps.w_checksum(small[2].weights), rel=1e-9), \
+        assert ranks[0]["w_checksum"] != pytest.approx(ddp_two_steps.w_checksum(small[2].weights), rel=1e-9), (
             "W must be learned"
+        )
 
 
 # ---- learned W ---------------------------------------------------------------------------------
 
+
 def _learn(tmp_path, stok, ttok, W, **kw):
     student = tiny_llama()
-    trainer = XTokenTrainer(model=student, args=config(tmp_path, max_steps=4, learn_projection=True, **kw),
-                            teachers=[qwen_teacher(ttok, W)], train_dataset=dataset(8), processing_class=stok)
+    trainer = XTokenTrainer(
+        model=student,
+        args=config(tmp_path, max_steps=4, learn_projection=True, **kw),
+        teachers=[qwen_teacher(ttok, W)],
+        train_dataset=dataset(8),
+        processing_class=stok,
+    )
     trainer.train()
     return trainer
 
 
 def test_learned_w_at_lr_zero_is_bit_identical_to_fixed_w(tmp_path, stok, ttok, W):
-    fixed = XTokenTrainer(model=tiny_llama(), args=config(tmp_path / "f", max_steps=4),
-                          teachers=[qwen_teacher(ttok, W)], train_dataset=dataset(8), processing_class=stok)
+    fixed = XTokenTrainer(
+        model=tiny_llama(),
+        args=config(tmp_path / "f", max_steps=4),
+        teachers=[qwen_teacher(ttok, W)],
+        train_dataset=dataset(8),
+        processing_class=stok,
+    )
     fixed.train()
     learned = _learn(tmp_path / "l", stok, ttok, W, projection_learning_rate=0.0)
     lp = learned.learned_projections["qwen"]
@@ -317,12 +383,14 @@ def test_learned_w_at_lr_zero_is_bit_identical_to_fixed_w(tmp_path, stok, ttok, 
     assert torch.equal(lp.weights(), W.weights)
     for a, b in zip(fixed.model.parameters(), learned.model.parameters()):
         assert torch.equal(a, b)
-    assert ([r["loss"] for r in fixed.state.log_history if "loss" in r]
-            == [r["loss"] for r in learned.state.log_history if "loss" in r])
+    assert [r["loss"] for r in fixed.state.log_history if "loss" in r] == [
+        r["loss"] for r in learned.state.log_history if "loss" in r
+    ]
 
 
 def test_learned_w_moves_stays_on_simplex_and_is_saved(tmp_path, stok, ttok, W):
     from xtoken.projection import MULTI, Projection
+
     trainer = _learn(tmp_path, stok, ttok, W, projection_learning_rate=0.5)
     lp = trainer.learned_projections["qwen"]
     w = lp.weights().detach()
@@ -341,26 +409,32 @@ def test_learned_w_moves_stays_on_simplex_and_is_saved(tmp_path, stok, ttok, W):
 
 def test_learned_w_needs_a_p_kl_teacher(tmp_path, stok, ttok, W):
     with pytest.raises(ValueError, match="p_kl"):
-        XTokenTrainer(model=tiny_llama(), args=config(tmp_path, learn_projection=True),
-                      teachers=[qwen_teacher(ttok, W, "h_kl")], train_dataset=dataset(8), processing_class=stok)
+        XTokenTrainer(
+            model=tiny_llama(),
+            args=config(tmp_path, learn_projection=True),
+            teachers=[qwen_teacher(ttok, W, "h_kl")],
+            train_dataset=dataset(8),
+            processing_class=stok,
+        )
 
 
 def test_loss_metrics_are_computed_for_logged_steps(tmp_path, stok, ttok, W):
     _, logs, changed, _ = train(tmp_path, stok, [qwen_teacher(ttok, W, "h_kl")], max_steps=4, logging_steps=2)
     assert changed and [r["step"] for r in logs] == [2, 4]
-    for r in logs:   # computed on the logged steps' micro-batches only, but present in every log
+    for r in logs:  # computed on the logged steps' micro-batches only, but present in every log
         assert 0 <= r["qwen/top1_agreement"] <= 1 and r["qwen/teacher_common_mass"] > 0
         assert math.isfinite(r["kd"])
 
 
 def test_collator_alignment_memo_gives_the_same_batches(llama, qwen, full_W):
     from xtoken.align import AlignmentMemo
+
     teacher = Teacher("qwen", None, qwen, "p_kl", projection=full_W)
     rows = [dataset(6)[i] for i in range(6)]
     plain = DistillCollator(llama, [teacher], max_length=24)
     memo = AlignmentMemo()
     cached = DistillCollator(llama, [teacher], max_length=24, memo=memo)
-    for batch_rows in (rows[:4], rows[2:], rows[:4]):     # rows 2-3 come back in another batch (other width)
+    for batch_rows in (rows[:4], rows[2:], rows[:4]):  # rows 2-3 come back in another batch (other width)
         a, b = plain(batch_rows), cached(batch_rows)
         for x, y in zip(a["teachers"]["qwen"]["alignments"], b["teachers"]["qwen"]["alignments"]):
             assert np.array_equal(x.student_spans, y.student_spans) and np.array_equal(x.teacher_spans, y.teacher_spans)

@@ -7,6 +7,7 @@ file under torchrun (gloo):
 
     torchrun --nproc_per_node 2 tests/test_train_bad_input.py OUT_DIR ASSETS_DIR MODE
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,20 @@ from transformers import TrainerCallback
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-SPECIAL_LITERALS = ["<|endoftext|>", "<|begin_of_text|>", "<|im_end|>", "<|im_start|>", "<think>", "</think>",
-                    "<|eot_id|>", "<|end|>"]
+SPECIAL_LITERALS = [
+    "<|endoftext|>",
+    "<|begin_of_text|>",
+    "<|im_end|>",
+    "<|im_start|>",
+    "<think>",
+    "</think>",
+    "<|eot_id|>",
+    "<|end|>",
+]
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
 
 class InjectAt(torch.nn.Module):
     """A real teacher model whose logits are spoiled on its ``at``-th forward call (1-based).
@@ -41,8 +51,7 @@ class InjectAt(torch.nn.Module):
     kind: "nan" | "posinf" (one entry of the row), "neginf_row" (the whole row -inf), "neginf_some" (a few
     entries -inf: a legitimate masked vocabulary). ``pos=None``: the row's first padded position."""
 
-    def __init__(self, model, at: int, kind: str = "nan", row: int = 0, pos: int | None = 3,
-                 ranks: tuple = (0,)):
+    def __init__(self, model, at: int, kind: str = "nan", row: int = 0, pos: int | None = 3, ranks: tuple = (0,)):
         super().__init__()
         self.model, self.config = model, model.config
         self.at, self.kind, self.row, self.pos, self.ranks, self.calls = at, kind, row, pos, ranks, 0
@@ -79,6 +88,7 @@ class ParamsPerStep(TrainerCallback):
 
 def _xt():
     from xtoken import train
+
     return train
 
 
@@ -92,8 +102,14 @@ def _train(tmp_path, stok, teachers, texts=None, n=8, callbacks=(), student=None
     """Train; ``texts``: the rows as a plain list of dicts (Arrow cannot even hold a lone surrogate)."""
     xt = _xt()
     ds = dataset(n) if texts is None else [{"text": x, "idx": i} for i, x in enumerate(texts)]
-    trainer = xt.XTokenTrainer(model=student if student is not None else tiny_llama(), args=config(tmp_path, **kw),
-                               teachers=teachers, train_dataset=ds, processing_class=stok, callbacks=list(callbacks))
+    trainer = xt.XTokenTrainer(
+        model=student if student is not None else tiny_llama(),
+        args=config(tmp_path, **kw),
+        teachers=teachers,
+        train_dataset=ds,
+        processing_class=stok,
+        callbacks=list(callbacks),
+    )
     trainer.train()
     return trainer, [r for r in trainer.state.log_history if "loss" in r]
 
@@ -103,6 +119,7 @@ def _finite(model) -> bool:
 
 
 # ---- non-finite teacher logits and student losses -----------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["nan", "posinf", "neginf_row"])
 def test_nonfinite_teacher_logits_raise_naming_teacher_step_position(tmp_path, stok, ttok, W, kind):
@@ -120,13 +137,21 @@ def test_nonfinite_teacher_logits_where_the_loss_does_not_read_them_are_fine(tmp
     """NaN at a padded position, or a few -inf entries (a masked vocabulary) at a used one: no error."""
     teacher = qwen_teacher(ttok, W, "p_kl")
     texts = ["Tom has 123 apples.", "A farm had 907 sheep; 88 were sold, so 907 - 88 = 819 remain. #### 819"] * 4
-    if kind == "padding":   # one short and one long row per batch (no shuffling), NaN on the short row's padding
+    if kind == "padding":  # one short and one long row per batch (no shuffling), NaN on the short row's padding
         teacher.model = InjectAt(teacher.model, at=1, kind="nan", row=0, pos=None)
     else:
         teacher.model = InjectAt(teacher.model, at=1, kind="neginf_some", row=0, pos=3)
     student = tiny_llama()
-    _, logs = _train(tmp_path, stok, [teacher], texts=texts, max_steps=2, student=student,
-                     per_device_train_batch_size=2, train_sampling_strategy="sequential")
+    _, logs = _train(
+        tmp_path,
+        stok,
+        [teacher],
+        texts=texts,
+        max_steps=2,
+        student=student,
+        per_device_train_batch_size=2,
+        train_sampling_strategy="sequential",
+    )
     assert teacher.model.calls >= 1
     assert all(math.isfinite(r["loss"]) for r in logs) and _finite(student)
 
@@ -135,8 +160,9 @@ def test_nonfinite_teacher_logits_skip_the_step(tmp_path, stok, ttok, W):
     teacher = qwen_teacher(ttok, W, "p_kl")
     teacher.model = InjectAt(teacher.model, at=2, kind="nan")
     student, params = tiny_llama(), ParamsPerStep()
-    trainer, logs = _train(tmp_path, stok, [teacher], max_steps=3, student=student, callbacks=[params],
-                           nonfinite_teacher="skip")
+    trainer, logs = _train(
+        tmp_path, stok, [teacher], max_steps=3, student=student, callbacks=[params], nonfinite_teacher="skip"
+    )
     assert _finite(student)
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(params.after[a], params.after[b]))
     assert same(1, 2), "the skipped step must not update the student"
@@ -154,10 +180,20 @@ def test_nonfinite_teacher_logits_skip_the_step(tmp_path, stok, ttok, W):
 def test_skip_drops_the_whole_accumulated_step(tmp_path, stok, ttok, W):
     """With gradient accumulation, a bad micro-batch drops its optimizer step, the good micro-batches too."""
     teacher = qwen_teacher(ttok, W, "h_kl")
-    teacher.model = InjectAt(teacher.model, at=4, kind="posinf")     # 2nd micro-batch of step 2
+    teacher.model = InjectAt(teacher.model, at=4, kind="posinf")  # 2nd micro-batch of step 2
     student, params = tiny_llama(), ParamsPerStep()
-    _, logs = _train(tmp_path, stok, [teacher], n=12, max_steps=3, student=student, callbacks=[params],
-                     nonfinite_teacher="skip", gradient_accumulation_steps=2, per_device_train_batch_size=1)
+    _, logs = _train(
+        tmp_path,
+        stok,
+        [teacher],
+        n=12,
+        max_steps=3,
+        student=student,
+        callbacks=[params],
+        nonfinite_teacher="skip",
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=1,
+    )
     assert all(torch.equal(x, y) for x, y in zip(params.after[1], params.after[2]))
     by_step = {r["step"]: r for r in logs}
     assert math.isnan(by_step[2]["loss"]) and by_step[3]["skipped_steps"] == 1 and math.isfinite(by_step[3]["loss"])
@@ -181,7 +217,7 @@ def test_nonfinite_cached_teacher_logprobs_skip(tmp_path, stok, ttok, W):
     ds = dataset(8)
     cache = xt.TeacherCache.build(teacher, ds, xt.DistillCollator(stok, [teacher], max_length=64))
     for i in range(len(cache)):
-        cache.data[int(cache.offsets[i]) + 2] = -math.inf      # a whole row -inf
+        cache.data[int(cache.offsets[i]) + 2] = -math.inf  # a whole row -inf
     teacher.cache = cache
     student = tiny_llama()
     before = [p.detach().clone() for p in student.parameters()]
@@ -194,7 +230,7 @@ def test_nonfinite_cached_teacher_logprobs_skip(tmp_path, stok, ttok, W):
 def test_nonfinite_student_loss_stops_training(tmp_path, stok, ttok, W, teachers):
     student = tiny_llama()
     with torch.no_grad():
-        student.model.norm.weight[0] = math.nan       # every hidden state, hence every logit, turns NaN
+        student.model.norm.weight[0] = math.nan  # every hidden state, hence every logit, turns NaN
     ts = [] if teachers == "none" else [qwen_teacher(ttok, W, "p_kl")]
     with pytest.raises(RuntimeError, match=r"non-finite training loss at step 1"):
         _train(tmp_path, stok, ts, max_steps=2, student=student, nonfinite_teacher="skip")
@@ -208,11 +244,19 @@ def test_exploding_student_stops_training(tmp_path, stok):
 
 # ---- empty rows and undecodable text ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_all_empty_batch_gives_zero_loss(tmp_path, stok, ttok, W, chunk):
     student = tiny_llama()
-    _, logs = _train(tmp_path, stok, [qwen_teacher(ttok, W, "p_kl")], texts=[""] * 4, max_steps=2,
-                     student=student, loss_chunk_size=chunk)
+    _, logs = _train(
+        tmp_path,
+        stok,
+        [qwen_teacher(ttok, W, "p_kl")],
+        texts=[""] * 4,
+        max_steps=2,
+        student=student,
+        loss_chunk_size=chunk,
+    )
     assert [r["loss"] for r in logs] == [0.0, 0.0]
     assert all(r["ce"] == 0.0 and r["kd"] == 0.0 for r in logs)
     assert _finite(student)
@@ -233,13 +277,16 @@ def test_empty_rows_next_to_real_ones(tmp_path, stok, ttok, W):
 def test_lone_surrogate_is_replaced_and_counted(llama, qwen, full_W, caplog):
     xt = _xt()
     col = xt.DistillCollator(llama, [xt.Teacher("qwen", None, qwen, "p_kl", projection=full_W)], max_length=32)
-    rows = [{"text": "abc\ud800def", "idx": 11}, {"text": "ok \ud83d\ude42 fine", "idx": 12},
-            {"text": "plain", "idx": 13}]
+    rows = [
+        {"text": "abc\ud800def", "idx": 11},
+        {"text": "ok \ud83d\ude42 fine", "idx": 12},
+        {"text": "plain", "idx": 13},
+    ]
     with caplog.at_level(logging.WARNING, logger="xtoken.train"):
         batch = col(rows)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert ids[0][mask[0] == 1].tolist() == llama("abc\ufffddef")["input_ids"]
-    assert ids[1][mask[1] == 1].tolist() == llama("ok \U0001F642 fine")["input_ids"], "a split pair is rejoined"
+    assert ids[1][mask[1] == 1].tolist() == llama("ok \U0001f642 fine")["input_ids"], "a split pair is rejoined"
     assert col.repaired_rows == 2
     msgs = [r.getMessage() for r in caplog.records if "surrogate" in r.getMessage()]
     assert len(msgs) == 2 and "idx 11" in msgs[0] and "idx 12" in msgs[1]
@@ -255,11 +302,13 @@ def test_lone_surrogate_trains(tmp_path, llama):
 
 # ---- kd_scale only where there is something to distil --------------------------------------------
 
+
 def test_kd_scale_logged_only_where_kd_is_positive(tmp_path, stok, ttok, W):
     xt = _xt()
     teacher = qwen_teacher(ttok, W, "p_kl")
-    trainer = xt.XTokenTrainer(model=tiny_llama(), args=config(tmp_path), teachers=[teacher],
-                               train_dataset=dataset(4), processing_class=stok)
+    trainer = xt.XTokenTrainer(
+        model=tiny_llama(), args=config(tmp_path), teachers=[teacher], train_dataset=dataset(4), processing_class=stok
+    )
     col = trainer.data_collator
     trainer.model.train()
     logged = []
@@ -283,12 +332,26 @@ def test_kd_scale_logged_only_where_kd_is_positive(tmp_path, stok, ttok, W):
 
 # ---- settings -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [dict(temperature=math.nan), dict(temperature=math.inf), dict(temperature=0.0),
-                                dict(max_length=0), dict(max_length=-5), dict(loss_chunk_size=0),
-                                dict(loss_chunk_size=-1), dict(kd_weight=-1.0), dict(ce_weight=-0.5),
-                                dict(kd_weight=math.nan), dict(ce_weight=math.inf),
-                                dict(projection_learning_rate=math.nan), dict(nonfinite_teacher="ignore")],
-                         ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=math.nan),
+        dict(temperature=math.inf),
+        dict(temperature=0.0),
+        dict(max_length=0),
+        dict(max_length=-5),
+        dict(loss_chunk_size=0),
+        dict(loss_chunk_size=-1),
+        dict(kd_weight=-1.0),
+        dict(ce_weight=-0.5),
+        dict(kd_weight=math.nan),
+        dict(ce_weight=math.inf),
+        dict(projection_learning_rate=math.nan),
+        dict(nonfinite_teacher="ignore"),
+    ],
+    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
+)
 def test_bad_settings_raise(kw):
     xt = _xt()
     name = next(iter(kw))
@@ -298,8 +361,9 @@ def test_bad_settings_raise(kw):
 
 def test_good_settings_pass():
     xt = _xt()
-    cfg = xt.XTokenConfig(output_dir="x", kd_weight=0.0, ce_weight=0.0, loss_chunk_size=1, max_length=1,
-                          temperature=0.5)
+    cfg = xt.XTokenConfig(
+        output_dir="x", kd_weight=0.0, ce_weight=0.0, loss_chunk_size=1, max_length=1, temperature=0.5
+    )
     assert cfg.nonfinite_teacher == "raise"
 
 
@@ -312,14 +376,22 @@ def test_bad_teacher_weight_raises(weight):
 
 def test_static_weights_summing_to_zero_raise(tmp_path, stok):
     xt = _xt()
-    teachers = [xt.Teacher("a", tiny_llama(seed=3), stok, "kl", weight=0.0),
-                xt.Teacher("b", tiny_llama(seed=4), stok, "kl", weight=0.0)]
+    teachers = [
+        xt.Teacher("a", tiny_llama(seed=3), stok, "kl", weight=0.0),
+        xt.Teacher("b", tiny_llama(seed=4), stok, "kl", weight=0.0),
+    ]
     with pytest.raises(ValueError, match="weight"):
-        xt.XTokenTrainer(model=tiny_llama(), args=config(tmp_path), teachers=teachers, train_dataset=dataset(4),
-                         processing_class=stok)
+        xt.XTokenTrainer(
+            model=tiny_llama(),
+            args=config(tmp_path),
+            teachers=teachers,
+            train_dataset=dataset(4),
+            processing_class=stok,
+        )
 
 
 # ---- special-token strings in corpus text -------------------------------------------------------
+
 
 def _char_spans(tok, text: str, ids: list[int]) -> list[tuple[int, int]]:
     """Character offsets of ``ids`` in ``text``: from the tokenization (with or without special-token
@@ -344,21 +416,25 @@ def check_same_characters(text, s_tok, s_ids, t_tok, t_ids, a):
             continue
         (sa, sb), (ta, tb) = a.student_spans[k], a.teacher_spans[k]
         s_span, t_span = span(s_off, sa, sb), span(t_off, ta, tb)
-        assert s_span == t_span, (f"chunk {k}: student {text[slice(*s_span)]!r} at {s_span} ~ "
-                                  f"teacher {text[slice(*t_span)]!r} at {t_span}")
+        assert s_span == t_span, (
+            f"chunk {k}: student {text[slice(*s_span)]!r} at {s_span} ~ teacher {text[slice(*t_span)]!r} at {t_span}"
+        )
 
 
 @pytest.fixture(scope="module")
 def phi_W(llama, phi):
     from xtoken.projection import build_projection
+
     return build_projection(llama, phi)
 
 
 @pytest.fixture(scope="module")
 def special_collator(llama, qwen, phi, full_W, phi_W):
     xt = _xt()
-    teachers = [xt.Teacher("qwen", None, qwen, "p_kl", projection=full_W),
-                xt.Teacher("phi", None, phi, "p_kl", projection=phi_W)]
+    teachers = [
+        xt.Teacher("qwen", None, qwen, "p_kl", projection=full_W),
+        xt.Teacher("phi", None, phi, "p_kl", projection=phi_W),
+    ]
     return xt.DistillCollator(llama, teachers, max_length=1024)
 
 
@@ -373,8 +449,9 @@ def _check_collated(col, text):
 
 
 def test_special_token_strings_stay_text(special_collator, llama, qwen):
-    text = ("The answer is 42.<|endoftext|>Next <|begin_of_text|>doc: <|im_start|>user hi<|im_end|> "
-            "<think>hmm</think> done")
+    text = (
+        "The answer is 42.<|endoftext|>Next <|begin_of_text|>doc: <|im_start|>user hi<|im_end|> <think>hmm</think> done"
+    )
     batch = _check_collated(special_collator, text)
     s_ids = batch["input_ids"][0].tolist()
     assert s_ids[0] == llama.bos_token_id, "the BOS the tokenizer adds by itself stays"
@@ -386,8 +463,9 @@ def test_special_token_strings_stay_text(special_collator, llama, qwen):
 
 
 # the alignment tests' alphabet, plus special-token literals as whole pieces
-TEXT_WITH_SPECIALS = st.lists(st.one_of(st.sampled_from(ALPHABET), st.sampled_from(SPECIAL_LITERALS)),
-                              min_size=0, max_size=120).map("".join)
+TEXT_WITH_SPECIALS = st.lists(
+    st.one_of(st.sampled_from(ALPHABET), st.sampled_from(SPECIAL_LITERALS)), min_size=0, max_size=120
+).map("".join)
 
 
 @SETTINGS
@@ -398,8 +476,10 @@ def test_chunks_cover_the_same_characters_property(special_collator, text):
 
 # ---- decomposed text under a normalizing teacher ------------------------------------------------
 
-GERMAN = ("Über die Brücke gingen Mädchen und Jungen; große Straßen, schöne Grüße aus Köln. Die Bäume "
-          "blühen, während Väter Äpfel, Birnen und Pflaumen für die Kinder pflücken. Öl, Käse, Brötchen.")
+GERMAN = (
+    "Über die Brücke gingen Mädchen und Jungen; große Straßen, schöne Grüße aus Köln. Die Bäume "
+    "blühen, während Väter Äpfel, Birnen und Pflaumen für die Kinder pflücken. Öl, Käse, Brötchen."
+)
 
 
 def test_nfd_text_pairs_under_nfc_teacher(special_collator, llama, qwen):
@@ -425,17 +505,19 @@ def test_text_is_left_alone_when_no_tokenizer_normalizes(llama, phi, phi_W):
 
 def test_unpaired_share_is_logged(tmp_path, stok, ttok, W):
     _, logs = _train(tmp_path, stok, [qwen_teacher(ttok, W, "p_kl")], max_steps=2)
-    for r in logs:   # Llama's BOS is the one unpaired student token of each row
+    for r in logs:  # Llama's BOS is the one unpaired student token of each row
         assert 0 < r["qwen/unpaired_share"] < 0.1
 
 
 # ---- the miniature's tokenization does not move -------------------------------------------------
+
 
 def test_corpus_text_tokenizes_as_the_plain_tokenizer_does(llama, qwen):
     """Corpus text without special-token strings or decomposed characters: the collator's ids are
     exactly the tokenizers' own (the miniature's numbers depend on it)."""
     from xtoken.mini.config import MiniConfig
     from xtoken.mini.corpus import make_corpus
+
     xt = _xt()
     texts = list(make_corpus(MiniConfig.preset("smoke"))["train"]["text"])[:48]
     col = xt.DistillCollator(llama, [], max_length=64)
@@ -443,10 +525,12 @@ def test_corpus_text_tokenizes_as_the_plain_tokenizer_does(llama, qwen):
     assert student == llama(texts, truncation=True, max_length=64)["input_ids"]
     for tok in (llama, qwen):
         from xtoken.hf.collator import encode
+
         assert encode(tok, texts, 128)["input_ids"] == tok(texts, truncation=True, max_length=128)["input_ids"]
 
 
 # ---- DDP ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["skip", "raise"])
@@ -456,8 +540,16 @@ def test_ddp_nonfinite_teacher_on_one_rank(tmp_path, small, mode):
     save_assets(tmp_path, *small)
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(Path(__file__)), str(tmp_path),
-           str(tmp_path), mode]
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__)),
+        str(tmp_path),
+        str(tmp_path),
+        mode,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
     if mode == "raise":
         assert proc.returncode != 0
@@ -475,23 +567,44 @@ def _ddp_main(out_dir: str, assets: str, mode: str) -> None:
     from transformers import AutoTokenizer
 
     from xtoken.projection import Projection
+
     xt = _xt()
     rank = int(os.environ.get("RANK", 0))
     s_tok = AutoTokenizer.from_pretrained(os.path.join(assets, "student_tok"))
     t_tok = AutoTokenizer.from_pretrained(os.path.join(assets, "teacher_tok"))
     W = Projection.load(os.path.join(assets, "W.safetensors"))
-    teacher = xt.Teacher("qwen", InjectAt(ddp_two_steps.tiny_qwen(W.teacher_vocab_size), at=2, ranks=(0,)), t_tok,
-                         "p_kl", projection=W)
-    args = xt.XTokenConfig(output_dir=out_dir, max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
-                           logging_steps=1, use_cpu=True, ddp_backend="gloo", save_strategy="no", disable_tqdm=True,
-                           loss_curve=False, seed=0, max_length=64, nonfinite_teacher=mode)
+    teacher = xt.Teacher(
+        "qwen", InjectAt(ddp_two_steps.tiny_qwen(W.teacher_vocab_size), at=2, ranks=(0,)), t_tok, "p_kl", projection=W
+    )
+    args = xt.XTokenConfig(
+        output_dir=out_dir,
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        use_cpu=True,
+        ddp_backend="gloo",
+        save_strategy="no",
+        disable_tqdm=True,
+        loss_curve=False,
+        seed=0,
+        max_length=64,
+        nonfinite_teacher=mode,
+    )
     student = ddp_two_steps.tiny_llama(W.student_vocab_size)
-    trainer = xt.XTokenTrainer(model=student, args=args, teachers=[teacher], train_dataset=dataset(12),
-                               processing_class=s_tok)
+    trainer = xt.XTokenTrainer(
+        model=student, args=args, teachers=[teacher], train_dataset=dataset(12), processing_class=s_tok
+    )
     trainer.train()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"checksum": checksum(trainer.model), "finite": _finite(trainer.model),
-                   "skipped": [r["skipped_steps"] for r in trainer.state.log_history if "loss" in r]}, f)
+        json.dump(
+            {
+                "checksum": checksum(trainer.model),
+                "finite": _finite(trainer.model),
+                "skipped": [r["skipped_steps"] for r in trainer.state.log_history if "loss" in r],
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

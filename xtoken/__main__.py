@@ -7,6 +7,7 @@
 Errors print one line, `error: ...`, and exit with status 2; `--traceback` (or XTOKEN_TRACEBACK=1) shows
 the full traceback instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,14 @@ def _build_w(args) -> int:
     W = build_projection(s_tok, t_tok, max_span=args.max_span, beta=args.beta, gamma=args.gamma, top_k=args.top_k)
     seconds = time.perf_counter() - t0
     path = W.save(args.output)
-    summary = dict(W.summary(), student=args.student, teacher=args.teacher, file=str(path),
-                   build_seconds=round(seconds, 2),
-                   command=" ".join(["python -m xtoken build-w"] + sys.argv[2:]))
+    summary = dict(
+        W.summary(),
+        student=args.student,
+        teacher=args.teacher,
+        file=str(path),
+        build_seconds=round(seconds, 2),
+        command=" ".join(["python -m xtoken build-w"] + sys.argv[2:]),
+    )
     if summary_file:
         summary_file.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
@@ -83,12 +89,21 @@ def _audit(args) -> int:
 
 def _reproduce(args) -> int:
     from .pipeline import reproduce
-    return reproduce(scale=args.scale, out=args.out, start=args.start, results=args.results, work=args.work,
-                     notebooks_dir=args.notebooks, parameters=dict(args.parameter))
+
+    return reproduce(
+        scale=args.scale,
+        out=args.out,
+        start=args.start,
+        results=args.results,
+        work=args.work,
+        notebooks_dir=args.notebooks,
+        parameters=dict(args.parameter),
+    )
 
 
 def _paper_smoke(args) -> int:
     from .standins import paper_smoke
+
     return paper_smoke(args.root, nproc=args.nproc, out=args.out, start=args.start)
 
 
@@ -108,18 +123,24 @@ def _parameter(text: str) -> tuple[str, object]:
     except yaml.YAMLError as err:
         raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a YAML value ({err.problem})") from None
     if isinstance(parsed, str) and _FLOAT.fullmatch(parsed.strip()):
-        parsed = float(parsed)      # YAML 1.1 wants a dot in 1.0e-3; papermill's -p takes 1e-3 as a float
+        parsed = float(parsed)  # YAML 1.1 wants a dot in 1.0e-3; papermill's -p takes 1e-3 as a float
     return name.strip(), parsed
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xtoken", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m xtoken",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build-w", help="build the projection matrix W for a student/teacher tokenizer pair",
-                       description="Build W (two passes, top-k, row normalization) and save it as safetensors. "
-                                   "Names: the paper's models (rebuilt offline), any Hub id, or a local tokenizer dir.")
+    b = sub.add_parser(
+        "build-w",
+        help="build the projection matrix W for a student/teacher tokenizer pair",
+        description="Build W (two passes, top-k, row normalization) and save it as safetensors. "
+        "Names: the paper's models (rebuilt offline), any Hub id, or a local tokenizer dir.",
+    )
     b.add_argument("--student", required=True, help="student tokenizer (e.g. meta-llama/Llama-3.2-1B)")
     b.add_argument("--teacher", required=True, help="teacher tokenizer (e.g. Qwen/Qwen3-4B)")
     b.add_argument("-o", "--output", required=True, help="where to write W (.safetensors)")
@@ -130,34 +151,60 @@ def main(argv=None) -> int:
     b.add_argument("--top-k", type=int, default=4, help="entries kept per row (default 4)")
     b.set_defaults(func=_build_w)
 
-    a = sub.add_parser("audit", help="coverage audit (Table 8) and the P-KL / H-KL recommendation",
-                       description="Count per category of student token how many fall in GOLD's strict common set "
-                                   "and in H-KL's W-widened set, and recommend P-KL or H-KL.")
+    a = sub.add_parser(
+        "audit",
+        help="coverage audit (Table 8) and the P-KL / H-KL recommendation",
+        description="Count per category of student token how many fall in GOLD's strict common set "
+        "and in H-KL's W-widened set, and recommend P-KL or H-KL.",
+    )
     a.add_argument("--student", required=True)
     a.add_argument("--teacher", required=True, nargs="+")
     a.add_argument("--csv", help="write the tables to this CSV")
     a.set_defaults(func=_audit)
 
-    r = sub.add_parser("reproduce", help="run notebooks 01-05 with papermill",
-                       description="Execute the reproduction notebooks in order with papermill, writing executed "
-                                   "copies and results. Stops at the first failing cell and names it.")
+    r = sub.add_parser(
+        "reproduce",
+        help="run notebooks 01-05 with papermill",
+        description="Execute the reproduction notebooks in order with papermill, writing executed "
+        "copies and results. Stops at the first failing cell and names it.",
+    )
     r.add_argument("--scale", choices=["smoke", "mini", "paper"], default="mini")
-    r.add_argument("--out", default=None, help="folder for executed notebooks (default: notebooks/ in place for mini, runs/<scale>/notebooks otherwise)")
-    r.add_argument("--results", default=None, help="folder for results (default: results/ for mini, runs/<scale>/results otherwise)")
+    r.add_argument(
+        "--out",
+        default=None,
+        help="folder for executed notebooks (default: notebooks/ in place for mini, runs/<scale>/notebooks otherwise)",
+    )
+    r.add_argument(
+        "--results",
+        default=None,
+        help="folder for results (default: results/ for mini, runs/<scale>/results otherwise)",
+    )
     r.add_argument("--work", default=None, help="folder for models, caches and per-run JSON (default runs/<scale>)")
     r.add_argument("--start", default=None, help="resume from this notebook (e.g. 03 or 03_distillation)")
-    r.add_argument("-p", "--parameter", action="append", type=_parameter, default=[], metavar="NAME=VALUE",
-                   help="extra papermill parameter for the notebooks that declare NAME; VALUE is read as YAML "
-                        "(repeatable)")
-    r.add_argument("--notebooks", default=None,
-                   help="folder of the notebooks to run (default: notebooks/ of the clone this package runs from)")
+    r.add_argument(
+        "-p",
+        "--parameter",
+        action="append",
+        type=_parameter,
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra papermill parameter for the notebooks that declare NAME; VALUE is read as YAML (repeatable)",
+    )
+    r.add_argument(
+        "--notebooks",
+        default=None,
+        help="folder of the notebooks to run (default: notebooks/ of the clone this package runs from)",
+    )
     r.set_defaults(func=_reproduce)
 
-    ps = sub.add_parser("paper-smoke", help="the paper-scale path end to end on offline stand-ins (CPU)",
-                        description="Build random-weight stand-ins of the paper's checkpoints (real classes and "
-                                    "vocabularies) in a Hugging Face cache layout, a local corpus and local tasks; run "
-                                    "notebooks 03-05 at scale='paper' on them (2 steps per setting), then one run under "
-                                    "torchrun with --nproc processes (gloo).")
+    ps = sub.add_parser(
+        "paper-smoke",
+        help="the paper-scale path end to end on offline stand-ins (CPU)",
+        description="Build random-weight stand-ins of the paper's checkpoints (real classes and "
+        "vocabularies) in a Hugging Face cache layout, a local corpus and local tasks; run "
+        "notebooks 03-05 at scale='paper' on them (2 steps per setting), then one run under "
+        "torchrun with --nproc processes (gloo).",
+    )
     ps.add_argument("--root", default="runs/paper-smoke", help="folder for the stand-ins, runs and results")
     ps.add_argument("--out", default=None, help="folder for the executed notebooks (default <root>/notebooks)")
     ps.add_argument("--nproc", type=int, default=2, help="processes of the torchrun check (1: skip it)")
@@ -167,14 +214,19 @@ def main(argv=None) -> int:
     # on the main parser and on every subcommand, so it may come before or after the subcommand's name
     p.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     for command in sub.choices.values():
-        command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
-                             help="show the full traceback of an error (or set XTOKEN_TRACEBACK=1)")
+        command.add_argument(
+            "--traceback",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the full traceback of an error (or set XTOKEN_TRACEBACK=1)",
+        )
 
     args = p.parse_args(argv)
     if args.traceback or os.environ.get("XTOKEN_TRACEBACK", "") not in ("", "0"):
         return args.func(args)
     from .projection import ProjectionMismatch
     from .tokenizers import TokenizerNotFound
+
     try:
         return args.func(args)
     except (TokenizerNotFound, ProjectionMismatch, ValueError, OSError) as err:

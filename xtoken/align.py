@@ -37,6 +37,7 @@ Next-token bookkeeping: the logit at position p predicts token p+1, so a chunk's
 predicted by logits a-1 .. b-2. A chunk starting at the first valid position has no predicting
 logit; `Alignment.predictable` is False for it and `logit_positions` returns None for it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,15 +52,16 @@ __all__ = ["Alignment", "AlignmentMemo", "align", "align_batch", "byte_table"]
 
 # ---- per-tokenizer byte tables (built once, cached) ---------------------------------------------
 
+
 @dataclass
 class ByteTable:
-    lengths: np.ndarray      # [V] int64 byte length of each id (0 for specials and holes)
-    starts: np.ndarray       # [V] int64 offset of each id's bytes in `flat`
-    flat: np.ndarray         # [sum lengths] uint8, every id's bytes back to back
-    is_special: np.ndarray   # [V] bool: no bytes (special token, hole, unknown id)
-    role: dict               # special id -> role string (bos, end_of_turn, ...)
-    id_limit: int = 0        # ids a row may hold: 0..id_limit-1 (the model's logit width; padded ids have no bytes)
-    name: str = ""           # the tokenizer's name, for error messages
+    lengths: np.ndarray  # [V] int64 byte length of each id (0 for specials and holes)
+    starts: np.ndarray  # [V] int64 offset of each id's bytes in `flat`
+    flat: np.ndarray  # [sum lengths] uint8, every id's bytes back to back
+    is_special: np.ndarray  # [V] bool: no bytes (special token, hole, unknown id)
+    role: dict  # special id -> role string (bos, end_of_turn, ...)
+    id_limit: int = 0  # ids a row may hold: 0..id_limit-1 (the model's logit width; padded ids have no bytes)
+    name: str = ""  # the tokenizer's name, for error messages
 
 
 _TABLES: dict[int, tuple[object, ByteTable]] = {}
@@ -80,8 +82,16 @@ def byte_table(tok) -> ByteTable:
     starts = np.zeros(size, dtype=np.int64)
     starts[1:] = np.cumsum(lengths)[:-1]
     from .tokenizers import model_vocab_size
-    table = ByteTable(lengths, starts, flat, lengths == 0, special_roles(tok), max(size - 1, model_vocab_size(tok)),
-                      str(getattr(tok, "name_or_path", "") or type(tok).__name__))
+
+    table = ByteTable(
+        lengths,
+        starts,
+        flat,
+        lengths == 0,
+        special_roles(tok),
+        max(size - 1, model_vocab_size(tok)),
+        str(getattr(tok, "name_or_path", "") or type(tok).__name__),
+    )
     _TABLES[id(tok)] = (tok, table)
     return table
 
@@ -100,18 +110,20 @@ def _gather_bytes(table: ByteTable, ids: np.ndarray) -> np.ndarray:
 
 # ---- the alignment ------------------------------------------------------------------------------
 
+
 @dataclass
 class Alignment:
     """Chunk pairs of one sequence pair. Positions index the (possibly padded) input rows."""
-    student_spans: np.ndarray      # [n_chunks, 2] int64: chunk k covers student positions [a, b)
-    teacher_spans: np.ndarray      # [n_chunks, 2] int64: and teacher positions [c, d)
-    student_unpaired: np.ndarray   # [*] int64 student positions in no chunk
-    teacher_unpaired: np.ndarray   # [*] int64 teacher positions in no chunk
-    student_ids: np.ndarray        # [L_S] the student row (padding included)
-    teacher_ids: np.ndarray        # [L_T]
-    student_valid: tuple           # (first, end) valid positions of the student row
+
+    student_spans: np.ndarray  # [n_chunks, 2] int64: chunk k covers student positions [a, b)
+    teacher_spans: np.ndarray  # [n_chunks, 2] int64: and teacher positions [c, d)
+    student_unpaired: np.ndarray  # [*] int64 student positions in no chunk
+    teacher_unpaired: np.ndarray  # [*] int64 teacher positions in no chunk
+    student_ids: np.ndarray  # [L_S] the student row (padding included)
+    teacher_ids: np.ndarray  # [L_T]
+    student_valid: tuple  # (first, end) valid positions of the student row
     teacher_valid: tuple
-    is_special: np.ndarray         # [n_chunks] bool: a paired special-token chunk
+    is_special: np.ndarray  # [n_chunks] bool: a paired special-token chunk
 
     def __len__(self) -> int:
         return len(self.student_spans)
@@ -153,8 +165,10 @@ class Alignment:
         if not 0 <= int(k) < len(self):
             raise IndexError(f"chunk {k} out of range: this alignment has chunks 0..{len(self) - 1}")
         (a, b), (c, d) = self.student_spans[k], self.teacher_spans[k]
-        return (_gather_bytes(byte_table(student_tok), self.student_ids[a:b]).tobytes(),
-                _gather_bytes(byte_table(teacher_tok), self.teacher_ids[c:d]).tobytes())
+        return (
+            _gather_bytes(byte_table(student_tok), self.student_ids[a:b]).tobytes(),
+            _gather_bytes(byte_table(teacher_tok), self.teacher_ids[c:d]).tobytes(),
+        )
 
 
 def span_tokens(spans: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -184,17 +198,17 @@ def _text_walk(s_bytes, s_ends, t_bytes, t_ends, window: int, agree_bytes: int):
     # t_stop_at[x] = 1 + index of the teacher token whose bytes end at offset x; 0 where none ends
     t_stop_at = np.zeros(len(t_bytes) + 1, dtype=np.int64)
     t_stop_at[t_ends] = np.arange(1, nt + 1)
-    s_stops, t_stops = [], []     # per stretch: its chunks' stops (exclusive token indices) on each side
-    firsts = []                   # per stretch with chunks: (index of its first chunk, si, ti where it starts)
+    s_stops, t_stops = [], []  # per stretch: its chunks' stops (exclusive token indices) on each side
+    firsts = []  # per stretch with chunks: (index of its first chunk, si, ti where it starts)
     n_chunks = 0
     un_s, un_t = [], []
-    py = None                     # Python copies for the small-window resync, made at the first disagreement
-    si = ti = sb = tb = 0         # next text token on each side, and its byte offset
+    py = None  # Python copies for the small-window resync, made at the first disagreement
+    si = ti = sb = tb = 0  # next text token on each side, and its byte offset
     while si < ns and ti < nt:
         agree = _agreement(s_bytes, sb, t_bytes, tb)
-        s_hi = int(s_ends.searchsorted(sb + agree, side="right"))     # student ends inside the agreed run,
-        t_stop = t_stop_at[s_ends[si:s_hi] + (tb - sb)]                # moved to teacher offsets (<= tb + agree)
-        hit = np.flatnonzero(t_stop)                                   # the common ends: chunks close there
+        s_hi = int(s_ends.searchsorted(sb + agree, side="right"))  # student ends inside the agreed run,
+        t_stop = t_stop_at[s_ends[si:s_hi] + (tb - sb)]  # moved to teacher offsets (<= tb + agree)
+        hit = np.flatnonzero(t_stop)  # the common ends: chunks close there
         if len(hit):
             firsts.append((n_chunks, si, ti))
             s_stops.append(si + 1 + hit)
@@ -235,7 +249,7 @@ def _agreement(s_bytes, sb, t_bytes, tb) -> int:
     lo, size = 0, 256
     while lo < n:
         hi = min(lo + size, n)
-        diff = np.flatnonzero(s_bytes[sb + lo:sb + hi] != t_bytes[tb + lo:tb + hi])
+        diff = np.flatnonzero(s_bytes[sb + lo : sb + hi] != t_bytes[tb + lo : tb + hi])
         if len(diff):
             return lo + int(diff[0])
         lo, size = hi, size * 4
@@ -251,7 +265,7 @@ def _resync(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes, s_p
     skip. None if no pair in the window qualifies. `*_py`: the same bytes and token starts as Python
     `bytes` and lists, for the small-window search.
     """
-    small = min(4, window)                                # a small window first: most mismatches are local
+    small = min(4, window)  # a small window first: most mismatches are local
     found = _resync_small(s_py, s_begin_py, si, t_py, t_begin_py, ti, small, agree_bytes)
     if found is None and window > small:
         found = _resync_in(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes)
@@ -262,11 +276,13 @@ def _resync_small(s_bytes: bytes, s_begin: list, si, t_bytes: bytes, t_begin: li
     """`_resync_in` for a small window in plain Python (same criteria, same choice): on (window+1)^2
     candidate pairs the numpy version's fixed per-call cost (~0.1 ms) dominates. Pairs are tried by
     number of skipped tokens, fewest first, so the search stops at the first count with a qualifying pair."""
+
     def candidates(data, begin, i0):
         """Per candidate start: its next agree_bytes bytes (fewer at the end) and its first token's length."""
-        b = begin[i0:i0 + window + 2]
+        b = begin[i0 : i0 + window + 2]
         nxt = b[1:] + ([len(data)] if i0 + len(b) >= len(begin) else [])  # next token's start, or the end
-        return [(data[x0:x0 + agree_bytes], x1 - x0) for x0, x1 in zip(b[:window + 1], nxt)]
+        return [(data[x0 : x0 + agree_bytes], x1 - x0) for x0, x1 in zip(b[: window + 1], nxt)]
+
     ss, ts = candidates(s_bytes, s_begin, si), candidates(t_bytes, t_begin, ti)
     for skipped in range(1, len(ss) + len(ts) - 1):
         best = None
@@ -276,12 +292,12 @@ def _resync_small(s_bytes: bytes, s_begin: list, si, t_bytes: bytes, t_begin: li
             # The criteria on these capped windows: equal windows always qualify (agree_bytes equal bytes, or
             # both sides' remaining bytes equal); unequal ones only if the first tokens are byte-identical.
             if x == y:
-                run = len(x)                                               # agreed bytes, capped
-            elif s_first == t_first and x[:min(s_first, agree_bytes)] == y[:min(s_first, agree_bytes)]:
+                run = len(x)  # agreed bytes, capped
+            elif s_first == t_first and x[: min(s_first, agree_bytes)] == y[: min(s_first, agree_bytes)]:
                 run = next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
             else:
-                continue                                                   # no agreement (most pairs)
-            key = (-run, abs(di - dj), di)                                 # then longest, balanced
+                continue  # no agreement (most pairs)
+            key = (-run, abs(di - dj), di)  # then longest, balanced
             if run and (best is None or key < best[0]):
                 best = (key, si + di, ti + dj)
         if best is not None:
@@ -292,8 +308,12 @@ def _resync_small(s_bytes: bytes, s_begin: list, si, t_bytes: bytes, t_begin: li
 def _resync_in(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes):
     ci = np.arange(si, min(si + window + 1, len(s_begin)))
     cj = np.arange(ti, min(ti + window + 1, len(t_begin)))
-    s_first = np.append(s_begin[ci[1:]], s_begin[ci[-1] + 1] if ci[-1] + 1 < len(s_begin) else len(s_bytes)) - s_begin[ci]
-    t_first = np.append(t_begin[cj[1:]], t_begin[cj[-1] + 1] if cj[-1] + 1 < len(t_begin) else len(t_bytes)) - t_begin[cj]
+    s_first = (
+        np.append(s_begin[ci[1:]], s_begin[ci[-1] + 1] if ci[-1] + 1 < len(s_begin) else len(s_bytes)) - s_begin[ci]
+    )
+    t_first = (
+        np.append(t_begin[cj[1:]], t_begin[cj[-1] + 1] if cj[-1] + 1 < len(t_begin) else len(t_bytes)) - t_begin[cj]
+    )
 
     def windows(data, begins, pad):
         idx = np.minimum(begins[:, None] + np.arange(agree_bytes)[None, :], len(data) + agree_bytes - 1)
@@ -302,7 +322,7 @@ def _resync_in(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes):
 
     ws, rem_s = windows(s_bytes, s_begin[ci], -1)
     wt, rem_t = windows(t_bytes, t_begin[cj], -2)
-    run = np.cumprod(ws[:, None, :] == wt[None, :, :], axis=-1).sum(-1)   # agreed bytes, capped
+    run = np.cumprod(ws[:, None, :] == wt[None, :, :], axis=-1).sum(-1)  # agreed bytes, capped
     same_first = (s_first[:, None] == t_first[None, :]) & (run >= np.minimum(s_first[:, None], agree_bytes))
     both_end = (rem_s[:, None] == rem_t[None, :]) & (run >= rem_s[:, None])
     ok = (run > 0) & ((run >= agree_bytes) | same_first | both_end)
@@ -314,12 +334,13 @@ def _resync_in(s_bytes, s_begin, si, t_bytes, t_begin, ti, window, agree_bytes):
     return int(ci[di[best]]), int(cj[dj[best]])
 
 
-def _align_valid(s_ids: np.ndarray, t_ids: np.ndarray, s_table: ByteTable, t_table: ByteTable,
-                 window: int, agree_bytes: int):
+def _align_valid(
+    s_ids: np.ndarray, t_ids: np.ndarray, s_table: ByteTable, t_table: ByteTable, window: int, agree_bytes: int
+):
     """Chunks and unpaired positions of two unpadded rows (positions relative to the rows)."""
     s_ids = np.clip(s_ids, 0, len(s_table.lengths) - 1)
     t_ids = np.clip(t_ids, 0, len(t_table.lengths) - 1)
-    s_txt = np.flatnonzero(~s_table.is_special[s_ids])     # positions of text tokens
+    s_txt = np.flatnonzero(~s_table.is_special[s_ids])  # positions of text tokens
     t_txt = np.flatnonzero(~t_table.is_special[t_ids])
     s_bytes = _gather_bytes(s_table, s_ids[s_txt])
     t_bytes = _gather_bytes(t_table, t_ids[t_txt])
@@ -352,7 +373,7 @@ def _align_valid(s_ids: np.ndarray, t_ids: np.ndarray, s_table: ByteTable, t_tab
     pairs = []
     for g in sorted(set(s_by_gap) | set(t_by_gap)):
         ts, j = t_by_gap.get(g, []), 0
-        for role, p in s_by_gap.get(g, []):   # greedy in-order matching by role
+        for role, p in s_by_gap.get(g, []):  # greedy in-order matching by role
             k = next((k for k in range(j, len(ts)) if ts[k][0] == role), None)
             if k is None:
                 s_unpaired.append(p)
@@ -369,8 +390,13 @@ def _align_valid(s_ids: np.ndarray, t_ids: np.ndarray, s_table: ByteTable, t_tab
         special_chunk = np.concatenate([special_chunk, np.ones(len(ps), dtype=bool)])
         order = np.argsort(s_spans[:, 0], kind="stable")
         s_spans, t_spans, special_chunk = s_spans[order], t_spans[order], special_chunk[order]
-    return (s_spans.astype(np.int64), t_spans.astype(np.int64), np.sort(np.array(s_unpaired, dtype=np.int64)),
-            np.sort(np.array(t_unpaired, dtype=np.int64)), special_chunk)
+    return (
+        s_spans.astype(np.int64),
+        t_spans.astype(np.int64),
+        np.sort(np.array(s_unpaired, dtype=np.int64)),
+        np.sort(np.array(t_unpaired, dtype=np.int64)),
+        special_chunk,
+    )
 
 
 def _int_array(x) -> np.ndarray:
@@ -384,7 +410,9 @@ def _int_array(x) -> np.ndarray:
 def _check_row(side: str, ids: np.ndarray, mask) -> None:
     """A 1-D row whose mask (if any) has its length, and whose ids are ids of the tokenizer (no -100)."""
     if ids.ndim != 1:
-        raise ValueError(f"{side}_ids must be one row (1-D), not shape {ids.shape}: use align_batch for [batch, length]")
+        raise ValueError(
+            f"{side}_ids must be one row (1-D), not shape {ids.shape}: use align_batch for [batch, length]"
+        )
     if mask is not None and np.shape(mask) != ids.shape:
         raise ValueError(f"{side}_mask has shape {np.shape(mask)}, {side}_ids {ids.shape}: one mask entry per id")
 
@@ -395,10 +423,15 @@ def _check_ids(side: str, ids: np.ndarray, first: int, table: ByteTable) -> None
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= table.id_limit:
         i = int(np.flatnonzero((ids < 0) | (ids >= table.id_limit))[0])
-        hint = (" (-100 is the labels' ignore value: pass input ids, and an attention mask for padding)"
-                if int(ids[i]) == -100 else "")
-        raise ValueError(f"{side} id {int(ids[i])} at position {first + i} is not an id of {table.name!r}: valid ids "
-                         f"are 0..{table.id_limit - 1}{hint}")
+        hint = (
+            " (-100 is the labels' ignore value: pass input ids, and an attention mask for padding)"
+            if int(ids[i]) == -100
+            else ""
+        )
+        raise ValueError(
+            f"{side} id {int(ids[i])} at position {first + i} is not an id of {table.name!r}: valid ids "
+            f"are 0..{table.id_limit - 1}{hint}"
+        )
 
 
 def _valid_range(mask) -> tuple[int, int]:
@@ -452,8 +485,18 @@ class AlignmentMemo:
         return value
 
 
-def align(student_ids, teacher_ids, student_tok, teacher_tok, *, student_mask=None, teacher_mask=None,
-          window: int = 32, agree_bytes: int = 16, memo: AlignmentMemo | None = None) -> Alignment:
+def align(
+    student_ids,
+    teacher_ids,
+    student_tok,
+    teacher_tok,
+    *,
+    student_mask=None,
+    teacher_mask=None,
+    window: int = 32,
+    agree_bytes: int = 16,
+    memo: AlignmentMemo | None = None,
+) -> Alignment:
     """Align one student row with one teacher row of the same text (see the module docstring).
 
     ids: sequences or 1-D tensors; masks (optional): 1 on valid positions, one contiguous run
@@ -466,32 +509,43 @@ def align(student_ids, teacher_ids, student_tok, teacher_tok, *, student_mask=No
     _check_row("teacher", t, teacher_mask)
     sv = _valid_range(student_mask) if student_mask is not None else (0, len(s))
     tv = _valid_range(teacher_mask) if teacher_mask is not None else (0, len(t))
-    s_valid, t_valid = s[sv[0]:sv[1]], t[tv[0]:tv[1]]
-    _check_ids("student", s_valid, sv[0], s_table)                  # (ids outside the valid region: padding)
+    s_valid, t_valid = s[sv[0] : sv[1]], t[tv[0] : tv[1]]
+    _check_ids("student", s_valid, sv[0], s_table)  # (ids outside the valid region: padding)
     _check_ids("teacher", t_valid, tv[0], t_table)
     compute = lambda: _align_valid(s_valid, t_valid, s_table, t_table, window, agree_bytes)
     if memo is None:
         ss, ts, su, tu, sp = compute()
-    else:                 # byte tables live as long as their tokenizer (byte_table's cache), so ids are stable
+    else:  # byte tables live as long as their tokenizer (byte_table's cache), so ids are stable
         key = (id(s_table), id(t_table), window, agree_bytes, s_valid.tobytes(), t_valid.tobytes())
         ss, ts, su, tu, sp = memo.lookup(key, compute)
     return Alignment(ss + sv[0], ts + tv[0], su + sv[0], tu + tv[0], s, t, sv, tv, sp)
 
 
-def align_batch(student_ids, teacher_ids, student_tok, teacher_tok, *, student_mask=None, teacher_mask=None,
-                **kwargs) -> list[Alignment]:
+def align_batch(
+    student_ids, teacher_ids, student_tok, teacher_tok, *, student_mask=None, teacher_mask=None, **kwargs
+) -> list[Alignment]:
     """`align` for each row: lists of sequences, or padded [B, L] tensors with attention masks.
     kwargs: window, agree_bytes, memo (see `align`)."""
     # one conversion per batch, not per row; views are fine here: `align` copies each row it keeps
     as_np = lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-    student_ids, teacher_ids, student_mask, teacher_mask = map(as_np, (student_ids, teacher_ids, student_mask, teacher_mask))
+    student_ids, teacher_ids, student_mask, teacher_mask = map(
+        as_np, (student_ids, teacher_ids, student_mask, teacher_mask)
+    )
     n = len(student_ids)
     for name, x in (("teacher_ids", teacher_ids), ("student_mask", student_mask), ("teacher_mask", teacher_mask)):
         if x is not None and len(x) != n:
             raise ValueError(f"{name} has {len(x)} rows, student_ids {n}: one row per sequence pair")
     out = []
     for b in range(len(student_ids)):
-        out.append(align(student_ids[b], teacher_ids[b], student_tok, teacher_tok,
-                         student_mask=None if student_mask is None else student_mask[b],
-                         teacher_mask=None if teacher_mask is None else teacher_mask[b], **kwargs))
+        out.append(
+            align(
+                student_ids[b],
+                teacher_ids[b],
+                student_tok,
+                teacher_tok,
+                student_mask=None if student_mask is None else student_mask[b],
+                teacher_mask=None if teacher_mask is None else teacher_mask[b],
+                **kwargs,
+            )
+        )
     return out

@@ -6,6 +6,7 @@ counts, per category of student token, how many fall in each set, and `recommend
 paper's rule: P-KL when a critical category (multi-digit numerals, for math) falls outside the
 strict set, H-KL when the partition is sound.
 """
+
 from __future__ import annotations
 
 import string
@@ -19,8 +20,15 @@ from .projection import EMPTY, EXACT, SPECIAL, Projection, build_projection
 __all__ = ["coverage_audit", "CoverageAudit", "token_category", "CATEGORIES"]
 
 CATEGORIES = [
-    "ascii_punctuation", "single_digit", "numeral_2digit", "numeral_3digit",
-    "whitespace", "multibyte", "special", "word", "other",
+    "ascii_punctuation",
+    "single_digit",
+    "numeral_2digit",
+    "numeral_3digit",
+    "whitespace",
+    "multibyte",
+    "special",
+    "word",
+    "other",
 ]
 _PUNCT = {c.encode() for c in string.punctuation}
 _WS = set(b" \t\n\r\x0b\x0c")
@@ -55,15 +63,26 @@ class CoverageAudit:
     def recommend(self, critical=("numeral_2digit", "numeral_3digit"), threshold: float = 0.5) -> tuple[str, str]:
         """("P-KL" | "H-KL", reason): P-KL when any critical category has strict coverage below threshold."""
         rows = self.table.set_index("category")
-        missing = [c for c in critical if c in rows.index and rows.loc[c, "student_tokens"] > 0
-                   and rows.loc[c, "gold_common"] / rows.loc[c, "student_tokens"] < threshold]
+        missing = [
+            c
+            for c in critical
+            if c in rows.index
+            and rows.loc[c, "student_tokens"] > 0
+            and rows.loc[c, "gold_common"] / rows.loc[c, "student_tokens"] < threshold
+        ]
         if missing:
             detail = ", ".join(f"{c} {rows.loc[c, 'gold_common']}/{rows.loc[c, 'student_tokens']}" for c in missing)
-            return "P-KL", (f"critical tokens fall outside GOLD's strict common set ({detail}): a partition would "
-                            f"suppress them (Proposition 1), so drop it and project through W")
-        detail = ", ".join(f"{c} {rows.loc[c, 'gold_common']}/{rows.loc[c, 'student_tokens']}" for c in critical if c in rows.index)
-        return "H-KL", (f"the partition is sound on the critical categories ({detail}): keep the hybrid loss "
-                        f"and widen C with W's top-1 pairs")
+            return "P-KL", (
+                f"critical tokens fall outside GOLD's strict common set ({detail}): a partition would "
+                f"suppress them (Proposition 1), so drop it and project through W"
+            )
+        detail = ", ".join(
+            f"{c} {rows.loc[c, 'gold_common']}/{rows.loc[c, 'student_tokens']}" for c in critical if c in rows.index
+        )
+        return "H-KL", (
+            f"the partition is sound on the critical categories ({detail}): keep the hybrid loss "
+            f"and widen C with W's top-1 pairs"
+        )
 
     def _repr_html_(self):
         return self.table._repr_html_()
@@ -81,7 +100,7 @@ def coverage_audit(student_tok, teacher_tok, projection: Projection | None = Non
     for s in range(min(len(s_bytes), W.student_vocab_size)):
         b = s_bytes[s]
         if b is None and s not in student_tok.added_tokens_decoder:
-            continue                      # a hole in the id space, not a token
+            continue  # a hole in the id space, not a token
         c = counts[token_category(b)]
         c[0] += 1
         c[1] += kind[s] in (EXACT, SPECIAL)

@@ -14,6 +14,7 @@ newline; spaces before punctuation are bytes like any other; no text-repair tabl
 
 Special tokens have no bytes; they match by role (bos, end_of_text, end_of_turn, ...).
 """
+
 from __future__ import annotations
 
 import re
@@ -23,14 +24,29 @@ __all__ = ["token_bytes", "special_roles", "vocab_kind"]
 
 # Known special-token contents across the families this package ships, by role.
 KNOWN_ROLES = {
-    "<|begin_of_text|>": "bos", "<s>": "bos", "<bos>": "bos",
-    "<|end_of_text|>": "end_of_text", "<|endoftext|>": "end_of_text", "</s>": "end_of_text", "<eos>": "end_of_text",
-    "<|eot_id|>": "end_of_turn", "<|im_end|>": "end_of_turn", "<|end|>": "end_of_turn", "<end_of_turn>": "end_of_turn",
-    "<|start_header_id|>": "start_of_turn", "<|im_start|>": "start_of_turn", "<start_of_turn>": "start_of_turn",
-    "<|finetune_right_pad_id|>": "pad", "<pad>": "pad", "<|pad|>": "pad",
+    "<|begin_of_text|>": "bos",
+    "<s>": "bos",
+    "<bos>": "bos",
+    "<|end_of_text|>": "end_of_text",
+    "<|endoftext|>": "end_of_text",
+    "</s>": "end_of_text",
+    "<eos>": "end_of_text",
+    "<|eot_id|>": "end_of_turn",
+    "<|im_end|>": "end_of_turn",
+    "<|end|>": "end_of_turn",
+    "<end_of_turn>": "end_of_turn",
+    "<|start_header_id|>": "start_of_turn",
+    "<|im_start|>": "start_of_turn",
+    "<start_of_turn>": "start_of_turn",
+    "<|finetune_right_pad_id|>": "pad",
+    "<pad>": "pad",
+    "<|pad|>": "pad",
     "<unk>": "unk",
-    "<|fim_prefix|>": "fim_prefix", "<|fim_middle|>": "fim_middle", "<|fim_suffix|>": "fim_suffix",
-    "<|python_tag|>": "tool_call", "<|tool_call|>": "tool_call",
+    "<|fim_prefix|>": "fim_prefix",
+    "<|fim_middle|>": "fim_middle",
+    "<|fim_suffix|>": "fim_suffix",
+    "<|python_tag|>": "tool_call",
+    "<|tool_call|>": "tool_call",
 }
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -39,6 +55,7 @@ _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     from .tokenizers import _bytes_to_unicode
+
     return {c: b for b, c in _bytes_to_unicode().items()}
 
 
@@ -99,13 +116,13 @@ def _token_bytes(tok) -> list[bytes | None]:
     for piece, i in vocab.items():
         if i in specials:
             continue
-        if i in added:                      # added, non-special tokens (Qwen's <think>): literal text
+        if i in added:  # added, non-special tokens (Qwen's <think>): literal text
             out[i] = added[i].encode("utf-8")
         elif kind == "byte_level":
             mapped = piece.translate(table)
             try:
                 out[i] = mapped.encode("latin-1")
-            except UnicodeEncodeError:      # a non-byte-map entry (rare): take it as text
+            except UnicodeEncodeError:  # a non-byte-map entry (rare): take it as text
                 out[i] = piece.encode("utf-8")
         elif kind == "sentencepiece":
             m = _BYTE_FALLBACK.match(piece)

@@ -17,6 +17,7 @@ exactly as `HFLM` would load it and kept by the content of its files (every mini
 one: 1.2 s each, mostly parsing tokenizer.json), and torch's environment report that lm-eval adds to its
 results (`collect_env` lists pip packages in subprocesses: 0.6 s each).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,6 +41,7 @@ def _set_offline():
 def task_configs(tasks, data_dir=None, max_gen_toks=None) -> list:
     """Task specs for `simple_evaluate`: our YAML tasks as dicts pointed at ``data_dir``, others by name."""
     import yaml
+
     out = []
     for t in tasks:
         p = TASK_DIR / f"{t}.yaml"
@@ -81,6 +83,7 @@ def _local_tokenizer(model_dir, **kwargs):
     key = h.hexdigest()
     if key not in _TOKENIZERS:
         from transformers import AutoTokenizer
+
         _TOKENIZERS[key] = AutoTokenizer.from_pretrained(str(d), **kwargs)
     return _TOKENIZERS[key]
 
@@ -90,8 +93,10 @@ def load_lm(model_dir, *, batch_size=64, device="cpu", dtype="float32", max_leng
     if offline:
         _set_offline()
     from lm_eval.models.huggingface import HFLM
-    kw = dict(pretrained=str(model_dir), batch_size=batch_size, device=device, dtype=dtype,
-              add_bos_token=True)   # the tokenizer's own default specials, as in training
+
+    kw = dict(
+        pretrained=str(model_dir), batch_size=batch_size, device=device, dtype=dtype, add_bos_token=True
+    )  # the tokenizer's own default specials, as in training
     if max_length:
         kw["max_length"] = max_length
     # what HFLM._create_tokenizer would load (revision "main", no remote code, fast, add_bos_token)
@@ -109,12 +114,14 @@ def _env_report_once():
     """lm-eval adds torch's environment report to every result (``collect_env.get_pretty_env_info``, which
     runs pip and conda in subprocesses); within one process it is the same report, so compute it once."""
     import torch.utils.collect_env as ce
+
     original = ce.get_pretty_env_info
 
     def once():
         if not _ENV_REPORT:
             _ENV_REPORT.append(original())
         return _ENV_REPORT[0]
+
     ce.get_pretty_env_info = once
     try:
         yield
@@ -122,9 +129,22 @@ def _env_report_once():
         ce.get_pretty_env_info = original
 
 
-def evaluate(model_dir, tasks=MINI_TASKS, *, data_dir=None, limit=None, batch_size=64, device="cpu",
-             num_fewshot=None, max_gen_toks=None, lm=None, log_samples=False, return_raw=False, offline=True,
-             dtype="float32"):
+def evaluate(
+    model_dir,
+    tasks=MINI_TASKS,
+    *,
+    data_dir=None,
+    limit=None,
+    batch_size=64,
+    device="cpu",
+    num_fewshot=None,
+    max_gen_toks=None,
+    lm=None,
+    log_samples=False,
+    return_raw=False,
+    offline=True,
+    dtype="float32",
+):
     """Run lm-eval on ``model_dir``; return a tidy DataFrame (task, filter, metric, value, stderr, n, num_fewshot).
 
     ``tasks``: names of lm-eval tasks (``gsm8k``...) and/or of our YAML tasks (``xtoken_mini_*``,
@@ -137,6 +157,7 @@ def evaluate(model_dir, tasks=MINI_TASKS, *, data_dir=None, limit=None, batch_si
     per-call configs under ``"calls"``); save it with `save_raw_results`.
     """
     import pandas as pd
+
     if offline:
         _set_offline()
 
@@ -156,9 +177,17 @@ def evaluate(model_dir, tasks=MINI_TASKS, *, data_dir=None, limit=None, batch_si
                 continue
             metric, filt = key.split(",", 1)
             se = metrics.get(f"{metric}_stderr,{filt}")
-            rows.append({"task": task, "filter": filt, "metric": metric, "value": float(value),
-                         "stderr": float(se) if isinstance(se, (int, float)) else float("nan"), "n": n,
-                         "num_fewshot": shots_of.get(task, _config_shots(res, task))})
+            rows.append(
+                {
+                    "task": task,
+                    "filter": filt,
+                    "metric": metric,
+                    "value": float(value),
+                    "stderr": float(se) if isinstance(se, (int, float)) else float("nan"),
+                    "n": n,
+                    "num_fewshot": shots_of.get(task, _config_shots(res, task)),
+                }
+            )
     df = pd.DataFrame(rows, columns=["task", "filter", "metric", "value", "stderr", "n", "num_fewshot"])
     return (df, res) if return_raw else df
 
@@ -178,13 +207,21 @@ def _fewshot_groups(tasks, num_fewshot) -> list[tuple[int | None, list[str]]]:
 def _simple_evaluate(lm, tasks, num_fewshot, data_dir, limit, max_gen_toks, log_samples) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
+
     # indexing lm-eval's ~10k built-in task YAMLs costs tens of seconds: skip it when not needed
     ours = all((TASK_DIR / f"{t}.yaml").exists() for t in tasks)
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=not ours)
     with _env_report_once():
-        return lm_eval.simple_evaluate(model=lm, tasks=task_configs(tasks, data_dir, max_gen_toks),
-                                       num_fewshot=num_fewshot, limit=limit, task_manager=tm,
-                                       log_samples=log_samples, bootstrap_iters=1000, verbosity="ERROR")
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=task_configs(tasks, data_dir, max_gen_toks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=tm,
+            log_samples=log_samples,
+            bootstrap_iters=1000,
+            verbosity="ERROR",
+        )
 
 
 def _config_shots(res: dict, task: str):
@@ -193,10 +230,20 @@ def _config_shots(res: dict, task: str):
 
 def _merge_raw(raws: list[dict]) -> dict:
     """lm-eval results of several calls as one dict: per-task sections merged, each call's config kept."""
-    out = {"calls": [{k: r.get(k) for k in ("config", "git_hash", "date", "total_evaluation_time_seconds")}
-                     for r in raws]}
-    for key in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better",
-                "n-samples", "samples"):
+    out = {
+        "calls": [{k: r.get(k) for k in ("config", "git_hash", "date", "total_evaluation_time_seconds")} for r in raws]
+    }
+    for key in (
+        "results",
+        "groups",
+        "group_subtasks",
+        "configs",
+        "versions",
+        "n-shot",
+        "higher_is_better",
+        "n-samples",
+        "samples",
+    ):
         merged: dict = {}
         for r in raws:
             merged.update(r.get(key) or {})
@@ -207,6 +254,7 @@ def _merge_raw(raws: list[dict]) -> dict:
 def save_raw_results(raw: dict, path) -> Path:
     """lm-eval's results dict as JSON (what `lm_eval --output_path` writes, samples included if logged)."""
     import json
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(raw, indent=1, default=str))

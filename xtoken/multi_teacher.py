@@ -20,6 +20,7 @@ scheme; the adaptive ones are here to reproduce that comparison.
 
 Statistics are inputs (floats or tensors), never gradients: weights carry no gradient.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,13 @@ __all__ = ["teacher_weights", "aggregate", "teacher_stats"]
 SCHEMES = ("static", "ce", "entropy", "max_prob")
 
 
-def teacher_stats(teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, mask=None,
-                  vocab_size: int | None = None, chunk_size: int = 256) -> dict:
+def teacher_stats(
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    mask=None,
+    vocab_size: int | None = None,
+    chunk_size: int = 256,
+) -> dict:
     """Per-sample confidence statistics of one teacher: {"ce", "entropy", "max_prob"}, each [B].
 
     teacher_logits [B, L, V']; labels [B, L] the teacher's own next tokens (label p is predicted by
@@ -43,11 +49,13 @@ def teacher_stats(teacher_logits: torch.Tensor, labels: torch.Tensor | None = No
         v = vocab_size or teacher_logits.shape[-1]
         dev = teacher_logits.device
         flat = teacher_logits.reshape(B * L, teacher_logits.shape[-1])
-        keep = torch.ones(B, L, dtype=torch.bool, device=dev) if mask is None else torch.as_tensor(mask, device=dev).bool()
+        keep = (
+            torch.ones(B, L, dtype=torch.bool, device=dev) if mask is None else torch.as_tensor(mask, device=dev).bool()
+        )
         ent = torch.empty(B * L, device=dev)
         mx = torch.empty(B * L, device=dev)
         nll = torch.zeros(B * L, device=dev)
-        if labels is not None:                                  # position p predicts label p+1
+        if labels is not None:  # position p predicts label p+1
             nxt = torch.full((B, L), -100, dtype=torch.long, device=dev)
             nxt[:, :-1] = labels[:, 1:]
             nxt = nxt.reshape(-1)
@@ -68,8 +76,9 @@ def teacher_stats(teacher_logits: torch.Tensor, labels: torch.Tensor | None = No
         return out
 
 
-def teacher_weights(scheme: str, teacher_stats=None, *, alphas=None, per: str = "batch",
-                    temperature: float = 1.0) -> torch.Tensor:
+def teacher_weights(
+    scheme: str, teacher_stats=None, *, alphas=None, per: str = "batch", temperature: float = 1.0
+) -> torch.Tensor:
     """Weights alpha [M] (per="batch") or [M, B] (per="sample"), summing to 1 over teachers.
 
     scheme: "static" (needs alphas), "ce", "entropy", "max_prob" (need teacher_stats: a list, one per
@@ -92,12 +101,12 @@ def teacher_weights(scheme: str, teacher_stats=None, *, alphas=None, per: str = 
     for s in teacher_stats:
         x = s[scheme] if isinstance(s, dict) else s
         rows.append(torch.as_tensor(x, dtype=torch.float64).reshape(-1))
-    stat = torch.stack(rows)                                   # [M, B] (or [M, 1])
+    stat = torch.stack(rows)  # [M, B] (or [M, 1])
     if per == "batch":
         stat = stat.mean(1, keepdim=True)
-    if scheme == "max_prob":                                   # higher max-prob -> more weight
+    if scheme == "max_prob":  # higher max-prob -> more weight
         w = stat / stat.sum(0, keepdim=True).clamp_min(1e-12)
-    else:                                                      # lower CE / entropy -> more weight
+    else:  # lower CE / entropy -> more weight
         w = torch.softmax(-stat / temperature, dim=0)
     w = w.float()
     return w.squeeze(1) if per == "batch" else w
@@ -109,7 +118,7 @@ def aggregate(losses, weights: torch.Tensor) -> torch.Tensor:
     L = torch.stack([torch.as_tensor(x) for x in losses])
     w = weights.to(L.dtype).to(L.device)
     if w.dim() == 1:
-        if L.dim() == 2:                                        # per-sample losses, batch weights
+        if L.dim() == 2:  # per-sample losses, batch weights
             L = L.mean(1)
         return (w * L).sum()
     if L.dim() != 2:

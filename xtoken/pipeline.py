@@ -12,6 +12,7 @@ keeps the failed executed copy under <work>/failed/. The console gets one line p
 during long cells. The first failing cell stops the run with the notebook and cell named; `--start 03`
 resumes from a notebook. The notebooks live in a clone of the repository, not in an installed package.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["01_projection_matrix", "02_numeral_audit", "03_distillation", "04_multi_teacher", "05_evaluation_tables"]
-HEARTBEAT_S = 30.0          # while a cell runs longer than this, a line says so every HEARTBEAT_S seconds
+HEARTBEAT_S = 30.0  # while a cell runs longer than this, a line says so every HEARTBEAT_S seconds
 _ENGINE = "xtoken-progress"
 
 
@@ -49,7 +50,7 @@ class _Progress:
         self.total = len(code)
         self.heartbeat_s = heartbeat_s
         self.t_notebook = time.perf_counter()
-        self.current: tuple[int, float, str] | None = None     # (number, start, first line)
+        self.current: tuple[int, float, str] | None = None  # (number, start, first line)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
@@ -76,11 +77,13 @@ class _Progress:
             self.current = None
         if cell.get("metadata", {}).get("papermill", {}).get("status") == "failed":
             state = "FAILED"
-        else:   # papermill completes a cell in a `finally`: an interrupt is still propagating here
+        else:  # papermill completes a cell in a `finally`: an interrupt is still propagating here
             state = "done" if sys.exc_info()[0] is None else "stopped"
         now = time.perf_counter()
-        self._print(f"cell {number:>{len(str(self.total))}}/{self.total} {state:7} {now - t0:6.1f} s, "
-                    f"notebook {_clock(now - self.t_notebook)} | {line}")
+        self._print(
+            f"cell {number:>{len(str(self.total))}}/{self.total} {state:7} {now - t0:6.1f} s, "
+            f"notebook {_clock(now - self.t_notebook)} | {line}"
+        )
 
     def _beat(self) -> None:
         while not self.stop.wait(self.heartbeat_s):
@@ -90,8 +93,10 @@ class _Progress:
                 number, t0, line = self.current
             now = time.perf_counter()
             if now - t0 >= self.heartbeat_s * 0.9:
-                self._print(f"cell {number:>{len(str(self.total))}}/{self.total} running {_clock(now - t0)}, "
-                            f"notebook {_clock(now - self.t_notebook)} | {line}")
+                self._print(
+                    f"cell {number:>{len(str(self.total))}}/{self.total} running {_clock(now - t0)}, "
+                    f"notebook {_clock(now - self.t_notebook)} | {line}"
+                )
 
 
 def _register_engine() -> None:
@@ -126,9 +131,15 @@ def _register_engine() -> None:
     papermill_engines.register(_ENGINE, ProgressEngine)
 
 
-def reproduce(scale: str = "mini", out: str | None = None, start: str | None = None,
-              results: str | None = None, notebooks_dir: str | Path | None = None, work: str | None = None,
-              parameters: dict | None = None) -> int:
+def reproduce(
+    scale: str = "mini",
+    out: str | None = None,
+    start: str | None = None,
+    results: str | None = None,
+    notebooks_dir: str | Path | None = None,
+    work: str | None = None,
+    parameters: dict | None = None,
+) -> int:
     """Run the notebooks; 0 when all finished, 1 when a cell failed, 2 when there is nothing to run.
 
     parameters: extra papermill parameters, each passed to the notebooks that declare it (as `scale`,
@@ -137,10 +148,12 @@ def reproduce(scale: str = "mini", out: str | None = None, start: str | None = N
     src = Path(notebooks_dir or ROOT / "notebooks")
     names = [n for n in NOTEBOOKS if (src / f"{n}.ipynb").is_file()]
     if not names:
-        print(f"error: no reproduction notebooks in {src} (looked for {NOTEBOOKS[0]}.ipynb ... "
-              f"{NOTEBOOKS[-1]}.ipynb). `python -m xtoken reproduce` runs the notebooks of a clone of the "
-              f"repository: clone it, `make setup` (or `pip install -e .`) there and run it from the clone.",
-              file=sys.stderr)
+        print(
+            f"error: no reproduction notebooks in {src} (looked for {NOTEBOOKS[0]}.ipynb ... "
+            f"{NOTEBOOKS[-1]}.ipynb). `python -m xtoken reproduce` runs the notebooks of a clone of the "
+            f"repository: clone it, `make setup` (or `pip install -e .`) there and run it from the clone.",
+            file=sys.stderr,
+        )
         return 2
     missing = [n for n in NOTEBOOKS if n not in names]
     if start:
@@ -148,15 +161,18 @@ def reproduce(scale: str = "mini", out: str | None = None, start: str | None = N
         if not match:
             print(f"--start {start!r} names no notebook among {names}", file=sys.stderr)
             return 2
-        names = names[match[0]:]
+        names = names[match[0] :]
     parameters = dict(parameters or {})
     reserved = {"scale": "--scale", "results_dir": "--results", "work_dir": "--work"}
     clash = sorted(set(parameters) & set(reserved))
     if clash:
-        raise ValueError(f"parameter(s) {', '.join(clash)} are set by "
-                         f"{', '.join(reserved[k] for k in clash)}, not passed as extra parameters")
+        raise ValueError(
+            f"parameter(s) {', '.join(clash)} are set by "
+            f"{', '.join(reserved[k] for k in clash)}, not passed as extra parameters"
+        )
 
     import papermill as pm
+
     _register_engine()
 
     declared = {name: pm.inspect_notebook(str(src / f"{name}.ipynb")) for name in names}
@@ -182,23 +198,38 @@ def reproduce(scale: str = "mini", out: str | None = None, start: str | None = N
         running = out_dir / f".{name}.running.ipynb"
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(str(nb_in), str(running), parameters=params, cwd=str(out_dir),
-                                kernel_name="python3", engine_name=_ENGINE, progress_bar=False, log_output=False)
-        except BaseException as err:     # a failing cell, an interrupt, a kernel that died
+            pm.execute_notebook(
+                str(nb_in),
+                str(running),
+                parameters=params,
+                cwd=str(out_dir),
+                kernel_name="python3",
+                engine_name=_ENGINE,
+                progress_bar=False,
+                log_output=False,
+            )
+        except BaseException as err:  # a failing cell, an interrupt, a kernel that died
             failed = _keep_failed(running, work_dir / "failed" / f"{name}.ipynb")
-            where = f"cell {err.exec_count} ({err.ename}: {err.evalue})" if isinstance(err, pm.PapermillExecutionError) \
+            where = (
+                f"cell {err.exec_count} ({err.ename}: {err.evalue})"
+                if isinstance(err, pm.PapermillExecutionError)
                 else f"{type(err).__name__}: {err}"
-            print(f"FAILED in {name}.ipynb, {where}\n"
-                  f"  executed copy with the traceback: {failed or 'none (the notebook did not start)'}\n"
-                  f"  {nb_out} {'is unchanged' if nb_out.exists() else 'not written'}\n"
-                  f"  resume after fixing: python -m xtoken reproduce --scale {scale} --start {name[:2]}",
-                  file=sys.stderr)
+            )
+            print(
+                f"FAILED in {name}.ipynb, {where}\n"
+                f"  executed copy with the traceback: {failed or 'none (the notebook did not start)'}\n"
+                f"  {nb_out} {'is unchanged' if nb_out.exists() else 'not written'}\n"
+                f"  resume after fixing: python -m xtoken reproduce --scale {scale} --start {name[:2]}",
+                file=sys.stderr,
+            )
             if isinstance(err, pm.PapermillExecutionError):
                 return 1
             raise
         os.replace(running, nb_out)
         print(f"      done in {time.perf_counter() - t0:6.1f} s -> {nb_out}", flush=True)
-    print(f"reproduce --scale {scale}: {len(names)} notebooks in {time.perf_counter() - total:.1f} s; results in {results_dir}")
+    print(
+        f"reproduce --scale {scale}: {len(names)} notebooks in {time.perf_counter() - total:.1f} s; results in {results_dir}"
+    )
     return 0
 
 

@@ -40,6 +40,7 @@ multi-token row's weights a softmax over free parameters. Its `to_projection()` 
 `Projection` (``meta["kind"] == "learned"``, ``meta["learned_from"]`` = the built W's `digest`), saved
 and loaded in the same format, with the same tokenizer check.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,16 @@ import torch
 from .canonical import special_roles, token_bytes, vocab_kind
 from .tokenizers import model_vocab_size, tokenizer_fingerprint
 
-__all__ = ["Projection", "build_projection", "ProjectionMismatch", "ProjectionFileError",
-           "EMPTY", "EXACT", "SPECIAL", "MULTI"]
+__all__ = [
+    "Projection",
+    "build_projection",
+    "ProjectionMismatch",
+    "ProjectionFileError",
+    "EMPTY",
+    "EXACT",
+    "SPECIAL",
+    "MULTI",
+]
 
 EMPTY, EXACT, SPECIAL, MULTI = 0, 1, 2, 3
 KIND_NAMES = {EMPTY: "empty", EXACT: "exact", SPECIAL: "special", MULTI: "multi"}
@@ -69,7 +78,7 @@ class ProjectionFileError(ValueError):
     """A W file is not a valid projection (not safetensors, foreign, damaged or edited): one defect named."""
 
 
-ROW_SUM_TOLERANCE = 1e-4      # |sum_t W[s, t] - 1| allowed on a non-empty row of a loaded file (float rounding)
+ROW_SUM_TOLERANCE = 1e-4  # |sum_t W[s, t] - 1| allowed on a non-empty row of a loaded file (float rounding)
 
 
 def _token_count(tok) -> int:
@@ -83,10 +92,10 @@ def _tok_name(tok) -> str:
 
 @dataclass
 class Projection:
-    indices: torch.Tensor            # [V_S, k] int64, -1 = no entry
-    weights: torch.Tensor            # [V_S, k] float32, rows sum to 1 or are all 0
-    row_kind: torch.Tensor           # [V_S] uint8: EMPTY / EXACT / SPECIAL / MULTI
-    teacher_vocab_size: int          # columns of W (the teacher model's logit width)
+    indices: torch.Tensor  # [V_S, k] int64, -1 = no entry
+    weights: torch.Tensor  # [V_S, k] float32, rows sum to 1 or are all 0
+    row_kind: torch.Tensor  # [V_S] uint8: EMPTY / EXACT / SPECIAL / MULTI
+    teacher_vocab_size: int  # columns of W (the teacher model's logit width)
     meta: dict = field(default_factory=dict)
     student_tok: object = field(default=None, repr=False, compare=False)
     teacher_tok: object = field(default=None, repr=False, compare=False)
@@ -115,10 +124,13 @@ class Projection:
         """W as a torch sparse CSR tensor [V_S, V_T]."""
         keep = self.indices >= 0
         rows = torch.arange(self.student_vocab_size).unsqueeze(1).expand_as(self.indices)[keep]
-        coo = torch.sparse_coo_tensor(torch.stack([rows, self.indices[keep]]), self.weights[keep].to(dtype),
-                                      (self.student_vocab_size, self.teacher_vocab_size),
-                                      check_invariants=True).coalesce()
-        with warnings.catch_warnings():   # "CSR support is in beta": the conversion itself is exact
+        coo = torch.sparse_coo_tensor(
+            torch.stack([rows, self.indices[keep]]),
+            self.weights[keep].to(dtype),
+            (self.student_vocab_size, self.teacher_vocab_size),
+            check_invariants=True,
+        ).coalesce()
+        with warnings.catch_warnings():  # "CSR support is in beta": the conversion itself is exact
             warnings.simplefilter("ignore", UserWarning)
             return coo.to_sparse_csr()
 
@@ -135,11 +147,15 @@ class Projection:
         n = int(n)
         floor = self.teacher_tokens if self.teacher_tokens is not None else int(self.indices.max()) + 1
         if n < max(floor, 1):
-            what = (f"the teacher tokenizer's {floor} tokens" if self.teacher_tokens is not None
-                    else f"W's largest teacher id + 1 = {floor}")
+            what = (
+                f"the teacher tokenizer's {floor} tokens"
+                if self.teacher_tokens is not None
+                else f"W's largest teacher id + 1 = {floor}"
+            )
             raise ValueError(f"with_teacher_width({n}): the columns must cover {what}")
-        return Projection(self.indices, self.weights, self.row_kind, n, dict(self.meta),
-                          self.student_tok, self.teacher_tok)
+        return Projection(
+            self.indices, self.weights, self.row_kind, n, dict(self.meta), self.student_tok, self.teacher_tok
+        )
 
     def _recorded_fingerprint(self, side: str) -> str | None:
         """The fingerprint W records for ``side``'s tokenizer, or None when W cannot tell: a W restricted without
@@ -160,19 +176,24 @@ class Projection:
                 continue
             actual = tokenizer_fingerprint(tok)
             if actual != expected:
-                fix = ("Restrict the full W again with these tokenizers: W.restrict(..., student_tok=..., teacher_tok=...)"
-                       if "restricted_from" in self.meta else
-                       "Rebuild it: python -m xtoken build-w --student ... --teacher ...")
+                fix = (
+                    "Restrict the full W again with these tokenizers: W.restrict(..., student_tok=..., teacher_tok=...)"
+                    if "restricted_from" in self.meta
+                    else "Rebuild it: python -m xtoken build-w --student ... --teacher ..."
+                )
                 raise ProjectionMismatch(
                     f"{where} was built for {side} tokenizer {self.meta.get(side)!r} (fingerprint {expected}), "
-                    f"not for {_tok_name(tok)!r} (fingerprint {actual}). {fix}")
+                    f"not for {_tok_name(tok)!r} (fingerprint {actual}). {fix}"
+                )
         return self
 
     def _student_id(self, sid) -> int:
         sid = int(sid)
         if not 0 <= sid < self.student_vocab_size:
-            raise IndexError(f"student id {sid} is out of range: W has rows 0..{self.student_vocab_size - 1} "
-                             "(negative ids do not count from the end)")
+            raise IndexError(
+                f"student id {sid} is out of range: W has rows 0..{self.student_vocab_size - 1} "
+                "(negative ids do not count from the end)"
+            )
         return sid
 
     def restrict(self, student_ids, teacher_ids, student_tok=None, teacher_tok=None) -> "Projection":
@@ -207,16 +228,22 @@ class Projection:
             real = t < self.teacher_tokens
             teacher_tokens = int(real.sum())
             if not bool(real[:teacher_tokens].all()):
-                raise ValueError(f"restrict: teacher_ids holds padded ids (>= the teacher tokenizer's "
-                                 f"{self.teacher_tokens} tokens) before real ones; put them last")
-        for side, tok, full, ids in (("student", student_tok, self.student_tok, s),
-                                     ("teacher", teacher_tok, self.teacher_tok, t)):
+                raise ValueError(
+                    f"restrict: teacher_ids holds padded ids (>= the teacher tokenizer's "
+                    f"{self.teacher_tokens} tokens) before real ones; put them last"
+                )
+        for side, tok, full, ids in (
+            ("student", student_tok, self.student_tok, s),
+            ("teacher", teacher_tok, self.teacher_tok, t),
+        ):
             if tok is not None and full is not None:
                 n = len(ids) if side == "student" else (teacher_tokens if teacher_tokens is not None else len(ids))
                 local = tok.convert_ids_to_tokens(list(range(n)))
                 if local != full.convert_ids_to_tokens(ids[:n].tolist()):
-                    raise ProjectionMismatch(f"restrict: the {side} tokenizer {_tok_name(tok)!r} does not spell ids "
-                                             f"0..{n - 1} as {_tok_name(full)!r} spells the {side} ids given")
+                    raise ProjectionMismatch(
+                        f"restrict: the {side} tokenizer {_tok_name(tok)!r} does not spell ids "
+                        f"0..{n - 1} as {_tok_name(full)!r} spells the {side} ids given"
+                    )
         col = torch.full((self.teacher_vocab_size,), -1, dtype=torch.long)
         col[t] = torch.arange(len(t))
         idx = self.indices[s]
@@ -228,10 +255,14 @@ class Projection:
         kind[total.squeeze(1) == 0] = EMPTY
         w = torch.where(total > 0, w / total.clamp(min=1e-30), w)
         full_s, full_t = self._recorded_fingerprint("student"), self._recorded_fingerprint("teacher")
-        meta = dict(self.meta, restricted_from=full_s, restricted_from_teacher=full_t,
-                    restricted_lost_rows=int(lost.sum()),
-                    student_fingerprint=None if student_tok is None else tokenizer_fingerprint(student_tok),
-                    teacher_fingerprint=None if teacher_tok is None else tokenizer_fingerprint(teacher_tok))
+        meta = dict(
+            self.meta,
+            restricted_from=full_s,
+            restricted_from_teacher=full_t,
+            restricted_lost_rows=int(lost.sum()),
+            student_fingerprint=None if student_tok is None else tokenizer_fingerprint(student_tok),
+            teacher_fingerprint=None if teacher_tok is None else tokenizer_fingerprint(teacher_tok),
+        )
         meta.pop("digest", None)
         if teacher_tokens is not None:
             meta["teacher_tokens"] = teacher_tokens
@@ -270,6 +301,7 @@ class Projection:
     def digest(self) -> str:
         """sha256 of the pattern and weights (what a learned W records as ``learned_from``)."""
         import hashlib
+
         h = hashlib.sha256()
         for t in (self.indices.to(torch.int64), self.weights.to(torch.float32), self.row_kind.to(torch.uint8)):
             h.update(t.contiguous().numpy().tobytes())
@@ -281,20 +313,38 @@ class Projection:
         spans = (self.indices >= 0).sum(1)
         multi = self.row_kind == MULTI
         hist = {int(k): int((spans[multi] == k).sum()) for k in range(1, self.top_k + 1)}
-        return {"rows": self.student_vocab_size, "columns": self.teacher_vocab_size, **n,
-                "multi_rows_by_length": hist, "empty_by_reason": self.meta.get("counts", {})}
+        return {
+            "rows": self.student_vocab_size,
+            "columns": self.teacher_vocab_size,
+            **n,
+            "multi_rows_by_length": hist,
+            "empty_by_reason": self.meta.get("counts", {}),
+        }
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self, path, extra: dict | None = None) -> Path:
         """Write safetensors (indices int32, weights, row_kind, + ``extra`` tensors) with the meta as JSON,
         ``meta["digest"]`` being this W's `digest` (checked by `load`)."""
         from safetensors.torch import save_file
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"xtoken_projection": json.dumps(dict(self.meta, format_version=FORMAT_VERSION, digest=self.digest(),
-                                                     teacher_vocab_size=self.teacher_vocab_size), sort_keys=True)}
-        tensors = {"indices": self.indices.to(torch.int32).contiguous(), "weights": self.weights.contiguous(),
-                   "row_kind": self.row_kind.contiguous()}
+        meta = {
+            "xtoken_projection": json.dumps(
+                dict(
+                    self.meta,
+                    format_version=FORMAT_VERSION,
+                    digest=self.digest(),
+                    teacher_vocab_size=self.teacher_vocab_size,
+                ),
+                sort_keys=True,
+            )
+        }
+        tensors = {
+            "indices": self.indices.to(torch.int32).contiguous(),
+            "weights": self.weights.contiguous(),
+            "row_kind": self.row_kind.contiguous(),
+        }
         tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
         save_file(tensors, str(path), metadata=meta)
         return path
@@ -312,7 +362,7 @@ class Projection:
         meta.pop("digest", None)
         w = cls(tensors["indices"].long(), tensors["weights"], tensors["row_kind"], tvs, meta, student_tok, teacher_tok)
         w.check_tokenizers(student_tok, teacher_tok, source=str(path))
-        if w.teacher_tokens is None and teacher_tok is not None:      # a file from before teacher_tokens
+        if w.teacher_tokens is None and teacher_tok is not None:  # a file from before teacher_tokens
             w.meta["teacher_tokens"] = min(_token_count(teacher_tok), tvs)
         return w
 
@@ -320,6 +370,7 @@ class Projection:
 def _read_file(path) -> tuple[dict, dict]:
     """(meta, the three W tensors) of a W file, or `ProjectionFileError`."""
     from safetensors import safe_open
+
     err = lambda what: ProjectionFileError(f"{path}: {what}")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -335,7 +386,7 @@ def _read_file(path) -> tuple[dict, dict]:
         raise
     except FileNotFoundError:
         raise
-    except Exception as e:                                      # safetensors' own errors: not a valid file
+    except Exception as e:  # safetensors' own errors: not a valid file
         raise err(f"not a readable safetensors file ({type(e).__name__}: {e})") from e
     try:
         meta = json.loads(raw)
@@ -359,8 +410,10 @@ def _validate(path, meta: dict, tensors: dict) -> None:
         raise err(f"teacher_vocab_size {tvs!r} missing or invalid")
     idx, w, kind = tensors["indices"], tensors["weights"], tensors["row_kind"]
     if idx.dim() != 2 or tuple(w.shape) != tuple(idx.shape) or tuple(kind.shape) != (idx.shape[0],):
-        raise err(f"inconsistent shapes: indices {tuple(idx.shape)}, weights {tuple(w.shape)}, "
-                  f"row_kind {tuple(kind.shape)} (need [V_S, k], [V_S, k], [V_S])")
+        raise err(
+            f"inconsistent shapes: indices {tuple(idx.shape)}, weights {tuple(w.shape)}, "
+            f"row_kind {tuple(kind.shape)} (need [V_S, k], [V_S, k], [V_S])"
+        )
     if idx.dtype not in (torch.int32, torch.int64) or not w.dtype.is_floating_point or kind.dtype != torch.uint8:
         raise err(f"unexpected dtypes: indices {idx.dtype}, weights {w.dtype}, row_kind {kind.dtype}")
     tt = meta.get("teacher_tokens")
@@ -391,8 +444,9 @@ def _validate(path, meta: dict, tensors: dict) -> None:
         raise err(f"row {r} sums to {float(sums[r]):.6g}, not 1 (or 0 for an empty row)")
     if not torch.equal(empty, kind == EMPTY):
         r = int((empty != (kind == EMPTY)).nonzero()[0, 0])
-        raise err(f"row {r} is {'empty' if bool(empty[r]) else 'not empty'} but its row kind is "
-                  f"{KIND_NAMES[int(kind[r])]}")
+        raise err(
+            f"row {r} is {'empty' if bool(empty[r]) else 'not empty'} but its row kind is {KIND_NAMES[int(kind[r])]}"
+        )
     digest = meta.get("digest")
     if digest is not None:
         actual = Projection(idx.long(), w, kind, tvs).digest()
@@ -401,6 +455,7 @@ def _validate(path, meta: dict, tensors: dict) -> None:
 
 
 # ---- construction ------------------------------------------------------------------------------
+
 
 def _retokenize(teacher_tok, pieces: list[bytes]) -> list[list[int]]:
     """Teacher ids of each byte string, as the teacher tokenizes that text on its own.
@@ -429,6 +484,7 @@ def _retokenize(teacher_tok, pieces: list[bytes]) -> list[list[int]]:
         out[i] = enc.ids
     if raw:
         from .tokenizers import _bytes_to_unicode
+
         b2u = _bytes_to_unicode()
         vocab = teacher_tok.get_vocab()
         for i in raw:
@@ -440,9 +496,17 @@ def _retokenize(teacher_tok, pieces: list[bytes]) -> list[list[int]]:
     return out
 
 
-def build_projection(student_tok, teacher_tok, *, max_span: int = 4, beta: float = 0.9,
-                     gamma: float = 0.1, top_k: int = 4, progress: bool = False,
-                     teacher_vocab_size: int | None = None) -> Projection:
+def build_projection(
+    student_tok,
+    teacher_tok,
+    *,
+    max_span: int = 4,
+    beta: float = 0.9,
+    gamma: float = 0.1,
+    top_k: int = 4,
+    progress: bool = False,
+    teacher_vocab_size: int | None = None,
+) -> Projection:
     """Build W for any pair of HF tokenizers (byte-level BPE or SentencePiece with byte fallback).
 
     ``teacher_vocab_size``: W's columns, the teacher model's logit width (default
@@ -451,15 +515,19 @@ def build_projection(student_tok, teacher_tok, *, max_span: int = 4, beta: float
     Deterministic: the same tokenizers and arguments give a bit-identical `save` file.
     """
     if not (0 < gamma < 1 and beta > 0 and top_k >= 1 and max_span >= 1):
-        raise ValueError(f"need beta > 0, 0 < gamma < 1, top_k >= 1, max_span >= 1; got {beta=}, {gamma=}, {top_k=}, {max_span=}")
+        raise ValueError(
+            f"need beta > 0, 0 < gamma < 1, top_k >= 1, max_span >= 1; got {beta=}, {gamma=}, {top_k=}, {max_span=}"
+        )
     s_bytes = token_bytes(student_tok)
     t_bytes = token_bytes(teacher_tok)
     n_s = max(len(s_bytes), len(student_tok))
     n_tokens = _token_count(teacher_tok)
     n_t = model_vocab_size(teacher_tok) if teacher_vocab_size is None else int(teacher_vocab_size)
     if n_t < n_tokens:
-        raise ValueError(f"teacher_vocab_size={n_t} is smaller than the teacher tokenizer ({n_tokens} ids): "
-                         "W's columns are the teacher model's logits, which cover every token")
+        raise ValueError(
+            f"teacher_vocab_size={n_t} is smaller than the teacher tokenizer ({n_tokens} ids): "
+            "W's columns are the teacher model's logits, which cover every token"
+        )
 
     # pass 1: exact byte matches; teacher ids in ascending order so ties resolve deterministically
     t_index: dict[bytes, int] = {}
@@ -513,11 +581,24 @@ def build_projection(student_tok, teacher_tok, *, max_span: int = 4, beta: float
     counts["no_tokens"] += sum(1 for s in range(n_s) if s >= len(s_bytes))
 
     meta = {
-        "student": getattr(student_tok, "name_or_path", ""), "teacher": getattr(teacher_tok, "name_or_path", ""),
+        "student": getattr(student_tok, "name_or_path", ""),
+        "teacher": getattr(teacher_tok, "name_or_path", ""),
         "student_fingerprint": tokenizer_fingerprint(student_tok),
         "teacher_fingerprint": tokenizer_fingerprint(teacher_tok),
-        "max_span": max_span, "beta": beta, "gamma": gamma, "top_k": top_k, "kind": "built", "counts": counts,
+        "max_span": max_span,
+        "beta": beta,
+        "gamma": gamma,
+        "top_k": top_k,
+        "kind": "built",
+        "counts": counts,
         "teacher_tokens": n_tokens,
     }
-    return Projection(torch.from_numpy(indices), torch.from_numpy(weights), torch.from_numpy(kind), n_t, meta,
-                      student_tok, teacher_tok)
+    return Projection(
+        torch.from_numpy(indices),
+        torch.from_numpy(weights),
+        torch.from_numpy(kind),
+        n_t,
+        meta,
+        student_tok,
+        teacher_tok,
+    )

@@ -20,6 +20,7 @@ at the 5% two-sided level: (z_0.975 + z_0.8) * SE = 2.80 * SE, SE the bootstrap 
 inconclusive comparison with a small MDE says the effect, if any, is small; one with a large MDE says the
 test cannot tell.
 """
+
 from __future__ import annotations
 
 from statistics import NormalDist
@@ -60,8 +61,9 @@ def combine_verdicts(verdicts) -> str:
     return "reproduced" if all(x == "reproduced" for x in v) else "inconclusive"
 
 
-def paired_bootstrap(diffs, weights=None, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
-                     resample_seeds: bool = True) -> dict:
+def paired_bootstrap(
+    diffs, weights=None, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0, resample_seeds: bool = True
+) -> dict:
     """Estimate, percentile interval, SE and MDE of a seed-paired difference.
 
     ``diffs``: an array [n_seeds, n_items] of per-item differences, or a dict {group: array [n_seeds, n_items_g]}
@@ -85,8 +87,9 @@ def paired_bootstrap(diffs, weights=None, *, n_boot: int = 2000, level: float = 
     w = {g: 1.0 for g in groups} if weights is None else {g: float(weights[g]) for g in groups}
     total = sum(w.values())
     rng = np.random.default_rng(seed)
-    seed_counts = (rng.multinomial(ns, np.full(ns, 1 / ns), size=n_boot).astype(float) if resample_seeds
-                   else np.ones((n_boot, ns)))
+    seed_counts = (
+        rng.multinomial(ns, np.full(ns, 1 / ns), size=n_boot).astype(float) if resample_seeds else np.ones((n_boot, ns))
+    )
     est, boot = 0.0, np.zeros(n_boot)
     for g, d in groups.items():
         ni = d.shape[1]
@@ -97,8 +100,16 @@ def paired_bootstrap(diffs, weights=None, *, n_boot: int = 2000, level: float = 
     a = (1 - level) / 2
     lo, hi = np.quantile(boot, [a, 1 - a])
     se = float(boot.std(ddof=1)) if n_boot > 1 else 0.0
-    return {"estimate": float(est), "lo": float(lo), "hi": float(hi), "se": se, "mde": mde(se),
-            "n_seeds": ns, "n_items": int(sum(d.shape[1] for d in groups.values())), "n_boot": n_boot}
+    return {
+        "estimate": float(est),
+        "lo": float(lo),
+        "hi": float(hi),
+        "se": se,
+        "mde": mde(se),
+        "n_seeds": ns,
+        "n_items": int(sum(d.shape[1] for d in groups.values())),
+        "n_boot": n_boot,
+    }
 
 
 def paired_arrays(items, a: str, b: str, column: str, skills=None) -> dict:
@@ -119,14 +130,23 @@ def paired_arrays(items, a: str, b: str, column: str, skills=None) -> dict:
     return out
 
 
-def compare(items, a: str, b: str, column: str = "exact_match", skills=None, *, paper_sign=None, scale: float = 1.0,
-            **kw) -> dict:
+def compare(
+    items, a: str, b: str, column: str = "exact_match", skills=None, *, paper_sign=None, scale: float = 1.0, **kw
+) -> dict:
     """One comparison A - B of ``column`` (averaged over ``skills`` with equal weights), scaled by ``scale``
     (100: exact match in points), with its bootstrap interval, MDE and verdict."""
     arrays = paired_arrays(items, a, b, column, skills)
     if not arrays:
-        return {"estimate": float("nan"), "lo": float("nan"), "hi": float("nan"), "se": float("nan"),
-                "mde": float("nan"), "n_seeds": 0, "n_items": 0, "verdict": "no data"}
+        return {
+            "estimate": float("nan"),
+            "lo": float("nan"),
+            "hi": float("nan"),
+            "se": float("nan"),
+            "mde": float("nan"),
+            "n_seeds": 0,
+            "n_items": 0,
+            "verdict": "no data",
+        }
     r = paired_bootstrap({g: scale * d for g, d in arrays.items()}, **kw)
     r["verdict"] = verdict(r["lo"], r["hi"], paper_sign)
     return r

@@ -17,6 +17,7 @@ tests/test_tokenizers.py pins its ids to fixtures produced from independent sour
 
 Any other name or a local directory goes through `AutoTokenizer.from_pretrained`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,35 +47,64 @@ QWEN2_PATTERN = (  # Qwen2/2.5/3: identical to Llama-3 except \p{N} (one digit p
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-O200K_PATTERN = "|".join([
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    r"\p{N}{1,3}",
-    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
-    r"\s*[\r\n]+",
-    r"\s+(?!\S)",
-    r"\s+",
-])
+O200K_PATTERN = "|".join(
+    [
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
 
 
 def _llama32_specials() -> dict[int, str]:
     named = {
-        128000: "<|begin_of_text|>", 128001: "<|end_of_text|>",
-        128002: "<|reserved_special_token_0|>", 128003: "<|reserved_special_token_1|>",
-        128004: "<|finetune_right_pad_id|>", 128005: "<|step_id|>",
-        128006: "<|start_header_id|>", 128007: "<|end_header_id|>",
-        128008: "<|eom_id|>", 128009: "<|eot_id|>", 128010: "<|python_tag|>",
+        128000: "<|begin_of_text|>",
+        128001: "<|end_of_text|>",
+        128002: "<|reserved_special_token_0|>",
+        128003: "<|reserved_special_token_1|>",
+        128004: "<|finetune_right_pad_id|>",
+        128005: "<|step_id|>",
+        128006: "<|start_header_id|>",
+        128007: "<|end_header_id|>",
+        128008: "<|eom_id|>",
+        128009: "<|eot_id|>",
+        128010: "<|python_tag|>",
     }
     named.update({128011 + i: f"<|reserved_special_token_{2 + i}|>" for i in range(128256 - 128011)})
     return named
 
 
 _QWEN3_ADDED = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
 ]
 # Qwen3 registers the tool/think tags as added tokens with special=False (they survive decode).
 _QWEN3_NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"}
@@ -84,10 +114,18 @@ _QWEN3_NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_
 # checked against quicktok's o200k data in the tests; the chat-marker ids come from the model card
 # and cannot be verified offline here.
 _PHI4_SPECIALS = {
-    199999: "<|endoftext|>", 200018: "<|endofprompt|>",
-    200019: "<|assistant|>", 200020: "<|end|>", 200021: "<|user|>", 200022: "<|system|>",
-    200023: "<|tool|>", 200024: "<|/tool|>", 200025: "<|tool_call|>", 200026: "<|/tool_call|>",
-    200027: "<|tool_response|>", 200028: "<|tag|>",
+    199999: "<|endoftext|>",
+    200018: "<|endofprompt|>",
+    200019: "<|assistant|>",
+    200020: "<|end|>",
+    200021: "<|user|>",
+    200022: "<|system|>",
+    200023: "<|tool|>",
+    200024: "<|/tool|>",
+    200025: "<|tool_call|>",
+    200026: "<|/tool_call|>",
+    200027: "<|tool_response|>",
+    200028: "<|tag|>",
 }
 
 
@@ -95,36 +133,59 @@ _PHI4_SPECIALS = {
 class TokenizerSpec:
     """Everything needed to rebuild one family's fast tokenizer from its BPE ranks."""
 
-    family: str                   # "llama3" | "qwen3" | "o200k"
-    encoding: str                 # quicktok encoding holding the ranks
+    family: str  # "llama3" | "qwen3" | "o200k"
+    encoding: str  # quicktok encoding holding the ranks
     pattern: str
     nfc: bool
-    specials: dict = field(default_factory=dict)      # id -> content
+    specials: dict = field(default_factory=dict)  # id -> content
     not_special: frozenset = frozenset()
     bos: str | None = None
     eos: str | None = None
     pad: str | None = None
     add_bos: bool = False
-    chat_markers: tuple = ()      # role markers, used to map special tokens across families
-    model_vocab_size: int = 0     # rows of the model's embedding / logits (padding included)
+    chat_markers: tuple = ()  # role markers, used to map special tokens across families
+    model_vocab_size: int = 0  # rows of the model's embedding / logits (padding included)
 
 
 LLAMA32 = TokenizerSpec(
-    family="llama3", encoding="llama3", pattern=LLAMA3_PATTERN, nfc=False,
-    specials=_llama32_specials(), bos="<|begin_of_text|>", eos="<|end_of_text|>", pad=None,
-    add_bos=True, chat_markers=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    family="llama3",
+    encoding="llama3",
+    pattern=LLAMA3_PATTERN,
+    nfc=False,
+    specials=_llama32_specials(),
+    bos="<|begin_of_text|>",
+    eos="<|end_of_text|>",
+    pad=None,
+    add_bos=True,
+    chat_markers=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     model_vocab_size=128256,
 )
 QWEN3 = TokenizerSpec(
-    family="qwen3", encoding="qwen3", pattern=QWEN2_PATTERN, nfc=True,
-    specials={151643 + i: s for i, s in enumerate(_QWEN3_ADDED)}, not_special=frozenset(_QWEN3_NOT_SPECIAL),
-    bos=None, eos="<|im_end|>", pad="<|endoftext|>", add_bos=False,
-    chat_markers=("<|im_start|>", "<|im_end|>"), model_vocab_size=151936,
+    family="qwen3",
+    encoding="qwen3",
+    pattern=QWEN2_PATTERN,
+    nfc=True,
+    specials={151643 + i: s for i, s in enumerate(_QWEN3_ADDED)},
+    not_special=frozenset(_QWEN3_NOT_SPECIAL),
+    bos=None,
+    eos="<|im_end|>",
+    pad="<|endoftext|>",
+    add_bos=False,
+    chat_markers=("<|im_start|>", "<|im_end|>"),
+    model_vocab_size=151936,
 )
 PHI4_MINI = TokenizerSpec(
-    family="o200k", encoding="o200k_base", pattern=O200K_PATTERN, nfc=False,
-    specials=_PHI4_SPECIALS, bos="<|endoftext|>", eos="<|endoftext|>", pad="<|endoftext|>", add_bos=False,
-    chat_markers=("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"), model_vocab_size=200064,
+    family="o200k",
+    encoding="o200k_base",
+    pattern=O200K_PATTERN,
+    nfc=False,
+    specials=_PHI4_SPECIALS,
+    bos="<|endoftext|>",
+    eos="<|endoftext|>",
+    pad="<|endoftext|>",
+    add_bos=False,
+    chat_markers=("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"),
+    model_vocab_size=200064,
 )
 
 PAPER_TOKENIZERS: dict[str, TokenizerSpec] = {
@@ -134,9 +195,14 @@ PAPER_TOKENIZERS: dict[str, TokenizerSpec] = {
     "microsoft/Phi-4-mini-instruct": PHI4_MINI,
 }
 # short aliases accepted by load_tokenizer and the CLI
-ALIASES = {"llama-3.2": "meta-llama/Llama-3.2-1B", "llama": "meta-llama/Llama-3.2-1B",
-           "qwen3": "Qwen/Qwen3-4B", "qwen": "Qwen/Qwen3-4B",
-           "phi-4-mini": "microsoft/Phi-4-mini-instruct", "phi": "microsoft/Phi-4-mini-instruct"}
+ALIASES = {
+    "llama-3.2": "meta-llama/Llama-3.2-1B",
+    "llama": "meta-llama/Llama-3.2-1B",
+    "qwen3": "Qwen/Qwen3-4B",
+    "qwen": "Qwen/Qwen3-4B",
+    "phi-4-mini": "microsoft/Phi-4-mini-instruct",
+    "phi": "microsoft/Phi-4-mini-instruct",
+}
 
 
 def _cache_dir() -> Path:
@@ -170,7 +236,7 @@ def _rebuild_tokenizer_json(spec: TokenizerSpec) -> str:
             continue
         try:
             b = enc.decode_single_token_bytes(i)
-        except Exception:      # holes in the id space (o200k has unused ids between its specials)
+        except Exception:  # holes in the id space (o200k has unused ids between its specials)
             continue
         if b and i not in specials:
             ranks[b] = i
@@ -192,17 +258,24 @@ def _rebuild_tokenizer_json(spec: TokenizerSpec) -> str:
     # Specials go into the model vocabulary at their real ids, so `add_tokens` below reuses those
     # ids instead of numbering consecutively (o200k leaves 199998 and 200000-200017 unused).
     vocab.update({content: i for i, content in spec.specials.items()})
-    tk = Tokenizer(BPE(vocab=vocab, merges=[(to_str(a), to_str(b)) for *_, a, b in merges],
-                       fuse_unk=False, ignore_merges=True))
+    tk = Tokenizer(
+        BPE(vocab=vocab, merges=[(to_str(a), to_str(b)) for *_, a, b in merges], fuse_unk=False, ignore_merges=True)
+    )
     if spec.nfc:
         tk.normalizer = normalizers.NFC()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(spec.pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(spec.pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
-    tk.add_tokens([AddedToken(spec.specials[i], special=spec.specials[i] not in spec.not_special,
-                              normalized=False) for i in sorted(spec.specials)])
+    tk.add_tokens(
+        [
+            AddedToken(spec.specials[i], special=spec.specials[i] not in spec.not_special, normalized=False)
+            for i in sorted(spec.specials)
+        ]
+    )
     # check that the real ids came out
     for i, content in spec.specials.items():
         got = tk.token_to_id(content)
@@ -212,8 +285,8 @@ def _rebuild_tokenizer_json(spec: TokenizerSpec) -> str:
     if spec.add_bos:
         bos_id = tk.token_to_id(spec.bos)
         template = processors.TemplateProcessing(
-            single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos}:1 $B:1",
-            special_tokens=[(spec.bos, bos_id)])
+            single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos}:1 $B:1", special_tokens=[(spec.bos, bos_id)]
+        )
         tk.post_processor = processors.Sequence([byte_level, template])
     else:
         tk.post_processor = byte_level
@@ -222,7 +295,7 @@ def _rebuild_tokenizer_json(spec: TokenizerSpec) -> str:
 
 # Bump when the rebuild itself changes in a way that alters tokenizer.json for the same spec.
 _CACHE_FORMAT = 1
-_STALE_TMP_SECONDS = 3600   # a builder's temporary file older than this was left by a killed process
+_STALE_TMP_SECONDS = 3600  # a builder's temporary file older than this was left by a killed process
 
 
 def _cache_key(spec: TokenizerSpec) -> str:
@@ -236,8 +309,15 @@ def _cache_key(spec: TokenizerSpec) -> str:
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
     fields["specials"] = sorted(spec.specials.items())
     fields["not_special"] = sorted(spec.not_special)
-    blob = json.dumps({"spec": fields, "quicktok": quicktok.__version__, "tokenizers": tokenizers.__version__,
-                       "format": _CACHE_FORMAT}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "spec": fields,
+            "quicktok": quicktok.__version__,
+            "tokenizers": tokenizers.__version__,
+            "format": _CACHE_FORMAT,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -257,7 +337,7 @@ def _prune_cache(keep: Path, family: str) -> None:
         try:
             if other.suffix == ".json" or now - other.stat().st_mtime > _STALE_TMP_SECONDS:
                 other.unlink()
-        except OSError:   # removed meanwhile by a concurrent loader, or not ours to remove
+        except OSError:  # removed meanwhile by a concurrent loader, or not ours to remove
             pass
 
 
@@ -265,7 +345,7 @@ def _write_cache_entry(path: Path, spec: TokenizerSpec) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(_rebuild_tokenizer_json(spec))
-    tmp.replace(path)   # atomic: concurrent loaders never read a half-written file
+    tmp.replace(path)  # atomic: concurrent loaders never read a half-written file
     _prune_cache(path, spec.family)
 
 
@@ -273,14 +353,19 @@ def _rebuild(name: str, spec: TokenizerSpec) -> PreTrainedTokenizerFast:
     path = _cache_dir() / f"{spec.family}-{_cache_key(spec)}.json"
     if not path.exists():
         _write_cache_entry(path, spec)
-    kwargs = dict(bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad,
-                  clean_up_tokenization_spaces=False, model_max_length=131072)
+    kwargs = dict(
+        bos_token=spec.bos,
+        eos_token=spec.eos,
+        pad_token=spec.pad,
+        clean_up_tokenization_spaces=False,
+        model_max_length=131072,
+    )
     try:
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path), **kwargs)
     except Exception:
         if path.exists():
             raise
-        _write_cache_entry(path, spec)   # pruned by another process between the check and the read
+        _write_cache_entry(path, spec)  # pruned by another process between the check and the read
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path), **kwargs)
     tok.name_or_path = name
     tok.init_kwargs["xtoken_source"] = "offline-rebuild"
@@ -323,24 +408,39 @@ def load_tokenizer(name_or_path: str, *, source: str = "auto") -> PreTrainedToke
 
 
 # files `save_pretrained` writes for one kind of tokenizer or another; a folder with none of them holds none
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
-                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tekken.json",
+)
 
 
 def _load_directory(folder: Path) -> PreTrainedTokenizerFast:
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise TokenizerNotFound(
             f"no tokenizer files in {folder} (looked for {', '.join(TOKENIZER_FILES[:2])}, ...): pass the folder "
-            f"a tokenizer's save_pretrained() wrote, or a model name such as {next(iter(PAPER_TOKENIZERS))}")
+            f"a tokenizer's save_pretrained() wrote, or a model name such as {next(iter(PAPER_TOKENIZERS))}"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as err:
-        raise TokenizerNotFound(f"could not load a tokenizer from {folder}: {type(err).__name__}: "
-                                f"{' '.join(str(err).split())[:300]}") from err
+        raise TokenizerNotFound(
+            f"could not load a tokenizer from {folder}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        ) from err
 
 
 def _not_found_message(name: str, offline: bool, err: Exception | None = None) -> str:
-    why = "offline mode is on" if offline else f"the Hugging Face Hub could not be reached or has no such repo ({type(err).__name__}: {str(err)[:200]})"
+    why = (
+        "offline mode is on"
+        if offline
+        else f"the Hugging Face Hub could not be reached or has no such repo ({type(err).__name__}: {str(err)[:200]})"
+    )
     return (
         f"No tokenizer {name!r}: it is not a local directory, not in the local Hugging Face cache, "
         f"and {why}.\n"

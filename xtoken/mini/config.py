@@ -22,6 +22,7 @@ variance of a paired difference at n = 200 comes from the test items, not from t
 `smoke` runs every code path in ~3 minutes, almost all of it fixed per-process costs (tokenizer
 loading, lm-eval start-up), not training.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +37,7 @@ class ModelSize:
     hidden: int = 64
     layers: int = 2
     heads: int = 4
-    intermediate: int = 0      # 0 -> 2 * hidden
+    intermediate: int = 0  # 0 -> 2 * hidden
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -46,43 +47,43 @@ class ModelSize:
 class MiniConfig:
     name: str = "mini"
     # ---- corpus ------------------------------------------------------------------------------
-    seed: int = 0                      # corpus seed (world, problems, splits)
-    n_train_arith: int = 6000          # arithmetic word problems in the training split
-    n_train_know: int = 3000           # knowledge documents (biographies + QA) in the training split
-    n_test_arith: int = 1200           # arithmetic test items. Never changes training: the first 200 are the
-                                       # items drawn first from the corpus stream (always held out of training),
-                                       # the rest come from their own stream. 1,200 puts the 3-seed minimum
-                                       # detectable effect at ~1.3 points (~3 at 200) within the time budget
-    n_test_know: int = 200             # knowledge test items, capped at the held-out facts (126 at these world
-                                       # sizes: 252 facts, half of them asked in training). Never changes training
-    n_countries: int = 24              # invented countries of the knowledge world
-    n_people: int = 60                 # invented people of the knowledge world
-    know_qa_train_frac: float = 0.5    # share of facts whose QA form is in train (the rest -> test)
+    seed: int = 0  # corpus seed (world, problems, splits)
+    n_train_arith: int = 6000  # arithmetic word problems in the training split
+    n_train_know: int = 3000  # knowledge documents (biographies + QA) in the training split
+    n_test_arith: int = 1200  # arithmetic test items. Never changes training: the first 200 are the
+    # items drawn first from the corpus stream (always held out of training),
+    # the rest come from their own stream. 1,200 puts the 3-seed minimum
+    # detectable effect at ~1.3 points (~3 at 200) within the time budget
+    n_test_know: int = 200  # knowledge test items, capped at the held-out facts (126 at these world
+    # sizes: 252 facts, half of them asked in training). Never changes training
+    n_countries: int = 24  # invented countries of the knowledge world
+    n_people: int = 60  # invented people of the knowledge world
+    know_qa_train_frac: float = 0.5  # share of facts whose QA form is in train (the rest -> test)
     # ---- models ------------------------------------------------------------------------------
     student: ModelSize = field(default_factory=lambda: ModelSize(64, 2, 4))
-    teacher_llama: ModelSize = field(default_factory=lambda: ModelSize(128, 4, 4))   # "Llama-3.2-3B"
-    teacher_qwen: ModelSize = field(default_factory=lambda: ModelSize(128, 4, 4))    # "Qwen3-4B"
-    teacher_phi: ModelSize = field(default_factory=lambda: ModelSize(128, 4, 4))     # "Phi-4-mini"
-    max_length: int = 160              # tokens per training sequence (longest tokenization fits)
+    teacher_llama: ModelSize = field(default_factory=lambda: ModelSize(128, 4, 4))  # "Llama-3.2-3B"
+    teacher_qwen: ModelSize = field(default_factory=lambda: ModelSize(128, 4, 4))  # "Qwen3-4B"
+    teacher_phi: ModelSize = field(default_factory=lambda: ModelSize(128, 4, 4))  # "Phi-4-mini"
+    max_length: int = 160  # tokens per training sequence (longest tokenization fits)
     # ---- training ----------------------------------------------------------------------------
-    teacher_steps: int = 1000          # the most that fits the 30-minute budget with student_steps (~4 min/teacher)
+    teacher_steps: int = 1000  # the most that fits the 30-minute budget with student_steps (~4 min/teacher)
     teacher_batch: int = 32
     teacher_lr: float = 3e-3
-    base_steps: int = 800              # the base student ("no distillation" row): short CE pre-training
+    base_steps: int = 800  # the base student ("no distillation" row): short CE pre-training
     base_lr: float = 3e-3
-    student_steps: int = 450           # every grid run (CE-only and KD alike); 600 would take ~45 minutes in all
+    student_steps: int = 450  # every grid run (CE-only and KD alike); 600 would take ~45 minutes in all
     student_batch: int = 16
     student_lr: float = 1e-3
     warmup_ratio: float = 0.05
-    kd_weight: float = 1.0             # loss = CE + kd_weight * KD (static; fixed before any KD result)
-    dynamic_kd_scale: bool = False     # the paper's KD*stopgrad(CE/KD); off: at this scale it swamps CE
-    projection_lr: float = 1e-2        # learned-W rows (setting pkl_learned_qwen3): Adam lr of the softmax parameters,
-                                       # fixed before that row ran (the trainer's default; same schedule as the student)
-    teacher_mix: dict = field(default_factory=dict)   # teacher name -> {"arithmetic": w, "knowledge": w}
+    kd_weight: float = 1.0  # loss = CE + kd_weight * KD (static; fixed before any KD result)
+    dynamic_kd_scale: bool = False  # the paper's KD*stopgrad(CE/KD); off: at this scale it swamps CE
+    projection_lr: float = 1e-2  # learned-W rows (setting pkl_learned_qwen3): Adam lr of the softmax parameters,
+    # fixed before that row ran (the trainer's default; same schedule as the student)
+    teacher_mix: dict = field(default_factory=dict)  # teacher name -> {"arithmetic": w, "knowledge": w}
     # ---- grid --------------------------------------------------------------------------------
     seeds: tuple = (0, 1, 2)
-    workers: int = 2                   # worker processes, 1 torch thread each
-    diag_every: int = 50               # steps between numeral-mass diagnostics
+    workers: int = 2  # worker processes, 1 torch thread each
+    diag_every: int = 50  # steps between numeral-mass diagnostics
     eval_batch_size: int = 64
     max_gen_toks: int = 48
     pilot_measurements: dict = field(default_factory=dict)
@@ -96,11 +97,28 @@ class MiniConfig:
             cfg = cls(name="pilot", seeds=(0,))
         elif name == "smoke":
             cfg = cls(
-                name="smoke", n_train_arith=200, n_train_know=100, n_test_arith=16, n_test_know=16, n_countries=6, n_people=10,
-                student=ModelSize(32, 1, 2), teacher_llama=ModelSize(32, 1, 2), teacher_qwen=ModelSize(32, 1, 2),
-                teacher_phi=ModelSize(32, 1, 2), teacher_steps=4, teacher_batch=8, base_steps=3,
-                student_steps=4, student_batch=4, seeds=(0,), workers=1, diag_every=2,
-                eval_batch_size=16, max_gen_toks=24)
+                name="smoke",
+                n_train_arith=200,
+                n_train_know=100,
+                n_test_arith=16,
+                n_test_know=16,
+                n_countries=6,
+                n_people=10,
+                student=ModelSize(32, 1, 2),
+                teacher_llama=ModelSize(32, 1, 2),
+                teacher_qwen=ModelSize(32, 1, 2),
+                teacher_phi=ModelSize(32, 1, 2),
+                teacher_steps=4,
+                teacher_batch=8,
+                base_steps=3,
+                student_steps=4,
+                student_batch=4,
+                seeds=(0,),
+                workers=1,
+                diag_every=2,
+                eval_batch_size=16,
+                max_gen_toks=24,
+            )
         else:
             raise ValueError(f"unknown preset {name!r}: mini, pilot or smoke")
         for k, v in overrides.items():

@@ -31,32 +31,106 @@ Deterministic given the seed (Python's `random.Random(seed)` only). `build_corpu
 every text tokenizes, under every tokenizer given, into the kept ids of its restricted vocabulary
 (`xtoken.mini.models.keep_ids_for`) and raises `CorpusOutOfVocab` if not.
 """
+
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
 
-__all__ = ["make_corpus", "save_corpus", "load_corpus", "write_task_files", "CorpusOutOfVocab",
-           "SKILLS", "ANSWER_MARK", "RESERVED_ARITH", "arithmetic_test_items"]
+__all__ = [
+    "make_corpus",
+    "save_corpus",
+    "load_corpus",
+    "write_task_files",
+    "CorpusOutOfVocab",
+    "SKILLS",
+    "ANSWER_MARK",
+    "RESERVED_ARITH",
+    "arithmetic_test_items",
+]
 
 SKILLS = ("arithmetic", "knowledge")
 ANSWER_MARK = "#### "
-END = "\n\n"   # end of every text (and the generation stop sequence)
+END = "\n\n"  # end of every text (and the generation stop sequence)
 
 
 class CorpusOutOfVocab(ValueError):
     """A corpus text tokenizes into an id outside a restricted vocabulary."""
 
 
-_NAMES = ["Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Eva", "Tom", "Amy", "Jay", "Kim", "Ray", "Lia", "Dan"]
-_THINGS = ["apples", "shells", "coins", "books", "stamps", "marbles", "cards", "beads", "pens", "eggs",
-           "bricks", "seeds"]
-_PLACES = {"apples": "basket", "shells": "box", "coins": "jar", "books": "shelf", "stamps": "album",
-           "marbles": "bag", "cards": "deck", "beads": "tin", "pens": "cup", "eggs": "crate", "bricks": "pile",
-           "seeds": "pot"}
-_SYL = ["ka", "lo", "mi", "ra", "ven", "tor", "sel", "dun", "bri", "zo", "qua", "mar", "fen", "li", "gor",
-        "tha", "nu", "pel", "vas", "dre", "ol", "ix", "sha", "rin"]
+_NAMES = [
+    "Mia",
+    "Leo",
+    "Ava",
+    "Sam",
+    "Zoe",
+    "Max",
+    "Ivy",
+    "Ben",
+    "Eva",
+    "Tom",
+    "Amy",
+    "Jay",
+    "Kim",
+    "Ray",
+    "Lia",
+    "Dan",
+]
+_THINGS = [
+    "apples",
+    "shells",
+    "coins",
+    "books",
+    "stamps",
+    "marbles",
+    "cards",
+    "beads",
+    "pens",
+    "eggs",
+    "bricks",
+    "seeds",
+]
+_PLACES = {
+    "apples": "basket",
+    "shells": "box",
+    "coins": "jar",
+    "books": "shelf",
+    "stamps": "album",
+    "marbles": "bag",
+    "cards": "deck",
+    "beads": "tin",
+    "pens": "cup",
+    "eggs": "crate",
+    "bricks": "pile",
+    "seeds": "pot",
+}
+_SYL = [
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ven",
+    "tor",
+    "sel",
+    "dun",
+    "bri",
+    "zo",
+    "qua",
+    "mar",
+    "fen",
+    "li",
+    "gor",
+    "tha",
+    "nu",
+    "pel",
+    "vas",
+    "dre",
+    "ol",
+    "ix",
+    "sha",
+    "rin",
+]
 _PROFESSIONS = ["baker", "pilot", "farmer", "doctor", "painter", "teacher", "sailor", "miner", "singer", "judge"]
 _LANGUAGES = ["Vessic", "Orlan", "Tamik", "Brelish", "Quorin", "Ulmic"]
 
@@ -89,8 +163,10 @@ def arithmetic_item(rng: random.Random) -> dict:
         while b == a:
             b = _num(rng)
         more = rng.random() < 0.5
-        q = (f"{who} has {a} {thing} and {other} has {b} {thing}. "
-             f"How many {thing} does the one with {'more' if more else 'fewer'} {thing} have?")
+        q = (
+            f"{who} has {a} {thing} and {other} has {b} {thing}. "
+            f"How many {thing} does the one with {'more' if more else 'fewer'} {thing} have?"
+        )
         hi, lo = max(a, b), min(a, b)
         steps = [f"{hi} is more than {lo}."]
         ans = hi if more else lo
@@ -115,8 +191,13 @@ def arithmetic_item(rng: random.Random) -> dict:
             cur += m
         ans = cur
     assert 0 <= ans <= 999
-    return {"skill": "arithmetic", "kind": kind, "question": q,
-            "text": q + "\n" + "\n".join(steps) + f"\n{ANSWER_MARK}{ans}", "answer": str(ans)}
+    return {
+        "skill": "arithmetic",
+        "kind": kind,
+        "question": q,
+        "text": q + "\n" + "\n".join(steps) + f"\n{ANSWER_MARK}{ans}",
+        "answer": str(ans),
+    }
 
 
 def make_world(seed: int, n_countries: int, n_people: int) -> dict:
@@ -129,15 +210,28 @@ def make_world(seed: int, n_countries: int, n_people: int) -> dict:
             if w not in used:
                 used.add(w)
                 return w
+
     used: set = set()
     countries = []
     for _ in range(n_countries):
-        countries.append({"name": word(2, used), "capital": word(2, used), "population": rng.randint(10, 999),
-                          "language": rng.choice(_LANGUAGES)})
+        countries.append(
+            {
+                "name": word(2, used),
+                "capital": word(2, used),
+                "population": rng.randint(10, 999),
+                "language": rng.choice(_LANGUAGES),
+            }
+        )
     people = []
     for _ in range(n_people):
-        people.append({"name": f"{word(2, used)} {word(2, used)}", "age": rng.randint(18, 99),
-                       "profession": rng.choice(_PROFESSIONS), "country": rng.choice(countries)["name"]})
+        people.append(
+            {
+                "name": f"{word(2, used)} {word(2, used)}",
+                "age": rng.randint(18, 99),
+                "profession": rng.choice(_PROFESSIONS),
+                "country": rng.choice(countries)["name"],
+            }
+        )
     return {"countries": countries, "people": people}
 
 
@@ -151,8 +245,11 @@ _Q = {  # attribute -> (question template, answer key)
 }
 _STATE = {
     "capital": ["The capital of {name} is {v}.", "{v} is the capital of {name}.", "{name} has its capital at {v}."],
-    "population": ["{name} has {v} thousand people.", "About {v} thousand people live in {name}.",
-                   "The population of {name} is {v} thousand."],
+    "population": [
+        "{name} has {v} thousand people.",
+        "About {v} thousand people live in {name}.",
+        "The population of {name} is {v} thousand.",
+    ],
     "language": ["People in {name} speak {v}.", "The language of {name} is {v}.", "{v} is spoken in {name}."],
     "age": ["{name} is {v} years old.", "The age of {name} is {v}.", "{name} turned {v} this year."],
     "profession": ["{name} works as a {v}.", "{name} is a {v} by trade.", "The job of {name} is {v}."],
@@ -188,12 +285,11 @@ def knowledge_items(rng: random.Random, world: dict, n_train: int, n_test: int, 
     entities = sorted(by_entity)
     train = []
     n_docs = n_train - len(qa_train) if n_train > len(qa_train) else n_train // 2
-    for i in range(n_docs):   # paragraphs stating every fact of an entity, paraphrased and shuffled
+    for i in range(n_docs):  # paragraphs stating every fact of an entity, paraphrased and shuffled
         name = entities[i % len(entities)]
         sents = [rng.choice(_STATE[a]).format(name=name, v=v) for a, v in by_entity[name]]
         rng.shuffle(sents)
-        train.append({"skill": "knowledge", "kind": "statement", "question": "", "text": " ".join(sents),
-                      "answer": ""})
+        train.append({"skill": "knowledge", "kind": "statement", "question": "", "text": " ".join(sents), "answer": ""})
     for f in qa_train:
         train.append(_qa(*f))
     train = train[:n_train] if n_train >= len(qa_train) else train
@@ -245,7 +341,7 @@ def make_corpus(cfg, tokenizers: dict | None = None, keep: dict | None = None):
     arith_train = []
     while len(arith_train) < cfg.n_train_arith:
         it = arithmetic_item(rng)
-        if it["question"] not in reserved_q:   # no reserved (test) question seen in training
+        if it["question"] not in reserved_q:  # no reserved (test) question seen in training
             arith_train.append(it)
     world = make_world(cfg.seed, cfg.n_countries, cfg.n_people)
     know_train, know_test = knowledge_items(rng, world, cfg.n_train_know, cfg.n_test_know, cfg.know_qa_train_frac)
@@ -253,17 +349,19 @@ def make_corpus(cfg, tokenizers: dict | None = None, keep: dict | None = None):
     rng.shuffle(train)
     arith_test = arithmetic_test_items(cfg.seed, cfg.n_test_arith, reserved, {it["question"] for it in arith_train})
     test = arith_test + know_test
-    for r in train + test:   # every document ends with a blank line: lm-eval's stop sequence
+    for r in train + test:  # every document ends with a blank line: lm-eval's stop sequence
         r["text"] = r["text"] + END
     for i, r in enumerate(train):
         r["idx"] = i
     for i, r in enumerate(test):
         r["idx"] = i
     cols = ["idx", "skill", "kind", "question", "text", "answer"]
-    dd = DatasetDict({
-        "train": Dataset.from_dict({c: [r[c] for r in train] for c in cols}),
-        "test": Dataset.from_dict({c: [r[c] for r in test] for c in cols}),
-    })
+    dd = DatasetDict(
+        {
+            "train": Dataset.from_dict({c: [r[c] for r in train] for c in cols}),
+            "test": Dataset.from_dict({c: [r[c] for r in test] for c in cols}),
+        }
+    )
     if tokenizers:
         check_vocab(dd, tokenizers, keep)
     return dd
@@ -272,7 +370,7 @@ def make_corpus(cfg, tokenizers: dict | None = None, keep: dict | None = None):
 def all_texts(dd) -> list[str]:
     out = []
     for split in dd.values():
-        out += list(split["text"]) + [q + "\n" for q in split["question"] if q]   # prompts as lm-eval sends them
+        out += list(split["text"]) + [q + "\n" for q in split["question"] if q]  # prompts as lm-eval sends them
     return out
 
 
@@ -283,8 +381,10 @@ def check_vocab(dd, tokenizers: dict, keep: dict) -> None:
         for ids, text in zip(tok(texts, add_special_tokens=False)["input_ids"], texts):
             bad = [i for i in ids if i not in kept]
             if bad:
-                raise CorpusOutOfVocab(f"{name}: {text!r} uses ids {bad[:5]} ({tok.convert_ids_to_tokens(bad[:5])}) "
-                                       f"outside its restricted vocabulary")
+                raise CorpusOutOfVocab(
+                    f"{name}: {text!r} uses ids {bad[:5]} ({tok.convert_ids_to_tokens(bad[:5])}) "
+                    f"outside its restricted vocabulary"
+                )
 
 
 def save_corpus(dd, out_dir) -> Path:
@@ -295,6 +395,7 @@ def save_corpus(dd, out_dir) -> Path:
 
 def load_corpus(out_dir):
     from datasets import load_from_disk
+
     p = Path(out_dir)
     return load_from_disk(str(p / "corpus" if (p / "corpus").exists() else p))
 
@@ -310,7 +411,17 @@ def write_task_files(dd, out_dir) -> dict:
         with p.open("w") as f:
             for r in test:
                 if r["skill"] == skill:
-                    f.write(json.dumps({"idx": r["idx"], "kind": r["kind"], "question": r["question"],
-                                        "answer": r["answer"], "text": r["text"]}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "idx": r["idx"],
+                                "kind": r["kind"],
+                                "question": r["question"],
+                                "answer": r["answer"],
+                                "text": r["text"],
+                            }
+                        )
+                        + "\n"
+                    )
         paths[skill] = str(p)
     return paths

@@ -1,9 +1,9 @@
 """Diagnostics of the mechanism (the paper's Proposition 1) and of a learned W:
 
-  numeral_mass          the student's probability mass on multi-digit numeral tokens at positions whose next
-                        token is a numeral, on a fixed probe batch (logged during training by NumeralMassCallback)
-  digit_split_fraction  the fraction of multi-digit numbers the student generates digit by digit
-  learned_w_summary     how far a learned W's rows moved"""
+numeral_mass          the student's probability mass on multi-digit numeral tokens at positions whose next
+                      token is a numeral, on a fixed probe batch (logged during training by NumeralMassCallback)
+digit_split_fraction  the fraction of multi-digit numbers the student generates digit by digit
+learned_w_summary     how far a learned W's rows moved"""
 
 from __future__ import annotations
 
@@ -54,10 +54,9 @@ def digit_split_fraction(model, tok, prompts, max_new_tokens=32, batch=32) -> di
     model.eval()
     try:
         for a in range(0, len(prompts), batch):
-            enc = tok(prompts[a:a + batch], return_tensors="pt", padding=True)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-            for row in out[:, enc.input_ids.shape[1]:].tolist():
+            enc = tok(prompts[a : a + batch], return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            for row in out[:, enc.input_ids.shape[1] :].tolist():
                 run = []
                 for i in row + [-1]:
                     d = digits[i] if 0 <= i < v else None
@@ -73,8 +72,12 @@ def digit_split_fraction(model, tok, prompts, max_new_tokens=32, batch=32) -> di
                     run = []
     finally:
         tok.padding_side = side
-    return {"digit_split": split / total if total else float("nan"), "numbers": total,
-            "single_digit": single / numbers if numbers else float("nan"), "all_numbers": numbers}
+    return {
+        "digit_split": split / total if total else float("nan"),
+        "numbers": total,
+        "single_digit": single / numbers if numbers else float("nan"),
+        "all_numbers": numbers,
+    }
 
 
 def NumeralMassCallback(tok, texts, every: int):
@@ -88,6 +91,7 @@ def NumeralMassCallback(tok, texts, every: int):
         def on_step_end(self, args, state, control, model=None, **kw):
             if state.global_step % every == 0 or state.global_step == 1:
                 self.history.append((state.global_step, numeral_mass(model, tok, texts)))
+
     return _CB()
 
 
@@ -96,17 +100,29 @@ def learned_w_summary(lp, student_vocab, teacher_vocab, n: int = 12) -> dict:
     among them, and the ``n`` rows that moved most as readable strings (student token -> teacher tokens,
     weights before -> after)."""
     import numpy as np
+
     dist = lp.row_changes()
     s_str = lambda i: student_vocab.tok.convert_ids_to_tokens(int(i))
     t_str = lambda i: teacher_vocab.tok.convert_ids_to_tokens(int(i))
     is_num = np.array([s_str(r).lstrip("Ġ").isdigit() for r in lp.rows.tolist()], dtype=bool)
     top = []
     for m in lp.moved_rows(n):
-        top.append({"student": s_str(m["row"]), "teacher": [t_str(t) for t in m["teacher_ids"]],
-                    "before": [round(x, 4) for x in m["before"]], "after": [round(x, 4) for x in m["after"]],
-                    "l1_change": round(m["l1_change"], 4)})
+        top.append(
+            {
+                "student": s_str(m["row"]),
+                "teacher": [t_str(t) for t in m["teacher_ids"]],
+                "before": [round(x, 4) for x in m["before"]],
+                "after": [round(x, 4) for x in m["after"]],
+                "l1_change": round(m["l1_change"], 4),
+            }
+        )
     d = dist.numpy()
-    return {"trainable_rows": int(len(d)), "numeral_rows": int(is_num.sum()),
-            "mean_l1_change": float(d.mean()) if len(d) else 0.0, "max_l1_change": float(d.max()) if len(d) else 0.0,
-            "mean_l1_change_numerals": float(d[is_num].mean()) if is_num.any() else 0.0,
-            "mean_l1_change_other": float(d[~is_num].mean()) if (~is_num).any() else 0.0, "top_moved": top}
+    return {
+        "trainable_rows": int(len(d)),
+        "numeral_rows": int(is_num.sum()),
+        "mean_l1_change": float(d.mean()) if len(d) else 0.0,
+        "max_l1_change": float(d.max()) if len(d) else 0.0,
+        "mean_l1_change_numerals": float(d[is_num].mean()) if is_num.any() else 0.0,
+        "mean_l1_change_other": float(d[~is_num].mean()) if (~is_num).any() else 0.0,
+        "top_moved": top,
+    }

@@ -45,8 +45,27 @@ from .settings import (
 )
 from .training import evaluate_model, load_vocabs, train_model
 
-__all__ = ["build_corpus", "load_vocabs", "train_model", "train_teachers", "train_base_student",
-           "evaluate_model", "build_teacher_caches", "Setting", "SINGLE_TEACHER_SETTINGS",
-           "multi_teacher_settings", "single_teacher_settings", "run_grid", "results_table", "learned_w_summary",
-           "numeral_mass", "digit_split_fraction", "NumeralMassCallback", "TEACHERS", "TEACHER_LABEL", "run_one",
-           "prepare", "w_groups"]
+__all__ = [
+    "build_corpus",
+    "load_vocabs",
+    "train_model",
+    "train_teachers",
+    "train_base_student",
+    "evaluate_model",
+    "build_teacher_caches",
+    "Setting",
+    "SINGLE_TEACHER_SETTINGS",
+    "multi_teacher_settings",
+    "single_teacher_settings",
+    "run_grid",
+    "results_table",
+    "learned_w_summary",
+    "numeral_mass",
+    "digit_split_fraction",
+    "NumeralMassCallback",
+    "TEACHERS",
+    "TEACHER_LABEL",
+    "run_one",
+    "prepare",
+    "w_groups",
+]

@@ -20,6 +20,7 @@ restricted vocabulary.)
 
 Diagnostics for notebook 03 (where greedy answers go wrong): `error_breakdown`, `w_first_token_groups`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,31 +29,50 @@ import torch
 
 from .corpus import ANSWER_MARK, END
 
-__all__ = ["solution_of", "teacher_forced", "samples_table", "score_items", "error_breakdown",
-           "w_first_token_groups", "ITEM_COLUMNS"]
+__all__ = [
+    "solution_of",
+    "teacher_forced",
+    "samples_table",
+    "score_items",
+    "error_breakdown",
+    "w_first_token_groups",
+    "ITEM_COLUMNS",
+]
 
-ITEM_COLUMNS = ["skill", "item", "idx", "kind", "gold", "pred", "exact_match", "solution_match", "logp_solution",
-                "logp_answer", "n_solution", "n_answer"]
+ITEM_COLUMNS = [
+    "skill",
+    "item",
+    "idx",
+    "kind",
+    "gold",
+    "pred",
+    "exact_match",
+    "solution_match",
+    "logp_solution",
+    "logp_answer",
+    "n_solution",
+    "n_answer",
+]
 
 
 def solution_of(text: str, question: str) -> str:
     """The gold solution of a test item: its text after ``question + "\\n"``, without the closing blank line."""
     if not text.startswith(question + "\n"):
         raise ValueError(f"text does not start with its question: {text[:60]!r}")
-    sol = text[len(question) + 1:]
-    return sol[:-len(END)] if sol.endswith(END) else sol
+    sol = text[len(question) + 1 :]
+    return sol[: -len(END)] if sol.endswith(END) else sol
 
 
 @torch.no_grad()
 def teacher_forced(model, tok, questions, solutions, batch: int = 256) -> pd.DataFrame:
     """log p(solution | question) and log p(answer line | question, steps) per item, in batches of one forward
     pass each (right padding). Returns columns logp_solution, logp_answer, n_solution, n_answer."""
-    prompts = tok([q + "\n" for q in questions])["input_ids"]                  # as lm-eval encodes the context
+    prompts = tok([q + "\n" for q in questions])["input_ids"]  # as lm-eval encodes the context
     conts = tok(list(solutions), add_special_tokens=False, return_offsets_mapping=True)
     full = tok([q + "\n" + s for q, s in zip(questions, solutions)])["input_ids"]
     seqs, starts, ans_starts = [], [], []
     for p, c, offs, f, sol in zip(prompts, conts["input_ids"], conts["offset_mapping"], full, solutions):
-        if p + c != f:        # not the training text's ids: no teacher-forced score for this item
+        if p + c != f:  # not the training text's ids: no teacher-forced score for this item
             seqs.append(None)
             starts.append(0)
             ans_starts.append(0)
@@ -68,22 +88,26 @@ def teacher_forced(model, tok, questions, solutions, batch: int = 256) -> pd.Dat
     out = {"logp_solution": [], "logp_answer": [], "n_solution": [], "n_answer": []}
     try:
         order = sorted((i for i in range(len(seqs)) if seqs[i] is not None), key=lambda i: len(seqs[i]))
-        res = [(float("nan"), float("nan"), 0, 0)] * len(seqs)                 # batches of similar lengths
+        res = [(float("nan"), float("nan"), 0, 0)] * len(seqs)  # batches of similar lengths
         for a in range(0, len(order), batch):
-            idx = order[a:a + batch]
+            idx = order[a : a + batch]
             L = max(len(seqs[i]) for i in idx)
             ids = torch.full((len(idx), L), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), L), dtype=torch.long)
             for r, i in enumerate(idx):
-                ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
-                mask[r, :len(seqs[i])] = 1
+                ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+                mask[r, : len(seqs[i])] = 1
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-            tok_lp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]         # log p(token t+1 | tokens <= t)
+            tok_lp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # log p(token t+1 | tokens <= t)
             for r, i in enumerate(idx):
                 n = len(seqs[i])
-                lp = tok_lp[r, :n - 1]
-                res[i] = (float(lp[starts[i] - 1:].sum()), float(lp[ans_starts[i] - 1:].sum()),
-                          n - starts[i], n - ans_starts[i])
+                lp = tok_lp[r, : n - 1]
+                res[i] = (
+                    float(lp[starts[i] - 1 :].sum()),
+                    float(lp[ans_starts[i] - 1 :].sum()),
+                    n - starts[i],
+                    n - ans_starts[i],
+                )
     finally:
         model.train(was)
     for r in res:
@@ -102,10 +126,21 @@ def samples_table(raw: dict, skills=("arithmetic", "knowledge"), prefix: str = "
             gen = s["resps"][0][0]
             pred = s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"]
             sol = solution_of(doc["text"], doc["question"])
-            rows.append({"skill": skill, "item": int(s["doc_id"]), "idx": int(doc["idx"]), "kind": doc["kind"],
-                         "gold": str(doc["answer"]), "pred": str(pred), "exact_match": float(s["exact_match"]),
-                         "solution_match": float(gen.strip() == sol.strip()), "generation": gen,
-                         "question": doc["question"], "solution": sol})
+            rows.append(
+                {
+                    "skill": skill,
+                    "item": int(s["doc_id"]),
+                    "idx": int(doc["idx"]),
+                    "kind": doc["kind"],
+                    "gold": str(doc["answer"]),
+                    "pred": str(pred),
+                    "exact_match": float(s["exact_match"]),
+                    "solution_match": float(gen.strip() == sol.strip()),
+                    "generation": gen,
+                    "question": doc["question"],
+                    "solution": sol,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -118,6 +153,7 @@ def score_items(lm, raw: dict, batch: int = 256) -> pd.DataFrame:
 
 
 # ---- diagnostics: where greedy answers go wrong --------------------------------------------------------------
+
 
 def _first_diff(gold: str, pred: str) -> str:
     """Which digit of a wrong numeral answer differs first: 'hundreds' / 'tens' / 'units' (place value, same
@@ -162,15 +198,21 @@ def error_breakdown(items: pd.DataFrame, settings, groups: dict | None = None) -
     by_kind = (100 * ar.pivot_table(index="kind", columns="setting", values="exact_match", aggfunc="mean"))[order]
     wrong = ar[ar.exact_match == 0].copy()
     wrong["where"] = [_first_diff(g, p) for g, p in zip(wrong.gold, wrong.pred)]
-    by_digit = (100 * pd.crosstab(wrong["where"], wrong.setting, normalize="columns")).reindex(
-        ["hundreds", "tens", "units", "length", "not a number"]).fillna(0)[order]
+    by_digit = (
+        (100 * pd.crosstab(wrong["where"], wrong.setting, normalize="columns"))
+        .reindex(["hundreds", "tens", "units", "length", "not a number"])
+        .fillna(0)[order]
+    )
     num = wrong[wrong.pred.str.isdigit()]
     grp = {}
     for s in order:
         g = num[num.setting == s]
-        row = {"wrong numeral answers": len(g),
-               "same first digit as gold (%)": 100 * float(np.mean([a[0] == b[0] for a, b in zip(g.gold, g.pred)]))
-               if len(g) else float("nan")}
+        row = {
+            "wrong numeral answers": len(g),
+            "same first digit as gold (%)": 100 * float(np.mean([a[0] == b[0] for a, b in zip(g.gold, g.pred)]))
+            if len(g)
+            else float("nan"),
+        }
         if groups:
             inn = [groups.get(a) is not None and groups.get(a) == groups.get(b) for a, b in zip(g.gold, g.pred)]
             row["same W top teacher token as gold (%)"] = 100 * float(np.mean(inn)) if len(g) else float("nan")

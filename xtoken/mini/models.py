@@ -21,6 +21,7 @@ Families (the paper's models -> the HF class used here):
     qwen3     Qwen3-4B            Qwen3ForCausalLM  (digits split one by one)
     phi       Phi-4-mini-instruct Phi3ForCausalLM   (o200k: digits packed by 1-3 like Llama)
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["restrict_tokenizer", "keep_ids_for", "numeral_strings", "build_model", "save_model", "load_model",
-           "LocalVocab", "FAMILY_TOKENIZER", "VOCAB_FILE"]
+__all__ = [
+    "restrict_tokenizer",
+    "keep_ids_for",
+    "numeral_strings",
+    "build_model",
+    "save_model",
+    "load_model",
+    "LocalVocab",
+    "FAMILY_TOKENIZER",
+    "VOCAB_FILE",
+]
 
 VOCAB_FILE = "xtoken_vocab.json"
 FAMILY_TOKENIZER = {"student": "llama", "llama": "llama", "qwen3": "qwen3", "phi": "phi"}
@@ -91,16 +101,23 @@ def restrict_tokenizer(tok, keep_ids):
         if p.get("type") == "TemplateProcessing":
             for v in p["special_tokens"].values():
                 v["ids"] = [full_to_local[i] for i in v["ids"]]
+
     fix_post(spec.get("post_processor"))
 
     from tokenizers import Tokenizer
+
     backend = Tokenizer.from_str(json.dumps(spec))
-    pad = tok.pad_token if tok.pad_token is not None else tok.eos_token   # Llama has no pad: use eos
-    local = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=tok.bos_token, eos_token=tok.eos_token,
-                                    pad_token=pad, clean_up_tokenization_spaces=False,
-                                    model_max_length=tok.model_max_length)
+    pad = tok.pad_token if tok.pad_token is not None else tok.eos_token  # Llama has no pad: use eos
+    local = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        pad_token=pad,
+        clean_up_tokenization_spaces=False,
+        model_max_length=tok.model_max_length,
+    )
     local.name_or_path = f"{tok.name_or_path}@restricted{len(keep)}"
-    local_to_full = torch.tensor(order[:len(keep)], dtype=torch.long)
+    local_to_full = torch.tensor(order[: len(keep)], dtype=torch.long)
     return local, local_to_full
 
 
@@ -120,13 +137,18 @@ class LocalVocab:
     def full_tok(self):
         if self._full_tok is None:
             from xtoken import load_tokenizer
+
             self._full_tok = load_tokenizer(self.name)
         return self._full_tok
 
     def to_json(self) -> dict:
         from xtoken.tokenizers import resolve_name
-        return {"family_tokenizer": self.name, "full_tokenizer": resolve_name(self.name),
-                "local_to_full": self.local_to_full.tolist()}
+
+        return {
+            "family_tokenizer": self.name,
+            "full_tokenizer": resolve_name(self.name),
+            "local_to_full": self.local_to_full.tolist(),
+        }
 
     def save(self, d) -> Path:
         d = Path(d)
@@ -139,9 +161,12 @@ class LocalVocab:
     def load(cls, d) -> "LocalVocab":
         """Read a saved restricted tokenizer (fast: no re-restriction; the full one loads on demand)."""
         from transformers import AutoTokenizer
+
         d = Path(d)
         info = json.loads((d / VOCAB_FILE).read_text())
-        return cls(info["family_tokenizer"], None, info["local_to_full"], local_tok=AutoTokenizer.from_pretrained(str(d)))
+        return cls(
+            info["family_tokenizer"], None, info["local_to_full"], local_tok=AutoTokenizer.from_pretrained(str(d))
+        )
 
 
 def build_model(family: str, size, vocab_size: int, tok, *, seed: int = 0, max_positions: int = 512):
@@ -150,10 +175,19 @@ def build_model(family: str, size, vocab_size: int, tok, *, seed: int = 0, max_p
 
     torch.manual_seed(seed)
     inter = size.intermediate or 2 * size.hidden
-    common = dict(vocab_size=vocab_size, hidden_size=size.hidden, num_hidden_layers=size.layers,
-                  num_attention_heads=size.heads, num_key_value_heads=size.heads, intermediate_size=inter,
-                  max_position_embeddings=max_positions, tie_word_embeddings=True,
-                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=size.hidden,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        intermediate_size=inter,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     if family in ("student", "llama"):
         cfg, cls = LlamaConfig(**common), LlamaForCausalLM
     elif family == "qwen3":
@@ -178,6 +212,7 @@ def save_model(model, vocab: LocalVocab, out_dir, extra: dict | None = None) -> 
 def load_model(model_dir):
     """(model, local tokenizer, local_to_full LongTensor, vocab json) from a directory `save_model` wrote."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     d = Path(model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(d))
     tok = AutoTokenizer.from_pretrained(str(d))

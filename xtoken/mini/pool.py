@@ -43,6 +43,7 @@ def _pool_dag(fn, jobs, keys, deps, workers, desc=None):
     count as done); among the ready jobs the earliest in the list goes first. Worker processes live for
     the whole call, so per-process state (`_worker_state`) is reused by their later jobs."""
     from tqdm.auto import tqdm
+
     known = set(keys)
     deps = [set(d) & known for d in deps]
     results, started, done = [None] * len(jobs), set(), set()
@@ -65,11 +66,13 @@ def _pool_dag(fn, jobs, keys, deps, workers, desc=None):
             return results
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
-                                 initializer=_threads) as pool:
+
+        with ProcessPoolExecutor(
+            min(workers, len(jobs)), mp_context=mp.get_context("spawn"), initializer=_threads
+        ) as pool:
             running = {}
             while len(done) < len(jobs):
-                for i in ready()[:max(0, workers - len(running))]:
+                for i in ready()[: max(0, workers - len(running))]:
                     started.add(i)
                     running[pool.submit(fn, jobs[i])] = i
                 if not running:
@@ -77,7 +80,7 @@ def _pool_dag(fn, jobs, keys, deps, workers, desc=None):
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in finished:
                     i = running.pop(f)
-                    results[i] = f.result()          # a failed job raises here, naming its error
+                    results[i] = f.result()  # a failed job raises here, naming its error
                     done.add(keys[i])
                     bar.update()
         return results

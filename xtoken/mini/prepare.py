@@ -30,6 +30,7 @@ def build_corpus(cfg: MiniConfig, out_dir) -> dict:
 
 def _build_corpus(cfg: MiniConfig, out_dir) -> dict:
     from xtoken import load_tokenizer
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dd = make_corpus(cfg)
@@ -37,6 +38,7 @@ def _build_corpus(cfg: MiniConfig, out_dir) -> dict:
     full = {name: load_tokenizer(name) for name in ("llama", "qwen3", "phi")}
     keep = {name: keep_ids_for(train_texts, tok) for name, tok in full.items()}
     from .corpus import check_vocab
+
     check_vocab(dd, full, {k: set(v) for k, v in keep.items()})
     save_corpus(dd, out)
     tasks = write_task_files(dd, out)
@@ -46,8 +48,13 @@ def _build_corpus(cfg: MiniConfig, out_dir) -> dict:
         v.save(out / "vocab" / name)
         sizes[name] = v.size
     (out / "config.json").write_text(cfg.to_json())
-    return {"corpus": str(out / "corpus"), "tasks": tasks, "vocab_sizes": sizes,
-            "n_train": len(dd["train"]), "n_test": len(dd["test"])}
+    return {
+        "corpus": str(out / "corpus"),
+        "tasks": tasks,
+        "vocab_sizes": sizes,
+        "n_train": len(dd["train"]),
+        "n_test": len(dd["test"]),
+    }
 
 
 def _mixed(dataset, mix: dict | None, seed: int):
@@ -55,6 +62,7 @@ def _mixed(dataset, mix: dict | None, seed: int):
     if not mix:
         return dataset
     import random
+
     rng = random.Random(seed)
     keep = [i for i, s in enumerate(dataset["skill"]) if rng.random() < float(mix.get(s, 1.0))]
     return dataset.select(keep)
@@ -74,13 +82,30 @@ def _train_one_teacher_logged(args):
     ds = _mixed(load_corpus(out)["train"], cfg.teacher_mix.get(name), cfg.seed)
     model = build_model(name, cfg.teacher_size(name), vocab.size, vocab.tok, seed=cfg.seed + 100)
     d = out / "teachers" / name
-    info = train_model(model, vocab.tok, ds, d / "trainer", steps=cfg.teacher_steps, batch=cfg.teacher_batch,
-                       lr=cfg.teacher_lr, seed=cfg.seed, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio)
+    info = train_model(
+        model,
+        vocab.tok,
+        ds,
+        d / "trainer",
+        steps=cfg.teacher_steps,
+        batch=cfg.teacher_batch,
+        lr=cfg.teacher_lr,
+        seed=cfg.seed,
+        max_length=cfg.max_length,
+        warmup_ratio=cfg.warmup_ratio,
+    )
     save_model(model, vocab, d, extra={"role": "teacher", "family": name})
     scores = evaluate_model(d, out, cfg)
-    row = {"teacher": name, "label": TEACHER_LABEL[name], "params": sum(p.numel() for p in model.parameters()),
-           "vocab": vocab.size, **{s: scores[s] for s in SKILLS}, "train_wall_s": info["wall_s"],
-           "eval_wall_s": scores["eval_wall_s"], "final_loss": info["final"].get("loss")}
+    row = {
+        "teacher": name,
+        "label": TEACHER_LABEL[name],
+        "params": sum(p.numel() for p in model.parameters()),
+        "vocab": vocab.size,
+        **{s: scores[s] for s in SKILLS},
+        "train_wall_s": info["wall_s"],
+        "eval_wall_s": scores["eval_wall_s"],
+        "final_loss": info["final"].get("loss"),
+    }
     (d / "result.json").write_text(json.dumps(dict(row, log_history=info["log_history"]), indent=1))
     return row
 
@@ -88,8 +113,10 @@ def _train_one_teacher_logged(args):
 def train_teachers(cfg: MiniConfig, out_dir, names=TEACHERS, workers=None):
     """Train (CE only) and evaluate each teacher; DataFrame with per-skill exact match and wall time."""
     import pandas as pd
-    rows = _pool_map(_train_one_teacher, [(cfg.to_dict(), str(out_dir), n) for n in names],
-                     workers or cfg.workers, desc="teachers")
+
+    rows = _pool_map(
+        _train_one_teacher, [(cfg.to_dict(), str(out_dir), n) for n in names], workers or cfg.workers, desc="teachers"
+    )
     return pd.DataFrame(rows)
 
 
@@ -106,12 +133,27 @@ def _train_base_student(cfg: MiniConfig, out_dir) -> dict:
     ds = load_corpus(out)["train"]
     model = build_model("student", cfg.student, vocab.size, vocab.tok, seed=cfg.seed + 7)
     d = out / "base_student"
-    info = train_model(model, vocab.tok, ds, d / "trainer", steps=cfg.base_steps, batch=cfg.student_batch,
-                       lr=cfg.base_lr, seed=cfg.seed, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio)
+    info = train_model(
+        model,
+        vocab.tok,
+        ds,
+        d / "trainer",
+        steps=cfg.base_steps,
+        batch=cfg.student_batch,
+        lr=cfg.base_lr,
+        seed=cfg.seed,
+        max_length=cfg.max_length,
+        warmup_ratio=cfg.warmup_ratio,
+    )
     save_model(model, vocab, d, extra={"role": "base_student"})
     scores = evaluate_model(d, out, cfg)
-    res = {"setting": "base", **{s: scores[s] for s in SKILLS}, "train_wall_s": info["wall_s"],
-           "eval_wall_s": scores["eval_wall_s"], "numeral_mass": numeral_mass(model, vocab.tok, _probe(out, cfg))}
+    res = {
+        "setting": "base",
+        **{s: scores[s] for s in SKILLS},
+        "train_wall_s": info["wall_s"],
+        "eval_wall_s": scores["eval_wall_s"],
+        "numeral_mass": numeral_mass(model, vocab.tok, _probe(out, cfg)),
+    }
     (d / "result.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -121,8 +163,12 @@ def _full_projection(student_tok, teacher_tok):
     (a Llama x o200k build takes minutes on a loaded CPU; every corpus reuses it)."""
     from xtoken.projection import Projection, build_projection
     from xtoken.tokenizers import _cache_dir, tokenizer_fingerprint
-    p = _cache_dir().parent / "projections" / (
-        f"{tokenizer_fingerprint(student_tok)}-{tokenizer_fingerprint(teacher_tok)}.safetensors")
+
+    p = (
+        _cache_dir().parent
+        / "projections"
+        / (f"{tokenizer_fingerprint(student_tok)}-{tokenizer_fingerprint(teacher_tok)}.safetensors")
+    )
     if p.exists():
         return Projection.load(p, student_tok, teacher_tok)
     w = build_projection(student_tok, teacher_tok)
@@ -140,6 +186,7 @@ def _cache_one(job):
 def _cache_one_logged(job):
     cfg_d, out_dir, name = job
     from xtoken.train import DistillCollator, Teacher, TeacherCache
+
     _threads()
     cfg = MiniConfig.from_dict(cfg_d)
     out = Path(out_dir)
@@ -149,15 +196,26 @@ def _cache_one_logged(job):
     if name != "llama":
         p = _projection_path(out, name)
         if not p.exists():
-            w = _full_projection(student.full_tok, v.full_tok).restrict(student.local_to_full, v.local_to_full,
-                                                                        student_tok=student.tok, teacher_tok=v.tok)
+            w = _full_projection(student.full_tok, v.full_tok).restrict(
+                student.local_to_full, v.local_to_full, student_tok=student.tok, teacher_tok=v.tok
+            )
             w.save(p)
     model = load_model(out / "teachers" / name)[0]
-    teacher = Teacher(name, model, v.tok, loss="kl" if name == "llama" else "uld",
-                      projection=None if name == "llama" else _load_w(out, name))
+    teacher = Teacher(
+        name,
+        model,
+        v.tok,
+        loss="kl" if name == "llama" else "uld",
+        projection=None if name == "llama" else _load_w(out, name),
+    )
     (out / "cache").mkdir(parents=True, exist_ok=True)
-    TeacherCache.build(teacher, load_corpus(out)["train"], DistillCollator(student.tok, [teacher], cfg.max_length),
-                       batch_size=64, path=out / "cache" / f"{name}.npy")
+    TeacherCache.build(
+        teacher,
+        load_corpus(out)["train"],
+        DistillCollator(student.tok, [teacher], cfg.max_length),
+        batch_size=64,
+        path=out / "cache" / f"{name}.npy",
+    )
     return name, time.time() - t0
 
 
@@ -165,14 +223,18 @@ def build_teacher_caches(cfg: MiniConfig, out_dir, names=TEACHERS, workers=None)
     """Once: the restricted W of each cross-tokenizer pair (built on full ids, then restricted) and each
     teacher's log-probs over the training split (`xtoken.train.TeacherCache`, memory-mapped under
     ``out/cache``), one teacher per worker. Returns {teacher: seconds}."""
-    return dict(_pool_map(_cache_one, [(cfg.to_dict(), str(out_dir), n) for n in names], workers or cfg.workers,
-                          desc="teacher caches"))
+    return dict(
+        _pool_map(
+            _cache_one, [(cfg.to_dict(), str(out_dir), n) for n in names], workers or cfg.workers, desc="teacher caches"
+        )
+    )
 
 
 def w_groups(out_dir, teacher: str = "qwen3") -> dict:
     """{numeral: W's top teacher token of its student token} for a teacher's restricted W in ``out_dir``
     (`xtoken.mini.items.w_first_token_groups`)."""
     from .items import w_first_token_groups
+
     v = load_vocabs(out_dir)
     return w_first_token_groups(_load_w(out_dir, teacher), v["llama"].tok, v[FAMILY_TOKENIZER[teacher]].tok)
 
@@ -202,6 +264,7 @@ def prepare(cfg: MiniConfig, out_dir, runs=None, seeds=None) -> dict:
     Returns {"teachers": DataFrame of teacher scores, "base": the base student's result, "timings"}.
     A different config in an existing ``out_dir`` is refused rather than silently mixed."""
     import pandas as pd
+
     out = Path(out_dir)
     t = {}
     cfg_file = out / "config.json"
@@ -230,11 +293,15 @@ def prepare(cfg: MiniConfig, out_dir, runs=None, seeds=None) -> dict:
             add("cache", n, ("cache", n), [("teacher", n)])
     n_prep = len(jobs)
     runs = [s if isinstance(s, Setting) else Setting.from_dict(s) for s in runs or ()]
-    for s in sorted(runs, key=lambda s: -s.relative_cost()):                  # costliest first (stable)
-        for seed in (cfg.seeds if seeds is None else seeds):
+    for s in sorted(runs, key=lambda s: -s.relative_cost()):  # costliest first (stable)
+        for seed in cfg.seeds if seeds is None else seeds:
             if not (out / "runs" / s.name / f"seed{seed}" / "result.json").exists():
-                add("run", (s.to_dict(), seed), ("run", s.name, seed),
-                    [("base",)] + [("cache", name) for name, _, _ in s.teachers])
+                add(
+                    "run",
+                    (s.to_dict(), seed),
+                    ("run", s.name, seed),
+                    [("base",)] + [("cache", name) for name, _, _ in s.teachers],
+                )
     if jobs:
         t0 = time.time()
         desc = "teachers, base student, teacher caches" + (f", {len(jobs) - n_prep} runs" if len(jobs) > n_prep else "")

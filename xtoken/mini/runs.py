@@ -25,6 +25,7 @@ def _worker_state(out_dir):
     key = str(out_dir)
     if _WORKER.get("key") != key:
         from xtoken.align import AlignmentMemo
+
         out = Path(out_dir)
         vocabs = load_vocabs(out)
         corpus = load_corpus(out)
@@ -38,53 +39,82 @@ def _worker_teacher(st, out_dir, name: str) -> dict:
     the last teacher exists)."""
     if name not in st["teachers"]:
         from xtoken.train import TeacherCache
+
         out = Path(out_dir)
-        st["teachers"][name] = {"model": load_model(out / "teachers" / name)[0],
-                                "tok": st["vocabs"][FAMILY_TOKENIZER[name]].tok,
-                                "cache": TeacherCache.load(out / "cache" / f"{name}.npy"),
-                                "w": _load_w(out, name) if name != "llama" else None}
+        st["teachers"][name] = {
+            "model": load_model(out / "teachers" / name)[0],
+            "tok": st["vocabs"][FAMILY_TOKENIZER[name]].tok,
+            "cache": TeacherCache.load(out / "cache" / f"{name}.npy"),
+            "w": _load_w(out, name) if name != "llama" else None,
+        }
     return st["teachers"][name]
 
 
 def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=True) -> dict:
     """One grid run: base student -> ``cfg.student_steps`` steps of ``setting`` -> result.json."""
     from xtoken.train import Teacher
+
     _threads()
     out = Path(out_dir)
     st = _worker_state(out)
     student = st["vocabs"]["llama"]
     ds = st["corpus"]["train"]
-    if "base" not in st:                  # read once per worker; every run starts from a copy
+    if "base" not in st:  # read once per worker; every run starts from a copy
         st["base"] = load_model(out / "base_student")[0]
     model = copy.deepcopy(st["base"])
     teachers = []
     for name, loss, weight in setting.teachers:
         t = _worker_teacher(st, out, name)
-        teachers.append(Teacher(name, t["model"], t["tok"], loss=loss, projection=t["w"], weight=float(weight),
-                                cache=t["cache"]))
+        teachers.append(
+            Teacher(name, t["model"], t["tok"], loss=loss, projection=t["w"], weight=float(weight), cache=t["cache"])
+        )
     probe = _probe(out, cfg)
     cb = NumeralMassCallback(student.tok, probe, cfg.diag_every)
     d = out / "runs" / setting.name / f"seed{seed}"
     t0 = time.time()
-    info = train_model(model, student.tok, ds, d / "trainer", steps=cfg.student_steps, batch=cfg.student_batch,
-                       lr=cfg.student_lr, seed=seed, max_length=cfg.max_length, teachers=teachers,
-                       warmup_ratio=cfg.warmup_ratio, callbacks=[cb], kd_weight=cfg.kd_weight,
-                       dynamic_kd_scale=cfg.dynamic_kd_scale, teacher_weighting=setting.weighting,
-                       log_every=cfg.diag_every, learn_projection=setting.learn_projection,
-                       projection_lr=cfg.projection_lr, memo=st["memo"])
+    info = train_model(
+        model,
+        student.tok,
+        ds,
+        d / "trainer",
+        steps=cfg.student_steps,
+        batch=cfg.student_batch,
+        lr=cfg.student_lr,
+        seed=seed,
+        max_length=cfg.max_length,
+        teachers=teachers,
+        warmup_ratio=cfg.warmup_ratio,
+        callbacks=[cb],
+        kd_weight=cfg.kd_weight,
+        dynamic_kd_scale=cfg.dynamic_kd_scale,
+        teacher_weighting=setting.weighting,
+        log_every=cfg.diag_every,
+        learn_projection=setting.learn_projection,
+        projection_lr=cfg.projection_lr,
+        memo=st["memo"],
+    )
     train_wall = time.time() - t0
     save_model(model, student, d, extra={"role": "student", "setting": setting.to_dict(), "seed": seed})
     learned = {}
-    for name, lp in info["learned"].items():       # learned W: saved in the W format, rows that moved most
+    for name, lp in info["learned"].items():  # learned W: saved in the W format, rows that moved most
         lp.save(d / f"learned_W_{name}.safetensors")
         learned[name] = learned_w_summary(lp, student, st["vocabs"][FAMILY_TOKENIZER[name]])
-    res = {"setting": setting.name, "label": setting.label or setting.name, "seed": seed,
-           "setting_spec": setting.to_dict(), "config": cfg.to_dict(),
-           "final": info["final"], "log_history": info["log_history"], "train_wall_s": train_wall,
-           "numeral_mass_history": cb.history, "numeral_mass": cb.history[-1][1] if cb.history else None,
-           "learned_w": learned}
-    prompts = [q + "\n" for q, s in zip(st["corpus"]["test"]["question"], st["corpus"]["test"]["skill"])
-               if s == "arithmetic"][:64]
+    res = {
+        "setting": setting.name,
+        "label": setting.label or setting.name,
+        "seed": seed,
+        "setting_spec": setting.to_dict(),
+        "config": cfg.to_dict(),
+        "final": info["final"],
+        "log_history": info["log_history"],
+        "train_wall_s": train_wall,
+        "numeral_mass_history": cb.history,
+        "numeral_mass": cb.history[-1][1] if cb.history else None,
+        "learned_w": learned,
+    }
+    prompts = [
+        q + "\n" for q, s in zip(st["corpus"]["test"]["question"], st["corpus"]["test"]["skill"]) if s == "arithmetic"
+    ][:64]
     res.update(digit_split_fraction(model, student.tok, prompts, max_new_tokens=cfg.max_gen_toks))
     if evaluate:
         res.update(evaluate_model(d, out, cfg))
@@ -108,9 +138,10 @@ def run_grid(cfg: MiniConfig, settings, seeds=None, out_dir=".", *, workers=None
     (notebooks need nothing).
     """
     import pandas as pd
+
     seeds = list(cfg.seeds if seeds is None else seeds)
     out = Path(out_dir)
-    done, todo = [], []                   # done: a result per (setting, seed) in order; todo: (position, cost, job)
+    done, todo = [], []  # done: a result per (setting, seed) in order; todo: (position, cost, job)
     for s in settings:
         s = s if isinstance(s, Setting) else Setting.from_dict(s)
         for seed in seeds:
@@ -120,18 +151,33 @@ def run_grid(cfg: MiniConfig, settings, seeds=None, out_dir=".", *, workers=None
             else:
                 todo.append((len(done), s.relative_cost(), (cfg.to_dict(), str(out), s.to_dict(), seed)))
                 done.append(None)
-    todo.sort(key=lambda x: -x[1])        # costliest first (stable)
-    results = _pool_map(_run_job, [job for _, _, job in todo], workers or cfg.workers,
-                        desc=f"{len(todo)} runs ({len(done) - len(todo)} done before)")
+    todo.sort(key=lambda x: -x[1])  # costliest first (stable)
+    results = _pool_map(
+        _run_job,
+        [job for _, _, job in todo],
+        workers or cfg.workers,
+        desc=f"{len(todo)} runs ({len(done) - len(todo)} done before)",
+    )
     for (i, _, _), r in zip(todo, results):
         done[i] = r
-    keep = ["setting", "label", "seed", "arithmetic", "knowledge", "arithmetic_200", "numeral_mass", "digit_split",
-            "single_digit", "train_wall_s", "eval_wall_s", "wall_s"]
+    keep = [
+        "setting",
+        "label",
+        "seed",
+        "arithmetic",
+        "knowledge",
+        "arithmetic_200",
+        "numeral_mass",
+        "digit_split",
+        "single_digit",
+        "train_wall_s",
+        "eval_wall_s",
+        "wall_s",
+    ]
     rows = []
     for r in done:
         row = {k: r.get(k) for k in keep}
-        row.update({f"final_{k}": v for k, v in r.get("final", {}).items()
-                    if k == "ce" or k.startswith("kd")})
+        row.update({f"final_{k}": v for k, v in r.get("final", {}).items() if k == "ce" or k.startswith("kd")})
         rows.append(row)
     return pd.DataFrame(rows)
 

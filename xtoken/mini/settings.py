@@ -19,15 +19,21 @@ class Setting:
     cross-tokenizer ones ``gold`` | ``p_kl`` | ``h_kl`` | ``uld`` through the restricted W.
     ``learn_projection``: the P-KL teachers' W is fine-tuned with the student (``cfg.projection_lr``).
     """
+
     name: str
-    teachers: list = field(default_factory=list)     # [(teacher name, loss, weight), ...]
-    weighting: str = "static"                         # static | ce | entropy | max_prob
+    teachers: list = field(default_factory=list)  # [(teacher name, loss, weight), ...]
+    weighting: str = "static"  # static | ce | entropy | max_prob
     label: str = ""
     learn_projection: bool = False
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "teachers": [list(t) for t in self.teachers], "weighting": self.weighting,
-                "label": self.label or self.name, "learn_projection": self.learn_projection}
+        return {
+            "name": self.name,
+            "teachers": [list(t) for t in self.teachers],
+            "weighting": self.weighting,
+            "label": self.label or self.name,
+            "learn_projection": self.learn_projection,
+        }
 
     def relative_cost(self) -> float:
         """A run's wall time relative to a CE-only run (measured on the miniature: CE 20 s, KL teacher +4 s,
@@ -38,8 +44,13 @@ class Setting:
 
     @classmethod
     def from_dict(cls, d) -> "Setting":
-        return cls(d["name"], [tuple(t) for t in d["teachers"]], d.get("weighting", "static"), d.get("label", ""),
-                   bool(d.get("learn_projection", False)))
+        return cls(
+            d["name"],
+            [tuple(t) for t in d["teachers"]],
+            d.get("weighting", "static"),
+            d.get("label", ""),
+            bool(d.get("learn_projection", False)),
+        )
 
 
 SINGLE_TEACHER_SETTINGS = [
@@ -47,8 +58,9 @@ SINGLE_TEACHER_SETTINGS = [
     Setting("kd_llama", [("llama", "kl", 1.0)], label="same-tokenizer KD (Llama-3B)"),
     Setting("gold_qwen3", [("qwen3", "gold", 1.0)], label="GOLD (Qwen3)"),
     Setting("pkl_qwen3", [("qwen3", "p_kl", 1.0)], label="X-Token P-KL (Qwen3)"),
-    Setting("pkl_learned_qwen3", [("qwen3", "p_kl", 1.0)], label="X-Token P-KL, learned W (Qwen3)",
-            learn_projection=True),
+    Setting(
+        "pkl_learned_qwen3", [("qwen3", "p_kl", 1.0)], label="X-Token P-KL, learned W (Qwen3)", learn_projection=True
+    ),
     Setting("hkl_qwen3", [("qwen3", "h_kl", 1.0)], label="X-Token H-KL (Qwen3)"),
     Setting("gold_phi", [("phi", "gold", 1.0)], label="GOLD (Phi-mini)"),
     Setting("pkl_phi", [("phi", "p_kl", 1.0)], label="X-Token P-KL (Phi-mini)"),
@@ -80,13 +92,23 @@ def multi_teacher_settings(weightings=("static", "ce", "entropy", "max_prob"), t
             if w == "static_tuned":
                 if teacher_scores is None:
                     raise ValueError("static_tuned weights need teacher_scores (prepare(...)['teachers'])")
-                acc = {r["teacher"]: (float(r["arithmetic"]) + float(r["knowledge"])) / 2
-                       for r in teacher_scores.to_dict(orient="records")}
+                acc = {
+                    r["teacher"]: (float(r["arithmetic"]) + float(r["knowledge"])) / 2
+                    for r in teacher_scores.to_dict(orient="records")
+                }
                 total = sum(acc[t] for t, _, _ in teachers)
-                tuned = [(t, loss, round(acc[t] / total if total > 0 else 1 / len(teachers), 4))   # untrained
-                         for t, loss, _ in teachers]                                              # teachers: equal
-                out.append(Setting(f"{name}@static_tuned", tuned, weighting="static",
-                                   label=f"{name} (static weights {'/'.join(str(x[2]) for x in tuned)}, set a priori)"))
+                tuned = [
+                    (t, loss, round(acc[t] / total if total > 0 else 1 / len(teachers), 4))  # untrained
+                    for t, loss, _ in teachers
+                ]  # teachers: equal
+                out.append(
+                    Setting(
+                        f"{name}@static_tuned",
+                        tuned,
+                        weighting="static",
+                        label=f"{name} (static weights {'/'.join(str(x[2]) for x in tuned)}, set a priori)",
+                    )
+                )
             else:
                 out.append(Setting(f"{name}@{w}", teachers, weighting=w, label=f"{name} ({w} weights)"))
     return out

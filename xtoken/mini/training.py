@@ -23,35 +23,82 @@ def _projection_path(out_dir, teacher: str) -> Path:
 
 def _load_w(out_dir, teacher):
     from xtoken.projection import Projection
+
     return Projection.load(_projection_path(out_dir, teacher))
 
 
-def train_model(model, tok, dataset, out_dir, *, steps, batch, lr, seed, max_length, teachers=(),
-                warmup_ratio=0.05, callbacks=(), kd_weight=1.0, dynamic_kd_scale=False,
-                teacher_weighting="static", log_every=None, learn_projection=False, projection_lr=1e-2,
-                memo=None) -> dict:
+def train_model(
+    model,
+    tok,
+    dataset,
+    out_dir,
+    *,
+    steps,
+    batch,
+    lr,
+    seed,
+    max_length,
+    teachers=(),
+    warmup_ratio=0.05,
+    callbacks=(),
+    kd_weight=1.0,
+    dynamic_kd_scale=False,
+    teacher_weighting="static",
+    log_every=None,
+    learn_projection=False,
+    projection_lr=1e-2,
+    memo=None,
+) -> dict:
     """Train ``model`` with `XTokenTrainer` for ``steps`` steps; returns log history, wall time and the
     learned W modules ({teacher: LearnableProjection}, empty unless ``learn_projection``).
     ``memo``: an `xtoken.align.AlignmentMemo` (tokenizations and alignments) shared by the runs of one worker."""
     from xtoken.train import DistillCollator, XTokenConfig, XTokenTrainer
+
     _threads()
     args = XTokenConfig(
-        output_dir=str(out_dir), max_steps=int(steps), per_device_train_batch_size=int(batch),
-        learning_rate=float(lr), lr_scheduler_type="cosine", warmup_steps=int(round(warmup_ratio * steps)), weight_decay=0.0,
-        seed=int(seed), data_seed=int(seed), save_strategy="no", use_cpu=True, dataloader_num_workers=0,
-        logging_steps=log_every or max(1, steps // 10), disable_tqdm=True, loss_curve=False,
-        max_length=max_length, kd_weight=kd_weight, dynamic_kd_scale=dynamic_kd_scale,
-        teacher_weighting=teacher_weighting, report_to="none", learn_projection=learn_projection,
-        projection_learning_rate=projection_lr)
+        output_dir=str(out_dir),
+        max_steps=int(steps),
+        per_device_train_batch_size=int(batch),
+        learning_rate=float(lr),
+        lr_scheduler_type="cosine",
+        warmup_steps=int(round(warmup_ratio * steps)),
+        weight_decay=0.0,
+        seed=int(seed),
+        data_seed=int(seed),
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        logging_steps=log_every or max(1, steps // 10),
+        disable_tqdm=True,
+        loss_curve=False,
+        max_length=max_length,
+        kd_weight=kd_weight,
+        dynamic_kd_scale=dynamic_kd_scale,
+        teacher_weighting=teacher_weighting,
+        report_to="none",
+        learn_projection=learn_projection,
+        projection_learning_rate=projection_lr,
+    )
     collator = DistillCollator(tok, list(teachers), max_length, memo=memo)
-    trainer = XTokenTrainer(model=model, args=args, teachers=list(teachers), train_dataset=dataset,
-                            processing_class=tok, data_collator=collator, callbacks=list(callbacks))
+    trainer = XTokenTrainer(
+        model=model,
+        args=args,
+        teachers=list(teachers),
+        train_dataset=dataset,
+        processing_class=tok,
+        data_collator=collator,
+        callbacks=list(callbacks),
+    )
     t0 = time.time()
     trainer.train()
     wall = time.time() - t0
     hist = [r for r in trainer.state.log_history if "loss" in r]
-    return {"wall_s": wall, "log_history": hist, "final": hist[-1] if hist else {},
-            "learned": trainer.learned_projections}
+    return {
+        "wall_s": wall,
+        "log_history": hist,
+        "final": hist[-1] if hist else {},
+        "learned": trainer.learned_projections,
+    }
 
 
 def evaluate_model(model_dir, out_dir, cfg: MiniConfig, limit=None) -> dict:
@@ -62,10 +109,19 @@ def evaluate_model(model_dir, out_dir, cfg: MiniConfig, limit=None) -> dict:
     from xtoken.evaluate import evaluate, load_lm
 
     from .items import score_items
+
     t0 = time.time()
     lm = load_lm(model_dir, batch_size=cfg.eval_batch_size)
-    df, raw = evaluate(model_dir, [f"xtoken_mini_{s}" for s in SKILLS], data_dir=Path(out_dir) / "tasks",
-                       max_gen_toks=cfg.max_gen_toks, limit=limit, lm=lm, log_samples=True, return_raw=True)
+    df, raw = evaluate(
+        model_dir,
+        [f"xtoken_mini_{s}" for s in SKILLS],
+        data_dir=Path(out_dir) / "tasks",
+        max_gen_toks=cfg.max_gen_toks,
+        limit=limit,
+        lm=lm,
+        log_samples=True,
+        return_raw=True,
+    )
     scores = {r.task.replace("xtoken_mini_", ""): r.value for r in df.itertuples()}
     t1 = time.time()
     items = score_items(lm, raw, batch=cfg.eval_batch_size)

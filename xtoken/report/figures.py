@@ -76,6 +76,7 @@ def plot_grid(df: pd.DataFrame, metrics=None, title="", base: dict | None = None
 def plot_numeral_mass(results: list[dict], settings=None, title="Student mass on multi-digit numerals"):
     """Mean (over seeds) numeral-mass curve per setting across training: Proposition 1 made visible."""
     import numpy as np
+
     fig, ax = plt.subplots(figsize=(7, 3.6))
     by = {}
     for r in results:
@@ -83,7 +84,7 @@ def plot_numeral_mass(results: list[dict], settings=None, title="Student mass on
             by.setdefault((r["setting"], r.get("label", r["setting"])), []).append(r["numeral_mass_history"])
     for (setting, label), hists in by.items():
         steps = [s for s, _ in hists[0]]
-        vals = np.array([[v for _, v in h[:len(steps)]] for h in hists if len(h) >= len(steps)])
+        vals = np.array([[v for _, v in h[: len(steps)]] for h in hists if len(h) >= len(steps)])
         ax.plot(steps, vals.mean(0), label=label)
         if len(vals) > 1:
             ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.15)
@@ -110,8 +111,14 @@ def plot_multi_teacher(df: pd.DataFrame, singles: pd.DataFrame | None = None):
             sub = df[df.weighting == w]
             mean = [sub[sub.pair == p][metric].mean() for p in pairs]
             std = [sub[sub.pair == p][metric].std(ddof=1) for p in pairs]
-            ax.bar([i + (j - (len(schemes) - 1) / 2) * width for i in range(len(pairs))], mean, width=width,
-                   yerr=std, capsize=2, label=w)
+            ax.bar(
+                [i + (j - (len(schemes) - 1) / 2) * width for i in range(len(pairs))],
+                mean,
+                width=width,
+                yerr=std,
+                capsize=2,
+                label=w,
+            )
         if singles is not None:
             s = with_average(singles, skills)
             for k, setting in enumerate(("hkl_phi", "pkl_qwen3", "kd_llama")):

@@ -34,8 +34,19 @@ def load_run_results(work_dir, settings=None) -> list[dict]:
     return out
 
 
-ITEM_FILE_COLUMNS = ["setting", "seed", "skill", "item", "kind", "gold", "pred", "exact_match", "solution_match",
-                     "logp_solution", "logp_answer"]
+ITEM_FILE_COLUMNS = [
+    "setting",
+    "seed",
+    "skill",
+    "item",
+    "kind",
+    "gold",
+    "pred",
+    "exact_match",
+    "solution_match",
+    "logp_solution",
+    "logp_answer",
+]
 
 
 def load_items(work_dir, settings=None) -> pd.DataFrame:
@@ -43,10 +54,16 @@ def load_items(work_dir, settings=None) -> pd.DataFrame:
     setting and seed columns (empty when the runs have none, e.g. at paper scale)."""
     frames = []
     for f in sorted(Path(work_dir).glob("runs/*/seed*/items.csv")):
-        setting, seed = f.parent.parent.name, int(f.parent.name[len("seed"):])
+        setting, seed = f.parent.parent.name, int(f.parent.name[len("seed") :])
         if settings is None or setting in settings:
-            frames.append(pd.read_csv(f, dtype={"gold": str, "pred": str}, keep_default_na=False,
-                                      na_values={"logp_solution": [""], "logp_answer": [""]}).assign(setting=setting, seed=seed))
+            frames.append(
+                pd.read_csv(
+                    f,
+                    dtype={"gold": str, "pred": str},
+                    keep_default_na=False,
+                    na_values={"logp_solution": [""], "logp_answer": [""]},
+                ).assign(setting=setting, seed=seed)
+            )
     if not frames:
         return pd.DataFrame(columns=ITEM_FILE_COLUMNS)
     return pd.concat(frames, ignore_index=True)[ITEM_FILE_COLUMNS]
@@ -62,8 +79,12 @@ def save_items(items: pd.DataFrame, path) -> Path:
 
 
 def read_items(path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"gold": str, "pred": str}, keep_default_na=False,
-                       na_values={"logp_solution": [""], "logp_answer": [""]})
+    return pd.read_csv(
+        path,
+        dtype={"gold": str, "pred": str},
+        keep_default_na=False,
+        na_values={"logp_solution": [""], "logp_answer": [""]},
+    )
 
 
 def results_prefix(notebook: str, scale: str = "mini") -> str:

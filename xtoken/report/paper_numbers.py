@@ -30,6 +30,7 @@ PAPER_DELTAS = [
     ("H-KL vs P-KL, Phi-mini", "hkl_phi", "pkl_phi", 1.68),
 ]
 
+
 def _paper_delta(a: str, b: str, column: int):
     """The paper's A - B from its Table 1 (``column`` 1: GSM8k, 2: the average), None unless it lists both."""
     pa, pb = PAPER_TABLE1.get(a), PAPER_TABLE1.get(b)
@@ -46,8 +47,16 @@ PAPER_MULTI_TEACHER_GAIN = _paper_delta("phi_hkl+llama_kl@static", "hkl_phi", 2)
 
 # (name, setting A, setting B, the paper's A - B on its 5-benchmark average, on GSM8k or None): every comparison of
 # notebook 03. The paper's numbers are its Tables 1-2 (PAPER_TABLE1 and the deltas it headlines).
-SINGLE_COMPARISONS = [(name, a, b, paper, _paper_gsm8k(a, b)) for name, a, b, paper in PAPER_DELTAS] + [
-    (name, a, "ce_only", _paper_delta(a, "ce_only", 2), _paper_gsm8k(a, "ce_only"))
-    for name, a in (("same-tokenizer KD vs CE only", "kd_llama"), ("P-KL (Qwen3) vs CE only", "pkl_qwen3"),
-                    ("GOLD (Qwen3) vs CE only", "gold_qwen3"), ("H-KL (Phi-mini) vs CE only", "hkl_phi"))
-] + [("P-KL learned W vs fixed W, Qwen3", "pkl_learned_qwen3", "pkl_qwen3", None, None)]
+SINGLE_COMPARISONS = (
+    [(name, a, b, paper, _paper_gsm8k(a, b)) for name, a, b, paper in PAPER_DELTAS]
+    + [
+        (name, a, "ce_only", _paper_delta(a, "ce_only", 2), _paper_gsm8k(a, "ce_only"))
+        for name, a in (
+            ("same-tokenizer KD vs CE only", "kd_llama"),
+            ("P-KL (Qwen3) vs CE only", "pkl_qwen3"),
+            ("GOLD (Qwen3) vs CE only", "gold_qwen3"),
+            ("H-KL (Phi-mini) vs CE only", "hkl_phi"),
+        )
+    ]
+    + [("P-KL learned W vs fixed W, Qwen3", "pkl_learned_qwen3", "pkl_qwen3", None, None)]
+)

@@ -17,10 +17,19 @@ def w_summary_table(projections: dict[str, Projection]) -> pd.DataFrame:
     rows = []
     for teacher, W in projections.items():
         s = W.summary()
-        rows.append({"teacher": short(teacher), "student rows": s["rows"], "teacher columns": s["columns"],
-                     "exact": s["exact"], "special": s["special"], "multi": s["multi"],
-                     **{f"multi len {k}": v for k, v in s["multi_rows_by_length"].items()},
-                     "empty": s["empty"], **{f"empty: {k}": v for k, v in s["empty_by_reason"].items()}})
+        rows.append(
+            {
+                "teacher": short(teacher),
+                "student rows": s["rows"],
+                "teacher columns": s["columns"],
+                "exact": s["exact"],
+                "special": s["special"],
+                "multi": s["multi"],
+                **{f"multi len {k}": v for k, v in s["multi_rows_by_length"].items()},
+                "empty": s["empty"],
+                **{f"empty: {k}": v for k, v in s["empty_by_reason"].items()},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -30,15 +39,22 @@ def explain_rows(W: Projection, tokens: list[str]) -> pd.DataFrame:
     for tok in tokens:
         sid = W.student_tok.convert_tokens_to_ids(tok)
         row = W.row(sid)
-        out.append({"student token": tok, "id": sid, "kind": KIND_NAMES[int(W.row_kind[sid])],
-                    "teacher tokens": " + ".join(t for t, *_ in row) or "(empty)",
-                    "weights": ", ".join(f"{w:.4f}" for *_, w in row) or "-"})
+        out.append(
+            {
+                "student token": tok,
+                "id": sid,
+                "kind": KIND_NAMES[int(W.row_kind[sid])],
+                "teacher tokens": " + ".join(t for t, *_ in row) or "(empty)",
+                "weights": ", ".join(f"{w:.4f}" for *_, w in row) or "-",
+            }
+        )
     return pd.DataFrame(out)
 
 
 def too_long_examples(W: Projection, n: int = 5, max_span: int | None = None) -> pd.DataFrame:
     """Student tokens whose teacher re-tokenization is longer than max_span (their rows stay empty)."""
     from ..canonical import token_bytes
+
     max_span = max_span or W.meta["max_span"]
     s_bytes = token_bytes(W.student_tok)
     out = []
@@ -52,8 +68,14 @@ def too_long_examples(W: Projection, n: int = 5, max_span: int | None = None) ->
             continue
         pieces = W.teacher_tok.tokenize(text)
         if len(pieces) > max_span and text.isprintable():
-            out.append({"student token": W.student_tok.convert_ids_to_tokens(s), "text": text,
-                        "teacher pieces": len(pieces), "teacher tokens": " + ".join(pieces)})
+            out.append(
+                {
+                    "student token": W.student_tok.convert_ids_to_tokens(s),
+                    "text": text,
+                    "teacher pieces": len(pieces),
+                    "teacher tokens": " + ".join(pieces),
+                }
+            )
         if len(out) == n:
             break
     return pd.DataFrame(out)
@@ -65,13 +87,19 @@ def table8(audits: dict) -> pd.DataFrame:
     for teacher, audit in audits.items():
         t = audit.table.set_index("category")
         row = {"teacher": short(teacher)}
-        for cat, label in (("numeral_2digit", "2-digit"), ("numeral_3digit", "3-digit"),
-                           ("ascii_punctuation", "ASCII punct."), ("single_digit", "single digits")):
+        for cat, label in (
+            ("numeral_2digit", "2-digit"),
+            ("numeral_3digit", "3-digit"),
+            ("ascii_punctuation", "ASCII punct."),
+            ("single_digit", "single digits"),
+        ):
             row[f"{label} in C (ours)"] = f"{t.loc[cat, 'gold_common']}/{t.loc[cat, 'student_tokens']}"
             paper = PAPER_TABLE8.get(teacher, {}).get(cat)
             if paper:
                 row[f"{label} in C (paper)"] = f"{paper[0]}/{paper[1]}"
-        row["H-KL widened C, 3-digit"] = f"{t.loc['numeral_3digit', 'hkl_common']}/{t.loc['numeral_3digit', 'student_tokens']}"
+        row["H-KL widened C, 3-digit"] = (
+            f"{t.loc['numeral_3digit', 'hkl_common']}/{t.loc['numeral_3digit', 'student_tokens']}"
+        )
         row["recommend"] = audit.recommend()[0]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -80,8 +108,22 @@ def table8(audits: dict) -> pd.DataFrame:
 MINI_SKILLS = ("arithmetic", "knowledge")
 
 
-_NOT_SKILLS = {"setting", "label", "seed", "arithmetic_200", "numeral_mass", "digit_split", "single_digit", "train_wall_s",
-               "eval_wall_s", "wall_s", "tokens_per_s", "average", "pair", "weighting"}
+_NOT_SKILLS = {
+    "setting",
+    "label",
+    "seed",
+    "arithmetic_200",
+    "numeral_mass",
+    "digit_split",
+    "single_digit",
+    "train_wall_s",
+    "eval_wall_s",
+    "wall_s",
+    "tokens_per_s",
+    "average",
+    "pair",
+    "weighting",
+}
 
 
 def skills_of(df: pd.DataFrame) -> tuple:
@@ -111,16 +153,33 @@ def distillation_table(df: pd.DataFrame, base: dict | None = None) -> pd.DataFra
     rows = []
     if base is not None:
         b = with_average(pd.DataFrame([base]), skills)
-        rows.append({"setting": "base", "label": "base student (no distillation)", "seeds": 1,
-                     **{f"{m}": f"{b[m].iloc[0]:.1f}" for m in (*skills, "average")},
-                     **({"numeral mass": f"{base.get('numeral_mass', float('nan')):.3f}", "digit-split": "-"}
-                        if diag else {})})
+        rows.append(
+            {
+                "setting": "base",
+                "label": "base student (no distillation)",
+                "seeds": 1,
+                **{f"{m}": f"{b[m].iloc[0]:.1f}" for m in (*skills, "average")},
+                **(
+                    {"numeral mass": f"{base.get('numeral_mass', float('nan')):.3f}", "digit-split": "-"}
+                    if diag
+                    else {}
+                ),
+            }
+        )
     for setting in dict.fromkeys(df.setting):
         g = df[df.setting == setting]
-        fmt = lambda col, k=1, scale=1: f"{scale * g[col].mean():.{k}f} ± {scale * g[col].std(ddof=1) if len(g) > 1 else 0:.{k}f}"  # noqa: E731
-        rows.append({"setting": setting, "label": g.label.iloc[0], "seeds": len(g),
-                     **{m: fmt(m) for m in (*skills, "average")},
-                     **({"numeral mass": fmt("numeral_mass", 3), "digit-split": fmt("digit_split", 2)} if diag else {})})
+        fmt = lambda col, k=1, scale=1: (
+            f"{scale * g[col].mean():.{k}f} ± {scale * g[col].std(ddof=1) if len(g) > 1 else 0:.{k}f}"
+        )  # noqa: E731
+        rows.append(
+            {
+                "setting": setting,
+                "label": g.label.iloc[0],
+                "seeds": len(g),
+                **{m: fmt(m) for m in (*skills, "average")},
+                **({"numeral mass": fmt("numeral_mass", 3), "digit-split": fmt("digit_split", 2)} if diag else {}),
+            }
+        )
     out = pd.DataFrame(rows)
     out["paper GSM8k"] = [PAPER_TABLE1.get(s, ("", None, None))[1] for s in out.setting]
     out["paper avg"] = [PAPER_TABLE1.get(s, ("", None, None))[2] for s in out.setting]
@@ -142,12 +201,16 @@ def headline_deltas(df: pd.DataFrame, deltas=PAPER_DELTAS) -> pd.DataFrame:
         for m in (*skills, "average"):
             d = A.loc[seeds, m] - B.loc[seeds, m]
             row[f"Δ{m} (ours)"] = f"{d.mean():+.1f} ± {d.std(ddof=1) if len(d) > 1 else 0:.1f}"
-        row["same sign as paper"] = bool(((A.loc[seeds, "average"] - B.loc[seeds, "average"]).mean() > 0) == (paper > 0))
+        row["same sign as paper"] = bool(
+            ((A.loc[seeds, "average"] - B.loc[seeds, "average"]).mean() > 0) == (paper > 0)
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def learned_w_comparison(df: pd.DataFrame, learned: str = "pkl_learned_qwen3", fixed: str = "pkl_qwen3") -> pd.DataFrame:
+def learned_w_comparison(
+    df: pd.DataFrame, learned: str = "pkl_learned_qwen3", fixed: str = "pkl_qwen3"
+) -> pd.DataFrame:
     """P-KL with a learned W vs the fixed W: per-metric means and the seed-paired difference (learned - fixed)."""
     skills = skills_of(df)
     df = with_average(df, skills)
@@ -161,10 +224,15 @@ def learned_w_comparison(df: pd.DataFrame, learned: str = "pkl_learned_qwen3", f
         if m not in df:
             continue
         d = A.loc[seeds, m].astype(float) - B.loc[seeds, m].astype(float)
-        rows.append({"metric": m, "fixed W": round(float(B.loc[seeds, m].mean()), k + 1),
-                     "learned W": round(float(A.loc[seeds, m].mean()), k + 1),
-                     "Δ learned - fixed": f"{d.mean():+.{k}f} ± {d.std(ddof=1) if len(d) > 1 else 0:.{k}f}",
-                     "seeds": len(seeds)})
+        rows.append(
+            {
+                "metric": m,
+                "fixed W": round(float(B.loc[seeds, m].mean()), k + 1),
+                "learned W": round(float(A.loc[seeds, m].mean()), k + 1),
+                "Δ learned - fixed": f"{d.mean():+.{k}f} ± {d.std(ddof=1) if len(d) > 1 else 0:.{k}f}",
+                "seeds": len(seeds),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -172,22 +240,42 @@ def _round(x, k: int = 4):
     return None if x is None else round(x, k)
 
 
-def learned_w_rows(results: list[dict], setting: str = "pkl_learned_qwen3", n: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
+def learned_w_rows(
+    results: list[dict], setting: str = "pkl_learned_qwen3", n: int = 8
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """From the runs' result.json: (per-seed summary of how far W moved, the rows that moved most as strings)."""
     summary, top = [], []
     for r in sorted((r for r in results if r["setting"] == setting), key=lambda r: r["seed"]):
         for teacher, lw in (r.get("learned_w") or {}).items():
-            summary.append({"seed": r["seed"], "teacher": teacher, "trainable rows": lw["trainable_rows"],
-                            "numeral rows": lw["numeral_rows"], "mean L1 change": round(lw["mean_l1_change"], 4),
-                            "mean L1 change, numeral rows": _round(lw["mean_l1_change_numerals"]) if lw["numeral_rows"] else None,
-                            "mean L1 change, other rows": (_round(lw["mean_l1_change_other"])   # none: every trainable
-                                                           if lw["trainable_rows"] > lw["numeral_rows"] else None),   # row is a numeral
-                            "max L1 change": round(lw["max_l1_change"], 4)})
+            summary.append(
+                {
+                    "seed": r["seed"],
+                    "teacher": teacher,
+                    "trainable rows": lw["trainable_rows"],
+                    "numeral rows": lw["numeral_rows"],
+                    "mean L1 change": round(lw["mean_l1_change"], 4),
+                    "mean L1 change, numeral rows": _round(lw["mean_l1_change_numerals"])
+                    if lw["numeral_rows"]
+                    else None,
+                    "mean L1 change, other rows": (
+                        _round(lw["mean_l1_change_other"])  # none: every trainable
+                        if lw["trainable_rows"] > lw["numeral_rows"]
+                        else None
+                    ),  # row is a numeral
+                    "max L1 change": round(lw["max_l1_change"], 4),
+                }
+            )
             for row in lw["top_moved"][:n]:
-                top.append({"seed": r["seed"], "student token": row["student"].replace("Ġ", "␣"),
-                            "teacher tokens": " ".join(t.replace("Ġ", "␣") for t in row["teacher"]),
-                            "W before": " ".join(f"{x:.3f}" for x in row["before"]),
-                            "W after": " ".join(f"{x:.3f}" for x in row["after"]), "L1 change": row["l1_change"]})
+                top.append(
+                    {
+                        "seed": r["seed"],
+                        "student token": row["student"].replace("Ġ", "␣"),
+                        "teacher tokens": " ".join(t.replace("Ġ", "␣") for t in row["teacher"]),
+                        "W before": " ".join(f"{x:.3f}" for x in row["before"]),
+                        "W after": " ".join(f"{x:.3f}" for x in row["after"]),
+                        "L1 change": row["l1_change"],
+                    }
+                )
     return pd.DataFrame(summary), pd.DataFrame(top)
 
 
@@ -216,20 +304,40 @@ def alignment_table(text: str, student_tok, teacher_tok) -> pd.DataFrame:
     """One sentence aligned (both tokenizers' own tokenization, BOS included where they add one):
     each chunk pair as readable strings, unpaired tokens as their own rows, in text order."""
     from ..align import align
+
     s_ids = student_tok(text)["input_ids"]
     t_ids = teacher_tok(text)["input_ids"]
     a = align(s_ids, t_ids, student_tok, teacher_tok)
     rows = []
     for k, ((sa, sb), (ta, tb)) in enumerate(zip(a.student_spans.tolist(), a.teacher_spans.tolist())):
         text_bytes = a.chunk_bytes(k, student_tok, teacher_tok)[0]
-        rows.append({"pos": sa, "text": text_bytes.decode("utf-8", "replace"),
-                     "student tokens": " | ".join(student_tok.convert_ids_to_tokens(s_ids[sa:sb])),
-                     "teacher tokens": " | ".join(teacher_tok.convert_ids_to_tokens(t_ids[ta:tb])),
-                     "chunk": f"{sb - sa}:{tb - ta}"})
+        rows.append(
+            {
+                "pos": sa,
+                "text": text_bytes.decode("utf-8", "replace"),
+                "student tokens": " | ".join(student_tok.convert_ids_to_tokens(s_ids[sa:sb])),
+                "teacher tokens": " | ".join(teacher_tok.convert_ids_to_tokens(t_ids[ta:tb])),
+                "chunk": f"{sb - sa}:{tb - ta}",
+            }
+        )
     for p in a.student_unpaired.tolist():
-        rows.append({"pos": p - 0.5, "text": "", "student tokens": student_tok.convert_ids_to_tokens(s_ids[p]),
-                     "teacher tokens": "(unpaired)", "chunk": "1:0"})
+        rows.append(
+            {
+                "pos": p - 0.5,
+                "text": "",
+                "student tokens": student_tok.convert_ids_to_tokens(s_ids[p]),
+                "teacher tokens": "(unpaired)",
+                "chunk": "1:0",
+            }
+        )
     for p in a.teacher_unpaired.tolist():
-        rows.append({"pos": -0.5, "text": "", "student tokens": "(unpaired)",
-                     "teacher tokens": teacher_tok.convert_ids_to_tokens(t_ids[p]), "chunk": "0:1"})
+        rows.append(
+            {
+                "pos": -0.5,
+                "text": "",
+                "student tokens": "(unpaired)",
+                "teacher tokens": teacher_tok.convert_ids_to_tokens(t_ids[p]),
+                "chunk": "0:1",
+            }
+        )
     return pd.DataFrame(rows).sort_values("pos", kind="stable").drop(columns="pos").reset_index(drop=True)
