@@ -143,7 +143,8 @@ def main():
                 f"{t_trl / t_ours:6.1f}x"
             )
     print(
-        "tok/s: student tokens per second, ours (ids in, alignment out, one core). speedup: TRL (offsets + walk) / ours."
+        "tok/s: student tokens per second, ours (ids in, alignment out, one core). "
+        "speedup: TRL (offsets + walk) / ours."
     )
 
 

@@ -51,7 +51,8 @@ def main():
         build = min((run(student, teacher, "build", threads) for _ in range(2)), key=lambda r: r["seconds"])
         ratio = build["seconds"] / enc["seconds"]
         print(
-            f"{student.split('/')[1] + ' -> ' + teacher.split('/')[1]:45s} {enc['seconds']:9.2f} {build['seconds']:8.2f} "
+            f"{student.split('/')[1] + ' -> ' + teacher.split('/')[1]:45s} "
+            f"{enc['seconds']:9.2f} {build['seconds']:8.2f} "
             f"{ratio:6.2f}x {build['peak_rss_mb']:10.0f} MB  (target <= 3x, < 1536 MB; tokenizers alone "
             f"{build['tokenizers_rss_mb']:.0f} MB)"
         )

@@ -24,7 +24,8 @@ sequences of prose with numbers, aligned by xtoken.align; W is the real Llama ->
 
 Peak memory: ru_maxrss after the loss's first forward+backward minus ru_maxrss once the inputs exist
 (the subprocess is fresh, so the delta is the loss's own peak extra memory). Time: the best of that
-run and --repeats more, default two (TRL: that run only, its per-group Python loops take minutes). Ratios are against kl measured in the same invocation.
+run and --repeats more, default two (TRL: that run only, its per-group Python loops take minutes). Ratios are
+against kl measured in the same invocation.
 """
 
 from __future__ import annotations

@@ -372,7 +372,8 @@ def bench(args) -> dict:
         )
     print("  (ms; excess = T2 - T1 - F2; L2 = the second teacher's loss op alone; glue = the rest)")
     print(
-        "\n  instrumented pass (ms per step, medians; kd_loss_ops = every teacher's teacher_kd_loss, gradient included):"
+        "\n  instrumented pass (ms per step, medians; "
+        "kd_loss_ops = every teacher's teacher_kd_loss, gradient included):"
     )
     cols = ["step", *SEGMENTS, "backward"]
     print(f"  {'setting':11s}" + "".join(f"{c:>16s}" for c in cols))

@@ -228,7 +228,8 @@ def reproduce(
         os.replace(running, nb_out)
         print(f"      done in {time.perf_counter() - t0:6.1f} s -> {nb_out}", flush=True)
     print(
-        f"reproduce --scale {scale}: {len(names)} notebooks in {time.perf_counter() - total:.1f} s; results in {results_dir}"
+        f"reproduce --scale {scale}: {len(names)} notebooks in {time.perf_counter() - total:.1f} s; "
+        f"results in {results_dir}"
     )
     return 0
 

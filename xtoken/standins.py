@@ -239,7 +239,7 @@ def paper_smoke(root="runs/paper-smoke", *, nproc: int = 2, out=None, start: str
     import sys
 
     root = Path(root).resolve()
-    st = build_standins(root / "standins")
+    build_standins(root / "standins")
     out = Path(out or root / "notebooks").resolve()
     env = dict(os.environ, **{k: v for k, v in activate_env(root / "standins").items()})
     params = dict(SMOKE_PARAMETERS, standin_root=os.path.relpath(root / "standins", out))

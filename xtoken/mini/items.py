@@ -14,9 +14,9 @@ one row per test item:
 The teacher-forced pass scores exactly the token ids greedy decoding conditions on: the prompt ``question + "\\n"``
 tokenized as lm-eval tokenizes it (BOS first), then the solution tokenized on its own. The miniature's
 tokenizers put a pre-tokenization boundary after the prompt's newline, so these are the ids of the training
-text; `teacher_forced` checks that per item and gives NaN where it does not hold. (lm-eval's own loglikelihood requests cannot be used:
-they move the prompt's trailing whitespace into the continuation, which then tokenizes into ids outside the
-restricted vocabulary.)
+text; `teacher_forced` checks that per item and gives NaN where it does not hold. (lm-eval's own loglikelihood
+requests cannot be used: they move the prompt's trailing whitespace into the continuation, which then tokenizes
+into ids outside the restricted vocabulary.)
 
 Diagnostics for notebook 03 (where greedy answers go wrong): `error_breakdown`, `w_first_token_groups`.
 """

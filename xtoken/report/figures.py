@@ -82,7 +82,7 @@ def plot_numeral_mass(results: list[dict], settings=None, title="Student mass on
     for r in results:
         if (settings is None or r["setting"] in settings) and r.get("numeral_mass_history"):
             by.setdefault((r["setting"], r.get("label", r["setting"])), []).append(r["numeral_mass_history"])
-    for (setting, label), hists in by.items():
+    for (_setting, label), hists in by.items():
         steps = [s for s, _ in hists[0]]
         vals = np.array([[v for _, v in h[: len(steps)]] for h in hists if len(h) >= len(steps)])
         ax.plot(steps, vals.mean(0), label=label)
