@@ -593,12 +593,5 @@ def build_projection(
         "counts": counts,
         "teacher_tokens": n_tokens,
     }
-    return Projection(
-        torch.from_numpy(indices),
-        torch.from_numpy(weights),
-        torch.from_numpy(kind),
-        n_t,
-        meta,
-        student_tok,
-        teacher_tok,
-    )
+    tensors = (torch.from_numpy(indices), torch.from_numpy(weights), torch.from_numpy(kind))
+    return Projection(*tensors, n_t, meta, student_tok, teacher_tok)
