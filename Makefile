@@ -31,8 +31,9 @@ smoke: $(STAMP)
 paper-smoke: $(STAMP)
 	$(BIN)/python -m xtoken paper-smoke --root runs/paper-smoke
 
-## unit tests + notebook regression (nbval on the committed notebooks)
+## lint, unit tests + notebook regression (nbval on the committed notebooks)
 test: $(STAMP)
+	$(BIN)/ruff check xtoken tests benchmarks && $(BIN)/ruff format --check xtoken tests benchmarks
 	rm -rf $(PAPER_SMOKE)/work && $(BIN)/python -m xtoken.standins $(PAPER_SMOKE)/standins
 	$(BIN)/python -m pytest -q tests $(NBVAL_NOTEBOOKS) --nbval --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
