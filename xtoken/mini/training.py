@@ -104,9 +104,10 @@ def train_model(
 def evaluate_model(model_dir, out_dir, cfg: MiniConfig, limit=None) -> dict:
     """lm-eval exact match per skill {skill: value} on the held-out test split, plus the per-item scores
     (`xtoken.mini.items.score_items`: lm-eval's own greedy generations and one teacher-forced pass) written to
-    ``model_dir/items.csv``; the returned dict adds per skill the solution match and the mean teacher-forced
+    ``model_dir/items.csv`` and lm-eval's results (without the samples) to ``model_dir/lm_eval_results.json``; the
+    returned dict adds per skill the solution match and the mean teacher-forced
     log-probability of the gold solution, and ``arithmetic_200`` (exact match on the first 200 arithmetic items)."""
-    from xtoken.evaluate import evaluate, load_lm
+    from xtoken.evaluate import evaluate, load_lm, save_raw_results
 
     from .items import score_items
 
@@ -126,6 +127,8 @@ def evaluate_model(model_dir, out_dir, cfg: MiniConfig, limit=None) -> dict:
     t1 = time.time()
     items = score_items(lm, raw, batch=cfg.eval_batch_size)
     items.to_csv(Path(model_dir) / "items.csv", index=False)
+    # lm-eval's own results beside the model (the generations are in items.csv; the raw samples are not kept)
+    save_raw_results({k: v for k, v in raw.items() if k != "samples"}, Path(model_dir) / "lm_eval_results.json")
     for s in SKILLS:
         g = items[items.skill == s]
         scores[f"{s}_solution_match"] = float(g.solution_match.mean())
