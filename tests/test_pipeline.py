@@ -48,7 +48,7 @@ def test_smoke_reproduction_of_notebooks_03_to_05(tmp_path):
     assert {r["metric"] for r in learned["comparison"]} >= {"arithmetic", "knowledge", "numeral_mass"}
     assert all(0 <= r["arithmetic"] <= 1 for r in runs)
     assert "Single-teacher distillation" in (results / "REPORT.md").read_text()
-    raw = json.loads((work / "runs" / "ce_only" / "seed0" / "lm_eval_results.json").read_text())   # kept per run
+    raw = json.loads((work / "runs" / "ce_only" / "seed0" / "lm_eval_results.json").read_text())  # kept per run
     assert set(raw["results"]) == {"xtoken_mini_arithmetic", "xtoken_mini_knowledge"} and "samples" not in raw
 
 
