@@ -103,12 +103,21 @@ def test_with_teacher_width(w_qwen):
         w_qwen.with_teacher_width(151668)
 
 
-def test_older_file_without_teacher_tokens_loads(qwen):
-    """results/W_*.safetensors predate meta["teacher_tokens"]: derived from the teacher tokenizer when given,
-    else unknown (no column treated as padding)."""
-    assert "teacher_tokens" not in json.loads(_header(W_QWEN)["__metadata__"]["xtoken_projection"])
-    assert Projection.load(W_QWEN).teacher_tokens is None
-    assert Projection.load(W_QWEN, teacher_tok=qwen).teacher_tokens == 151669
+def test_older_file_without_teacher_tokens_loads(qwen, tmp_path):
+    """A W file written before meta["teacher_tokens"] and meta["digest"] existed still loads: teacher_tokens is
+    derived from the teacher tokenizer when given, else unknown (no column treated as padding)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(W_QWEN), framework="pt") as f:
+        meta = json.loads(f.metadata()["xtoken_projection"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    old = tmp_path / "older.safetensors"
+    meta = {k: v for k, v in meta.items() if k not in ("teacher_tokens", "digest")}
+    save_file(tensors, str(old), metadata={"xtoken_projection": json.dumps(meta, sort_keys=True)})
+    assert "teacher_tokens" not in json.loads(_header(old)["__metadata__"]["xtoken_projection"])
+    assert Projection.load(old).teacher_tokens is None
+    assert Projection.load(old, teacher_tok=qwen).teacher_tokens == 151669
 
 
 # ---- ids ----------------------------------------------------------------------------------------

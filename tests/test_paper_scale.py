@@ -143,8 +143,12 @@ def test_unknown_setting_and_teacher_are_refused():
         preflight(cfg, settings_by_name(["hkl_phi"]))
 
 
-def test_a_w_file_for_another_teacher_is_refused_before_any_model_loads():
+def test_a_w_file_for_another_teacher_is_refused_before_any_model_loads(monkeypatch):
     from xtoken.projection import ProjectionMismatch
+
+    # online (other tests may have left offline mode on): only the W check can refuse this grid
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
 
     phi_w = REPO / "results" / "W_Llama-3.2-1B_to_Phi-4-mini-instruct.safetensors"
     cfg = PaperConfig.preset("paper", projections={"qwen3": str(phi_w)})
