@@ -7,7 +7,7 @@ neither torch nor transformers):
     projection          Projection, build_projection, ProjectionMismatch, ProjectionFileError
     learned_projection  LearnableProjection
     align               Alignment, AlignmentMemo, align_batch   (and `xtoken.align.align` for one row)
-    audit               coverage_audit, CoverageAudit
+    audit               coverage_audit, CoverageAudit, occurrence_audit, OccurrenceAudit
     losses              kl_loss, p_kl_loss, h_kl_loss, gold_loss, uld_loss, dynamic_kd_scale
     multi_teacher       teacher_weights, teacher_stats, aggregate
     hf                  XTokenConfig, Teacher, DistillCollator, TeacherCache, XTokenTrainer
@@ -24,7 +24,7 @@ _EXPORTS = {
     "projection": ["Projection", "build_projection", "ProjectionMismatch", "ProjectionFileError"],
     "learned_projection": ["LearnableProjection"],
     "align": ["Alignment", "AlignmentMemo", "align_batch"],
-    "audit": ["coverage_audit", "CoverageAudit"],
+    "audit": ["coverage_audit", "CoverageAudit", "occurrence_audit", "OccurrenceAudit"],
     "losses": ["kl_loss", "p_kl_loss", "h_kl_loss", "gold_loss", "uld_loss", "dynamic_kd_scale"],
     "multi_teacher": ["teacher_weights", "teacher_stats", "aggregate"],
     "hf": ["XTokenConfig", "Teacher", "DistillCollator", "TeacherCache", "XTokenTrainer"],
