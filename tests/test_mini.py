@@ -4,6 +4,7 @@ and the smoke preset end to end (teacher training through XTokenTrainer + lm-eva
 import hashlib
 import json
 import random
+import re
 
 import pyarrow as pa
 import pytest
@@ -51,10 +52,14 @@ def test_corpus_shape(smoke_corpus):
     assert not train_q & {q for q, s in zip(test["question"], test["skill"]) if s == "arithmetic"}
     # arithmetic answers are worked out correctly: the last '= N.' step (or the copied number) is N
     for r in train:
-        if r["skill"] == "arithmetic" and r["kind"] in ("increment", "decrement", "count"):
+        if r["skill"] == "arithmetic" and r["kind"] == "count":
             last = [ln for ln in r["text"].splitlines() if "=" in ln][-1]
             a, op, b, _, c = last.rstrip(".").split()
             assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c) == int(r["answer"])
+        if r["skill"] == "arithmetic" and r["kind"] == "add":  # one-digit operands, the sum as the one step
+            a, b = (int(x) for x in re.search(r"has (\d+) \w+\. \w+ gets (\d+) more", r["question"]).groups())
+            assert 2 <= a <= 9 and 2 <= b <= 9
+            assert r["text"].splitlines()[1] == f"{a} + {b} = {a + b}." and int(r["answer"]) == a + b
 
 
 def test_arrow_round_trip(smoke_corpus, tmp_path):
@@ -137,6 +142,7 @@ def test_smoke_grid_end_to_end(tmp_path):
         E.SINGLE_TEACHER_SETTINGS[0],
         E.Setting("gold_qwen3", [("qwen3", "gold", 1.0)]),
         E.Setting("two", [("phi", "h_kl", 0.5), ("llama", "kl", 0.5)]),
+        E.Setting("kd_llama@dynamic", [("llama", "kl", 1.0)], kd_scaling="dynamic"),
     ]
     prep = E.prepare(cfg, tmp_path, runs=settings[1:2])
     assert list(prep["teachers"]["teacher"]) == list(E.TEACHERS) and "models_s" in prep["timings"]
@@ -148,16 +154,50 @@ def test_smoke_grid_end_to_end(tmp_path):
     assert E.prepare(cfg, tmp_path, runs=settings[1:2])["timings"] == {}, "a second prepare reuses everything"
     cfg.workers = 1
     df = E.run_grid(cfg, settings, [0], tmp_path, workers=1)
-    assert list(df["setting"]) == ["ce_only", "gold_qwen3", "two"]
+    assert list(df["setting"]) == ["ce_only", "gold_qwen3", "two", "kd_llama@dynamic"]
     assert df[["arithmetic", "knowledge", "numeral_mass"]].notna().all().all()
     assert "final_kd_qwen3" in df.columns and "final_kd_phi" in df.columns
     res = json.loads((tmp_path / "runs" / "two" / "seed0" / "result.json").read_text())
     assert res["setting_spec"]["teachers"] == [["phi", "h_kl", 0.5], ["llama", "kl", 0.5]]
     assert len(res["numeral_mass_history"]) >= 2
+    # the dynamic KD/CE scaling reached the trainer (it logs the CE / KD ratio it applies), the default did not
+    logged = lambda name: {
+        k
+        for r in json.loads((tmp_path / "runs" / name / "seed0" / "result.json").read_text())["log_history"]
+        for k in r
+    }  # noqa: E731
+    assert "kd_scale" in logged("kd_llama@dynamic") and "kd_scale" not in logged("two")
     again = E.run_grid(cfg, settings, [0], tmp_path, workers=1)  # read back, nothing retrained
     assert again["arithmetic"].tolist() == df["arithmetic"].tolist()
     table = E.results_table(df)
-    assert list(table.index) == ["ce_only", "gold_qwen3", "two"]
+    assert list(table.index) == ["ce_only", "gold_qwen3", "two", "kd_llama@dynamic"]
+
+
+def test_kd_scaling_settings():
+    """The KD/CE sweep: dynamic and three static weightings per base setting; the weighting equal to the config's
+    own is the base row (not run twice); every comparison is dynamic vs a static weighting; a bad name is refused."""
+    from xtoken.mini.settings import KD_SCALINGS, Setting, kd_scaling_settings
+
+    cfg = MiniConfig.preset("mini")  # default weighting: CE + 1.0 KD, static = "balanced"
+    settings, comparisons = kd_scaling_settings(cfg)
+    assert [s.name for s in settings] == [
+        f"{b}@{k}" for b in ("pkl_qwen3", "kd_llama") for k in ("dynamic", "kd_heavy", "ce_heavy")
+    ]
+    assert [s.loss_weights(cfg) for s in settings[:3]] == [(1.0, 1.0, True), (1.0, 4.0, False), (1.0, 0.25, False)]
+    assert [(a, b) for _, a, b, _, _ in comparisons[:3]] == [
+        ("pkl_qwen3@dynamic", "pkl_qwen3@kd_heavy"),
+        ("pkl_qwen3@dynamic", "pkl_qwen3"),
+        ("pkl_qwen3@dynamic", "pkl_qwen3@ce_heavy"),
+    ]
+    assert all(p == "> 0" for _, _, _, p, _ in comparisons) and len(comparisons) == 6
+    # a config whose own weighting is dynamic: the dynamic row is the base, "balanced" is run
+    dyn = MiniConfig.preset("mini", dynamic_kd_scale=True)
+    names = [s.name for s in kd_scaling_settings(dyn)[0]]
+    assert "pkl_qwen3@dynamic" not in names and "pkl_qwen3@balanced" in names
+    assert Setting("x").loss_weights(dyn) == (1.0, 1.0, True) and KD_SCALINGS["default"] is None
+    assert Setting.from_dict(settings[1].to_dict()).kd_scaling == "kd_heavy"
+    with pytest.raises(ValueError, match="kd_scaling"):
+        Setting("x", kd_scaling="heavy")
 
 
 def test_pool_dag_runs_jobs_after_their_dependencies():
@@ -195,6 +235,6 @@ def test_test_sizes_never_change_training():
     assert len(set(q_big)) == len(q_big)
     train_q = {q for q, s in zip(big["train"]["question"], big["train"]["skill"]) if s == "arithmetic"}
     assert not train_q & set(q_big)
-    assert {r["kind"] for r in a_big[RESERVED_ARITH:]} == {"copy", "compare", "increment", "decrement", "count"}
+    assert {r["kind"] for r in a_big[RESERVED_ARITH:]} == {"copy", "compare", "add", "count"}
     know = lambda dd: [r["question"] for r in dd["test"] if r["skill"] == "knowledge"]  # noqa: E731
     assert know(small) == know(big)[:5]

@@ -228,8 +228,14 @@ def build_standins(
 
 
 # the grid the stand-in smoke runs: notebook 03's whole single-teacher grid, notebook 04's five pairs with static
-# weights and the paper's best pair also with adaptive (CE) weights, one seed, 2 steps per run
-SMOKE_PARAMETERS = {"weightings": ["static", "ce"], "adaptive_pairs": ["phi_hkl+llama_kl"], "seeds": [0]}
+# weights and the paper's best pair also with adaptive (CE) weights, the KD/CE sweep against one static weighting,
+# one seed, 2 steps per run
+SMOKE_PARAMETERS = {
+    "weightings": ["static", "ce"],
+    "adaptive_pairs": ["phi_hkl+llama_kl"],
+    "seeds": [0],
+    "kd_scalings": ["ce_heavy"],
+}
 
 
 def paper_smoke(root="runs/paper-smoke", *, nproc: int = 2, out=None, start: str = "03") -> int:

@@ -57,7 +57,7 @@ class MiniConfig:
     n_test_know: int = 200  # knowledge test items, capped at the held-out facts (126 at these world
     # sizes: 252 facts, half of them asked in training). Never changes training
     n_countries: int = 24  # invented countries of the knowledge world
-    n_people: int = 60  # invented people of the knowledge world
+    n_people: int = 60  # invented people of the knowledge world (24 * 3 + 60 * 3 = 252 facts, 126 held out)
     know_qa_train_frac: float = 0.5  # share of facts whose QA form is in train (the rest -> test)
     # ---- models ------------------------------------------------------------------------------
     student: ModelSize = field(default_factory=lambda: ModelSize(64, 2, 4))
@@ -76,10 +76,18 @@ class MiniConfig:
     student_lr: float = 1e-3
     warmup_ratio: float = 0.05
     kd_weight: float = 1.0  # loss = CE + kd_weight * KD (static; fixed before any KD result)
-    dynamic_kd_scale: bool = False  # the paper's KD*stopgrad(CE/KD); off: at this scale it swamps CE
+    dynamic_kd_scale: bool = False  # the grid's default weighting; the paper's KD*stopgrad(CE/KD) is its own
+    # rows (`kd_scaling_settings`: dynamic against three static weightings)
     projection_lr: float = 1e-2  # learned-W rows (setting pkl_learned_qwen3): Adam lr of the softmax parameters,
     # fixed before that row ran (the trainer's default; same schedule as the student)
-    teacher_mix: dict = field(default_factory=dict)  # teacher name -> {"arithmetic": w, "knowledge": w}
+    # teacher name -> {skill: share of that skill's training rows the teacher reads}: the paper's teachers have
+    # distinct strengths (Phi-4-mini math, Llama-3.2-3B knowledge, Qwen3-4B both), fixed here before any run
+    teacher_mix: dict = field(
+        default_factory=lambda: {
+            "phi": {"arithmetic": 1.0, "knowledge": 0.2},
+            "llama": {"arithmetic": 0.2, "knowledge": 1.0},
+        }
+    )
     # ---- grid --------------------------------------------------------------------------------
     seeds: tuple = (0, 1, 2)
     workers: int = 2  # worker processes, 1 torch thread each

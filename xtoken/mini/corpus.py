@@ -3,20 +3,26 @@
 Two skills, every item a `text` (what training reads) plus, for test items, a `question` (the
 prompt lm-eval gives) and an `answer` (the string after ``#### ``):
 
-``arithmetic`` -- GSM8k-like word problems whose numbers span 0..999, with worked steps and a final
-  ``#### N`` line. Llama-3 (and o200k) write a number of up to 3 digits as ONE token ("347");
-  Qwen3 writes it digit by digit ("3","4","7"). A tiny Llama-tokenized student cannot learn
-  whole-token addition of two 3-digit numbers in the miniature's budget, so the problems are ones it can
-  learn while it still has to *produce* multi-digit numeral tokens:
+``arithmetic`` -- GSM8k-like word problems with worked steps and a final ``#### N`` line. Llama-3 (and
+  o200k) write a number of up to 3 digits as ONE token ("347"); Qwen3 writes it digit by digit ("3","4","7").
+  The kinds are ones a tiny Llama-tokenized student can learn while it still has to *produce* multi-digit
+  numeral tokens, and where a teacher that knows more can pass it on:
     copy       a number stated in the question is the answer ("puts all 347 shells in a box")
-    compare    which of two (or three) numbers is larger / smaller
-    increment  N + k with k in 1..9 (the student learns "successor" relations among numeral tokens)
-    decrement  N - k with k in 1..9
+    compare    which of two numbers is larger / smaller
+    add        a + b with one-digit a, b ("7 + 5 = 12."): 64 facts a tiny student can learn, more than half of
+               them with a two-digit answer, one Llama token, which Qwen3 writes as a carry digit and a units
+               digit; through W the teacher's distribution reaches the student's numeral token through its first
+               digit, the carry
     count      N, then +1 / -1 a few times, every step written out (counting steps)
-  The digit-splitting teacher has a real advantage on increments (it only changes the last digit),
-  which it can pass on to a student through W; copy / compare need no arithmetic at all.
   Exercises: producing multi-digit numeral tokens at numeral positions (GOLD suppresses them,
-  Proposition 1), digit-level carry (increments that cross a ten), and ordering.
+  Proposition 1), column addition with carries, ordering.
+
+Over-conservative matching (the paper's second failure of GOLD, 'Hundreds' vs 'Hund' + 'reds'): a few words
+  of the corpus are one token for the Llama student and two for Phi's o200k ("cigars", "adventurer",
+  "biologist"), and the reverse ("walnuts", "carpenter", "fisherman"). GOLD's strict common set leaves the
+  first kind out (their mass is suppressed like a numeral's under Qwen3); H-KL's widened set pairs them with
+  W's top teacher token. Their share of the corpus's token occurrences is set near the share measured on real
+  English text (docs/miniature.md).
 
 ``knowledge`` -- facts about a fixed invented world: countries with a capital, a population (in
   thousands, a numeral) and a language; people with an age (numeral), a profession and a home
@@ -82,8 +88,8 @@ _THINGS = [
     "shells",
     "coins",
     "books",
-    "stamps",
-    "marbles",
+    "cigars",
+    "walnuts",
     "cards",
     "beads",
     "pens",
@@ -96,8 +102,8 @@ _PLACES = {
     "shells": "box",
     "coins": "jar",
     "books": "shelf",
-    "stamps": "album",
-    "marbles": "bag",
+    "cigars": "case",
+    "walnuts": "sack",
     "cards": "deck",
     "beads": "tin",
     "pens": "cup",
@@ -131,11 +137,24 @@ _SYL = [
     "sha",
     "rin",
 ]
-_PROFESSIONS = ["baker", "pilot", "farmer", "doctor", "painter", "teacher", "sailor", "miner", "singer", "judge"]
+# four of ten professions are tokenized differently by Llama and o200k: "adventurer" and "biologist" are one
+# Llama token and two o200k tokens, "carpenter" and "fisherman" the reverse
+_PROFESSIONS = [
+    "baker",
+    "pilot",
+    "farmer",
+    "doctor",
+    "adventurer",
+    "biologist",
+    "carpenter",
+    "fisherman",
+    "singer",
+    "judge",
+]
 _LANGUAGES = ["Vessic", "Orlan", "Tamik", "Brelish", "Quorin", "Ulmic"]
 
-ARITH_KINDS = ("copy", "compare", "increment", "decrement", "count")
-ARITH_WEIGHTS = (0.2, 0.2, 0.25, 0.15, 0.2)
+ARITH_KINDS = ("copy", "compare", "add", "count")
+ARITH_WEIGHTS = (0.2, 0.2, 0.4, 0.2)
 
 
 def _num(rng: random.Random) -> int:
@@ -170,16 +189,11 @@ def arithmetic_item(rng: random.Random) -> dict:
         hi, lo = max(a, b), min(a, b)
         steps = [f"{hi} is more than {lo}."]
         ans = hi if more else lo
-    elif kind == "increment":
-        n, k = rng.randint(0, 990), rng.randint(1, 9)
-        q = f"{who} has {n} {thing}. {who} gets {k} more. How many {thing} does {who} have now?"
-        steps = [f"{n} + {k} = {n + k}."]
-        ans = n + k
-    elif kind == "decrement":
-        n, k = rng.randint(9, 999), rng.randint(1, 9)
-        q = f"{who} has {n} {thing}. {who} gives away {k}. How many {thing} does {who} have now?"
-        steps = [f"{n} - {k} = {n - k}."]
-        ans = n - k
+    elif kind == "add":  # a one-digit sum: a two-digit answer is a carry ("7 + 5 = 12": Qwen3 writes "1", "2")
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        q = f"{who} has {a} {thing}. {who} gets {b} more. How many {thing} does {who} have now?"
+        steps = [f"{a} + {b} = {a + b}."]
+        ans = a + b
     else:  # count: a few +1 / -1 steps, each written out
         n = rng.randint(5, 994)
         moves = [rng.choice((1, -1)) for _ in range(rng.randint(2, 4))]

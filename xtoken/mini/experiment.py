@@ -24,7 +24,8 @@ Diagnostics (the mechanism, Proposition 1):
 
 This module gathers the names of the modules that do each job:
 
-  settings     Setting, SINGLE_TEACHER_SETTINGS, single_teacher_settings, multi_teacher_settings, TEACHERS
+  settings     Setting, SINGLE_TEACHER_SETTINGS, single_teacher_settings, multi_teacher_settings,
+               kd_scaling_settings, KD_SCALINGS, TEACHERS
   pool         the process pool (in order, or as a DAG of jobs), one log file per job
   training     train_model, evaluate_model, load_vocabs: what every job does
   prepare      build_corpus, train_teachers, train_base_student, build_teacher_caches, w_groups, prepare
@@ -36,10 +37,12 @@ from .diagnostics import NumeralMassCallback, digit_split_fraction, learned_w_su
 from .prepare import build_corpus, build_teacher_caches, prepare, train_base_student, train_teachers, w_groups
 from .runs import results_table, run_grid, run_one
 from .settings import (
+    KD_SCALINGS,
     SINGLE_TEACHER_SETTINGS,
     TEACHER_LABEL,
     TEACHERS,
     Setting,
+    kd_scaling_settings,
     multi_teacher_settings,
     single_teacher_settings,
 )
@@ -56,6 +59,8 @@ __all__ = [
     "Setting",
     "SINGLE_TEACHER_SETTINGS",
     "multi_teacher_settings",
+    "kd_scaling_settings",
+    "KD_SCALINGS",
     "single_teacher_settings",
     "run_grid",
     "results_table",

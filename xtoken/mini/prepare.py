@@ -96,12 +96,18 @@ def _train_one_teacher_logged(args):
     )
     save_model(model, vocab, d, extra={"role": "teacher", "family": name})
     scores = evaluate_model(d, out, cfg)
+    import pandas as pd
+
+    items = pd.read_csv(d / "items.csv")
+    arith = items[items.skill == "arithmetic"]
     row = {
         "teacher": name,
         "label": TEACHER_LABEL[name],
         "params": sum(p.numel() for p in model.parameters()),
         "vocab": vocab.size,
         **{s: scores[s] for s in SKILLS},
+        # exact match per arithmetic kind: where each teacher's advantage lies
+        **{f"arithmetic: {k}": float(v) for k, v in arith.groupby("kind").exact_match.mean().sort_index().items()},
         "train_wall_s": info["wall_s"],
         "eval_wall_s": scores["eval_wall_s"],
         "final_loss": info["final"].get("loss"),

@@ -8,6 +8,18 @@ from dataclasses import dataclass, field
 TEACHERS = ("llama", "qwen3", "phi")
 
 
+# How the KD term is weighted against CE (the paper's dynamic scaling against three static weightings):
+# name -> (ce_weight, kd_weight, dynamic). Static weightings are ratios (Adam is invariant to the loss's overall
+# scale); "dynamic" rescales KD each step to CE's value through a stop-gradient ratio, KD * stopgrad(CE / KD).
+# "default" takes the config's kd_weight and dynamic_kd_scale (mini: 1 CE + 1 KD, static; paper: dynamic).
+KD_SCALINGS = {
+    "default": None,
+    "kd_heavy": (1.0, 4.0, False),
+    "balanced": (1.0, 1.0, False),
+    "ce_heavy": (1.0, 0.25, False),
+    "dynamic": (1.0, 1.0, True),
+}
+
 TEACHER_LABEL = {"llama": "Llama-3.2-3B (tiny)", "qwen3": "Qwen3-4B (tiny)", "phi": "Phi-4-mini (tiny)"}
 
 
@@ -18,6 +30,7 @@ class Setting:
     ``teachers=[]`` is CE only (continued pre-training). Same-tokenizer teachers (llama) use ``kl``;
     cross-tokenizer ones ``gold`` | ``p_kl`` | ``h_kl`` | ``uld`` through the restricted W.
     ``learn_projection``: the P-KL teachers' W is fine-tuned with the student (``cfg.projection_lr``).
+    ``kd_scaling``: a name of `KD_SCALINGS` (how KD is weighted against CE); "default" uses the config's.
     """
 
     name: str
@@ -25,6 +38,17 @@ class Setting:
     weighting: str = "static"  # static | ce | entropy | max_prob
     label: str = ""
     learn_projection: bool = False
+    kd_scaling: str = "default"
+
+    def __post_init__(self):
+        if self.kd_scaling not in KD_SCALINGS:
+            raise ValueError(f"kd_scaling {self.kd_scaling!r}: one of {sorted(KD_SCALINGS)}")
+
+    def loss_weights(self, cfg) -> tuple[float, float, bool]:
+        """(ce_weight, kd_weight, dynamic) of this setting's runs under ``cfg`` (a `MiniConfig` or a `PaperConfig`:
+        "default" takes its ``kd_weight``, 1 when it has none, and its ``dynamic_kd_scale``)."""
+        w = KD_SCALINGS[self.kd_scaling]
+        return (1.0, float(getattr(cfg, "kd_weight", 1.0)), bool(cfg.dynamic_kd_scale)) if w is None else w
 
     def to_dict(self) -> dict:
         return {
@@ -33,6 +57,7 @@ class Setting:
             "weighting": self.weighting,
             "label": self.label or self.name,
             "learn_projection": self.learn_projection,
+            "kd_scaling": self.kd_scaling,
         }
 
     def relative_cost(self) -> float:
@@ -50,6 +75,7 @@ class Setting:
             d.get("weighting", "static"),
             d.get("label", ""),
             bool(d.get("learn_projection", False)),
+            d.get("kd_scaling", "default"),
         )
 
 
@@ -125,3 +151,33 @@ def single_teacher_settings(teachers=("qwen3", "phi"), losses=("gold", "p_kl", "
         elif s.teachers[0][0] in teachers and s.teachers[0][1] in losses and (learned_w or not s.learn_projection):
             keep.append(s)
     return keep
+
+
+def kd_scaling_settings(
+    cfg, bases=("pkl_qwen3", "kd_llama"), statics=("kd_heavy", "balanced", "ce_heavy")
+) -> tuple[list, list]:
+    """The KD/CE scaling sweep: each base setting (its teachers and loss) with the dynamic scaling and each static
+    weighting, named ``<base>@<scaling>``; a weighting equal to the config's own (mini: "balanced") is the base
+    row itself, not run twice.
+
+    Returns ``(settings, comparisons)``: the settings to run besides the base rows, and the comparisons "dynamic vs
+    <static>" as ``(name, setting A, setting B, paper's sign on the average, on arithmetic)`` tuples, the format
+    of `xtoken.report.SINGLE_COMPARISONS` (the paper: dynamic beats all three static weightings; no number)."""
+    by_name = {s.name: s for s in SINGLE_TEACHER_SETTINGS}
+    default = Setting("default").loss_weights(cfg)
+    settings, comparisons = [], []
+    for base in bases:
+        b = by_name[base]
+        names = {}
+        for k in ("dynamic",) + tuple(statics):
+            if KD_SCALINGS[k] == default:
+                names[k] = base
+                continue
+            ce, kd, dyn = KD_SCALINGS[k]
+            how = "KD * stopgrad(CE / KD)" if dyn else f"{ce:g} CE + {kd:g} KD"
+            settings.append(Setting(f"{base}@{k}", list(b.teachers), label=f"{b.label}, {k} ({how})", kd_scaling=k))
+            names[k] = settings[-1].name
+        teacher = b.label.split("(")[-1].rstrip(")")
+        for k in statics:
+            comparisons.append((f"dynamic vs {k} KD/CE, {teacher}", names["dynamic"], names[k], "> 0", None))
+    return settings, comparisons

@@ -107,8 +107,15 @@ def run_setting(cfg: PaperConfig, setting, seed: int, work_dir) -> dict:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     t_start = time.time()
+    ce_weight, kd_weight, dynamic = setting.loss_weights(cfg)
     args = cfg.training_args(
-        out / "trainer", seed=seed, teacher_weighting=setting.weighting, learn_projection=setting.learn_projection
+        out / "trainer",
+        seed=seed,
+        teacher_weighting=setting.weighting,
+        learn_projection=setting.learn_projection,
+        ce_weight=ce_weight,
+        kd_weight=kd_weight,
+        dynamic_kd_scale=dynamic,
     )
     # tokenizers and W first: a wrong W or a missing teacher is refused before any model loads
     s_tok = load_paper_tokenizer(cfg.student)

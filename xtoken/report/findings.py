@@ -193,7 +193,7 @@ def verdict_lines(df: pd.DataFrame, metrics=("average", "arithmetic")) -> list[s
     return out
 
 
-KIND_ORDER = ("copy", "compare", "increment", "decrement", "count")
+KIND_ORDER = ("copy", "compare", "add", "count")
 
 
 def greedy_diagnostic(

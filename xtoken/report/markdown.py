@@ -9,11 +9,63 @@ import pandas as pd
 
 from .files import results_prefix
 from .findings import diagnostic_prose, verdict_lines
-from .tables import md_table
+from .tables import kind_table, md_table
 
 
 def _held(x: bool) -> str:
     return "**reproduced**" if x else "**not reproduced**"
+
+
+def _kd_scaling_lines(d: pd.DataFrame) -> list[str]:
+    """The KD/CE scaling claim (dynamic beats three static weightings): one verdict per teacher and one overall
+    (`xtoken.stats.combine_verdicts` over the average rows of the "dynamic vs ..." comparisons)."""
+    from ..stats import combine_verdicts
+
+    sweep = d[d.comparison.str.startswith("dynamic vs") & (d.metric == "average")]
+    if not len(sweep):
+        return []
+    out = [
+        "### KD/CE scaling: the paper's dynamic scaling against three static weightings",
+        "",
+        "Dynamic: `CE + KD·stopgrad(CE/KD)` each step; static: KD-heavy `CE + 4 KD`, balanced `CE + KD` (the grid's "
+        "own rows), CE-heavy `CE + 0.25 KD`. The paper's claim holds for a teacher when dynamic beats all three.",
+        "",
+    ]
+    teacher = sweep.comparison.str.split(", ").str[-1]
+    for t in dict.fromkeys(teacher):
+        sub = sweep[teacher == t]
+        detail = "; ".join(
+            f"vs {c.split()[2]} {x:+.2f} {i}" for c, x, i in zip(sub.comparison, sub["Δ ours"], sub["95% interval"])
+        )
+        out.append(f"- {t}: **{combine_verdicts(sub.verdict)}** ({detail} points, average).")
+    out += [f"- Both teachers: **{combine_verdicts(sweep.verdict)}**.", ""]
+    return out
+
+
+def _teacher_lines(r: Path, p3: str) -> list[str]:
+    """The teachers' own scores per skill and, with the students', arithmetic exact match per item kind."""
+    f = r / f"{p3}_results.json"
+    if not f.exists():
+        return []
+    teachers = json.loads(f.read_text()).get("teachers") or []
+    if not teachers:
+        return []
+    skills = [c for c in ("arithmetic", "knowledge") if c in teachers[0]]
+    t = pd.DataFrame([{"teacher": x["label"], **{k: round(100 * float(x[k]), 1) for k in skills}} for x in teachers])
+    out = ["### The teachers", "", "Exact match in % on the same test items as the students.", "", md_table(t), ""]
+    items_file = r / f"{p3}_items.csv.gz"
+    if items_file.exists():
+        from .files import read_items
+
+        items = read_items(items_file)
+        shown = [s for s in dict.fromkeys(items.setting) if "@" not in s and "learned" not in s]
+        out += [
+            "Arithmetic exact match (%) per item kind, teachers and students (pooled over seeds):",
+            "",
+            md_table(kind_table(items, teachers, shown)),
+            "",
+        ]
+    return out
 
 
 def build_report(results_dir, scale: str = "mini") -> str:
@@ -79,6 +131,19 @@ def build_report(results_dir, scale: str = "mini") -> str:
             ]
             + [""]
         )
+    if (r / "02_corpus_coverage.csv").exists():
+        cov = pd.read_csv(r / "02_corpus_coverage.csv")
+        out += [
+            "## GOLD's common set on the miniature's corpus (token occurrences)",
+            "",
+            "Share (%) of the Llama student's token occurrences in the training texts that fall in GOLD's strict "
+            "common set C and in H-KL's widened C, per teacher (notebook 02, `xtoken.audit.occurrence_audit`). "
+            "With Qwen3 the multi-digit numerals fall outside C (uncommon-token suppression); with Phi-4-mini a "
+            "few words one tokenizer keeps whole and the other splits do (over-conservative matching).",
+            "",
+            md_table(cov),
+            "",
+        ]
     if (r / name("03_table.csv")).exists():
         if scale == "mini":
             out += [
@@ -94,7 +159,7 @@ def build_report(results_dir, scale: str = "mini") -> str:
                 "",
                 f"![numeral mass]({name('03_numeral_mass.png')})",
                 "",
-            ]
+            ] + _teacher_lines(r, p3)
         else:
             out += [
                 "## Single-teacher distillation (notebook 03)",
@@ -122,6 +187,7 @@ def build_report(results_dir, scale: str = "mini") -> str:
             "",
         ]
         out += verdict_lines(d) + [""]
+        out += _kd_scaling_lines(d)
         claims = d[(d["paper Δ"] == d["paper Δ"]) & (d.metric.isin(["average", "arithmetic"]))]
         counts = claims.verdict.value_counts()
         out += [

@@ -341,3 +341,29 @@ def alignment_table(text: str, student_tok, teacher_tok) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows).sort_values("pos", kind="stable").drop(columns="pos").reset_index(drop=True)
+
+
+def kind_table(items: pd.DataFrame, teachers: list[dict] | None = None, settings=None) -> pd.DataFrame:
+    """Arithmetic exact match (%) per item kind: each teacher (its ``arithmetic: <kind>`` fields, as `prepare`
+    records them) and each student setting (pooled over seeds, from the per-item scores ``items``).
+
+    ``settings``: the student settings to show, in order (default: every setting in ``items``). Returns one row
+    per model, columns ``model`` and one per kind (`KIND_ORDER` first, then any other kind)."""
+    from .findings import KIND_ORDER
+
+    arith = items[items.skill == "arithmetic"] if len(items) else items
+    kinds = [k for k in KIND_ORDER if len(arith) and k in set(arith.kind)]
+    for t in teachers or []:
+        kinds += [k.split(": ", 1)[1] for k in t if k.startswith("arithmetic: ") and k.split(": ", 1)[1] not in kinds]
+    rows = []
+    for t in teachers or []:
+        rows.append(
+            {"model": f"teacher: {t.get('label', t.get('teacher'))}"}
+            | {k: round(100 * float(t[f"arithmetic: {k}"]), 1) if f"arithmetic: {k}" in t else None for k in kinds}
+        )
+    for s in settings if settings is not None else list(dict.fromkeys(arith.setting)) if len(arith) else []:
+        sub = arith[arith.setting == s]
+        if len(sub):
+            by = sub.groupby("kind").exact_match.mean()
+            rows.append({"model": s} | {k: round(100 * float(by[k]), 1) if k in by else None for k in kinds})
+    return pd.DataFrame(rows, columns=["model"] + kinds)
