@@ -11,9 +11,10 @@ Field groups (all documented inline below):
   grid      seeds of the grid, the test sizes (items per skill evaluated by lm-eval), workers
 
 Why the sizes are what they are (all on 2 CPU cores, 2 worker processes of 1 torch thread): the models
-and steps are the largest that keep `make reproduce` (27 + 39 grid runs, 3 teachers, a base student)
-under 30 minutes while every teacher clearly beats every student (`results/`: Qwen3 ~43% arithmetic,
-Llama "3B" ~35% / 80% knowledge, Phi ~34% / 81%; base student ~10% / 9.5%, CE-only ~18% / 42%).
+and steps are the largest that keep `make reproduce` (45 + 39 grid runs, 3 teachers, a base student)
+under 30 minutes (24.6 measured from a fresh clone) while the teachers beat the students on the skill they are
+strong at (`results/`, design v2 in docs/miniature.md: Qwen3 85% arithmetic / 75% knowledge, Llama "3B" 60% /
+83%, Phi 49% / 18%; base student 37% / 23%, CE-only 47% / 34%).
 Length-grouped batches (Trainer's ``group_by_length``) are not used: they make batches skill-homogeneous,
 and the Qwen3 teacher then falls from 67% to 0.5% exact match. The test sizes are set by statistical
 power, not time (`xtoken.stats`): at 3 seeds the minimum detectable effect of a seed-paired difference in
