@@ -10,6 +10,8 @@ neither torch nor transformers):
     audit               coverage_audit, CoverageAudit, occurrence_audit, OccurrenceAudit
     losses              kl_loss, p_kl_loss, h_kl_loss, gold_loss, uld_loss, dynamic_kd_scale
     multi_teacher       teacher_weights, teacher_stats, aggregate
+    chat                CHAT_TEMPLATES, with_chat_template, render_chat, RenderedChat, encode_chat, ChatEncoding,
+                        chat_loss_mask, align_chat, check_end_of_turn, aligned_chat_table
     hf                  XTokenConfig, Teacher, DistillCollator, TeacherCache, XTokenTrainer
 
 The paper reproduction (`xtoken.mini`, `xtoken.paper`, `xtoken.report`, `xtoken.pipeline`) is imported by module.
@@ -27,6 +29,18 @@ _EXPORTS = {
     "audit": ["coverage_audit", "CoverageAudit", "occurrence_audit", "OccurrenceAudit"],
     "losses": ["kl_loss", "p_kl_loss", "h_kl_loss", "gold_loss", "uld_loss", "dynamic_kd_scale"],
     "multi_teacher": ["teacher_weights", "teacher_stats", "aggregate"],
+    "chat": [
+        "CHAT_TEMPLATES",
+        "with_chat_template",
+        "render_chat",
+        "RenderedChat",
+        "encode_chat",
+        "ChatEncoding",
+        "chat_loss_mask",
+        "align_chat",
+        "check_end_of_turn",
+        "aligned_chat_table",
+    ],
     "hf": ["XTokenConfig", "Teacher", "DistillCollator", "TeacherCache", "XTokenTrainer"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
