@@ -8,7 +8,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "xtoken"
 
-LIBRARY = ["tokenizers", "canonical", "projection", "learned_projection", "audit", "align", "losses", "multi_teacher"]
+LIBRARY = [
+    "tokenizers",
+    "canonical",
+    "projection",
+    "learned_projection",
+    "audit",
+    "align",
+    "losses",
+    "multi_teacher",
+    "chat",
+]
 INTEGRATION = ["hf", "train", "evaluate"]
 REPRODUCTION = ["mini", "paper", "report", "pipeline", "standins", "stats"]
 # files longer than MAX_LINES, each with the reason it is allowed for now

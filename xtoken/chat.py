@@ -335,6 +335,19 @@ class ChatEncoding:
     content_tokens: tuple
     end_positions: tuple
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """[n] int64: the ids on loss positions, -100 elsewhere (the student's CE on the assistant turns only)."""
+        return torch.tensor(self.input_ids, dtype=torch.long).masked_fill(~self.loss_mask, -100)
+
+    @property
+    def kd_mask(self) -> torch.Tensor:
+        """[n] int64: 1 on the logits that predict a loss position (logit p predicts token p + 1), as the
+        trainer's ``kd_mask`` reads it (a same-tokenizer 'kl' teacher)."""
+        out = torch.zeros(len(self.input_ids), dtype=torch.long)
+        out[:-1] = self.loss_mask[1:].long()
+        return out
+
 
 def encode_chat(tok, chat, max_length: int | None = None) -> ChatEncoding:
     """Tokenize a conversation (``messages``, or a `RenderedChat` of ``tok``) and mark its loss positions.
