@@ -66,7 +66,7 @@ def bare(family: str):
 
 @pytest.fixture(scope="module")
 def toks():
-    """Fresh tokenizers (the session fixtures stay without a chat template), each with its family's template."""
+    """Fresh tokenizers (the shared conftest fixtures stay without a chat template), each with its family's template."""
     return {f: with_chat_template(bare(f), f) for f in FAMILIES}
 
 
