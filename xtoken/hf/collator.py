@@ -80,7 +80,8 @@ def pad_id(tok) -> int:
 
 
 class DistillCollator:
-    """Dataset rows with a ``text`` column (and optionally ``idx``) -> a training batch.
+    """Dataset rows with a ``text`` column (or ``prompt`` and ``completion``, trained on as one text), and
+    optionally ``idx`` -> a training batch.
 
     The student tokenizes each text, truncated to ``max_length`` tokens; the text is then cut at the
     end of the student's last token, so every teacher sees exactly the same text (a teacher's own
@@ -116,6 +117,8 @@ class DistillCollator:
         idx                                 [B] dataset row indices (when rows have ``idx``)
         teachers: {name: {input_ids, attention_mask [B, L_m], alignments: list[Alignment] | None,
                           logprobs [B, L_m, V_m] float16 (only with a cache)}}
+        prompts                             list[str], only with ``keep_prompts`` (on-policy training): each
+                                            row's ``prompt``, else its whole ``text`` (`xtoken.hf.onpolicy`)
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class DistillCollator:
             raise ValueError(f"normalize must be 'auto', None, 'NFC', 'NFKC', 'NFD' or 'NFKD', not {normalize!r}")
         self.normal_form = normalize
         self.repaired_rows = 0
+        self.keep_prompts = False  # set by XTokenTrainer when lmbda > 0: batches carry their rows' prompts
         for t in self.teachers:  # 'kl' compares positions 1:1, so it reuses the student's ids
             if t.loss == "kl" and t.tokenizer is not student_tokenizer:
                 from ..tokenizers import tokenizer_fingerprint
@@ -185,6 +189,12 @@ class DistillCollator:
         texts = self.prepare_texts(texts, names)
         pairs = self._memoized(("student", self.student_tokenizer, self.max_length), texts, self._student_ids)
         student, cut = [p[0] for p in pairs], [p[1] for p in pairs]
+        return student, self.teacher_ids(cut, student)
+
+    def teacher_ids(self, texts: list[str], student: list[list[int]], memo: bool = True) -> dict[str, list[list[int]]]:
+        """Each teacher's ids of ``texts`` (the text of each student row ``student``), unpadded; a 'kl' teacher
+        or one with the student's tokenizer reuses the student's rows. ``memo=False``: bypass ``self.memo``
+        (text seen once, as a student's generation)."""
         teachers = {}
         for t in self.teachers:
             if t.loss == "kl" or t.tokenizer is self.student_tokenizer:
@@ -192,10 +202,11 @@ class DistillCollator:
             else:
                 teachers[t.name] = self._memoized(
                     ("teacher", t.tokenizer, self.teacher_max_length),
-                    cut,
+                    texts,
                     lambda xs, tok=t.tokenizer: encode(tok, xs, self.teacher_max_length)["input_ids"],
+                    use_memo=memo,
                 )
-        return student, teachers
+        return teachers
 
     def _student_ids(self, texts: list[str]) -> list[tuple[list[int], str]]:
         """(ids, text cut at the end of the last kept token) per text."""
@@ -205,10 +216,10 @@ class DistillCollator:
             for ids, text, offs in zip(enc["input_ids"], texts, enc["offset_mapping"])
         ]
 
-    def _memoized(self, what: tuple, texts: list[str], encode) -> list:
+    def _memoized(self, what: tuple, texts: list[str], encode, use_memo: bool = True) -> list:
         """encode(texts), reading rows seen before from ``self.memo`` (the misses are encoded in one call).
         Keys hold the tokenizer's id; values keep the tokenizer alive, so an id is never reused meanwhile."""
-        if self.memo is None:
+        if self.memo is None or not use_memo:
             return encode(texts)
         kind, tok, length = what
         keys = [("tokens", kind, id(tok), length, x) for x in texts]
@@ -221,15 +232,33 @@ class DistillCollator:
         return [v[0] for v in out]
 
     def __call__(self, rows: list[dict]) -> dict:
+        names = [f"idx {r['idx']}" if "idx" in r else f"{i} of the batch" for i, r in enumerate(rows)]
+        texts = [row_text(r, name) for r, name in zip(rows, names)]
+        student, per_teacher = self.tokenize(texts, names)
+        batch = self.assemble(
+            student, per_teacher, [int(r["idx"]) for r in rows] if rows and "idx" in rows[0] else None
+        )
+        if self.keep_prompts:  # on-policy batches continue these (xtoken.hf.onpolicy)
+            batch["prompts"] = [row_prompt(r, name) for r, name in zip(rows, names)]
+        return batch
+
+    def assemble(
+        self,
+        student: list[list[int]],
+        per_teacher: dict[str, list[list[int]]],
+        idx: list[int] | None = None,
+        cached: bool = True,
+        memo: bool = True,
+    ) -> dict:
+        """The batch (layout in the class docstring) from unpadded student rows and each teacher's rows of the
+        same texts: padding, labels, chunk alignments and (``cached``) the teachers' cached log-probs by ``idx``.
+        ``memo=False``: alignments bypass ``self.memo``."""
         from ..align import align_batch
 
-        texts = [r["text"] for r in rows]
-        names = [f"idx {r['idx']}" if "idx" in r else f"{i} of the batch" for i, r in enumerate(rows)]
-        student, per_teacher = self.tokenize(texts, names)
         ids, mask = pad(student, pad_id(self.student_tokenizer))
         batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-        if rows and "idx" in rows[0]:
-            batch["idx"] = torch.tensor([int(r["idx"]) for r in rows], dtype=torch.long)
+        if idx is not None:
+            batch["idx"] = torch.tensor(idx, dtype=torch.long)
         batch["teachers"] = {}
         for t in self.teachers:
             t_ids, t_mask = pad(per_teacher[t.name], pad_id(t.tokenizer))
@@ -242,11 +271,28 @@ class DistillCollator:
                     t.tokenizer,
                     student_mask=mask,
                     teacher_mask=t_mask,
-                    memo=self.memo,
+                    memo=self.memo if memo else None,
                 )
-            if t.cache is not None:
+            if cached and t.cache is not None:
                 if "idx" not in batch:
                     raise KeyError(f"teacher {t.name!r} has a cache: dataset rows need an 'idx' column")
                 entry["logprobs"] = t.cache.rows(batch["idx"], t_ids.shape[1], per_teacher[t.name])
             batch["teachers"][t.name] = entry
         return batch
+
+
+def row_text(row: dict, name: str) -> str:
+    """The text a row trains on off-policy: its ``text``, else ``prompt`` + ``completion``."""
+    if "text" in row:
+        return row["text"]
+    if "prompt" in row:
+        return row["prompt"] + row.get("completion", "")
+    raise KeyError(f"row {name}: a row needs a 'text' column, or 'prompt' (and 'completion'); it has {sorted(row)}")
+
+
+def row_prompt(row: dict, name: str) -> str:
+    """What an on-policy batch continues: the row's ``prompt``, else its whole ``text``."""
+    prompt = row["prompt"] if "prompt" in row else row.get("text")
+    if not isinstance(prompt, str):
+        raise TypeError(f"row {name}: the prompt must be a str, not {type(prompt).__name__}")
+    return prompt

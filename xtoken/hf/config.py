@@ -71,6 +71,33 @@ class XTokenConfig(TrainingArguments):
             "A non-finite loss of the student itself always stops training.",
         },
     )
+    # on-policy distillation (xtoken.hf.onpolicy)
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "probability that a training batch is on-policy (GKD's convention: 0 = off-policy only, 1 = "
+            "always on-policy): the student continues the batch's prompts, the teachers score its text live and KD "
+            "and CE run on the generated tokens only. Drawn per micro-batch from the seed and the step, the same "
+            "on every DDP rank"
+        },
+    )
+    max_new_tokens: int = field(
+        default=128,
+        metadata={"help": "on-policy: most tokens the student generates per prompt (also capped by max_length)"},
+    )
+    generation_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "on-policy: sampling temperature of the student's generation (0: greedy). Not the KD "
+            "temperature, which is `temperature`"
+        },
+    )
+    top_p: float = field(default=1.0, metadata={"help": "on-policy: nucleus sampling mass in (0, 1] (1: off)"})
+    top_k: int = field(default=0, metadata={"help": "on-policy: sample among the top k ids only (0: off)"})
+    use_vllm: bool = field(
+        default=False,
+        metadata={"help": "on-policy: generate with vLLM (needs the vllm package; not implemented yet: HF generate)"},
+    )
     # changed defaults
     report_to: Any = field(default="none", metadata={"help": "integrations to report to (default none)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep text/idx columns for the collator"})
@@ -99,3 +126,27 @@ class XTokenConfig(TrainingArguments):
             raise ValueError(f"loss_chunk_size must be None or an integer >= 1, not {self.loss_chunk_size!r}")
         if self.nonfinite_teacher not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite_teacher must be one of {NONFINITE_POLICIES}, not {self.nonfinite_teacher!r}")
+        self._check_generation()
+
+    def _check_generation(self) -> None:
+        """The on-policy settings: lmbda a probability, sampling settings in range, vllm importable if asked."""
+        if isinstance(self.lmbda, bool) or not (isinstance(self.lmbda, (int, float)) and 0.0 <= self.lmbda <= 1.0):
+            raise ValueError(f"lmbda must be a probability in [0, 1], not {self.lmbda!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, not {self.max_new_tokens!r}")
+        if not (math.isfinite(self.generation_temperature) and self.generation_temperature >= 0):
+            raise ValueError(
+                f"generation_temperature must be finite and >= 0 (0: greedy), not {self.generation_temperature!r}"
+            )
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1], not {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), not {self.top_k!r}")
+        if self.use_vllm:
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ValueError(
+                    "use_vllm=True needs the vllm package, which is not installed; use_vllm=False "
+                    "generates with the student's own HF generate"
+                )

@@ -6,6 +6,7 @@ The integration, one job per file of `xtoken.hf`:
     teacher.py   Teacher           a frozen teacher: model, tokenizer, loss name, projection W, weight
     collator.py  DistillCollator   text rows -> student ids/labels + each teacher's ids and chunk alignments
     cache.py     TeacherCache      a teacher's log-probabilities over a fixed dataset, computed once (optional)
+    onpolicy.py  OnPolicy          lmbda > 0: batches of the student's own generations, the prompt masked
     trainer.py   teacher_kd_loss   the ONE place that calls xtoken.losses (dispatch on Teacher.loss)
                  XTokenTrainer     Trainer whose compute_loss is  ce_weight * CE + kd_weight * scale * KD
                  LossCurveCallback writes loss_curve.png at the end of training
@@ -47,6 +48,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .collator import DistillCollator
 from .config import XTokenConfig
+from .onpolicy import OnPolicy, check_setup
 from .teacher import NonFiniteTeacher, Teacher, check_finite
 
 logger = logging.getLogger(__name__)
@@ -169,6 +171,10 @@ class XTokenTrainer(Trainer):
             if processing_class is None:
                 raise ValueError("pass processing_class (the student tokenizer) or a data_collator")
             data_collator = DistillCollator(processing_class, self.teachers, args.max_length)
+        self.on_policy = None  # lmbda > 0: batches drawn on-policy are the student's generations (onpolicy.py)
+        if args.lmbda > 0:
+            check_setup(args, self.teachers, data_collator)
+            self.on_policy = OnPolicy(args, data_collator)
         callbacks = list(callbacks or [])
         if getattr(args, "loss_curve", False):
             callbacks.append(LossCurveCallback())
@@ -185,7 +191,7 @@ class XTokenTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         for t in self.teachers:
-            if t.cache is None:
+            if t.cache is None or args.lmbda > 0:  # on-policy text is new: cached teachers run live on it
                 if t.model is None:
                     raise ValueError(f"teacher {t.name!r} has neither a model nor a cache")
                 t.model.to(self.args.device)
@@ -261,7 +267,10 @@ class XTokenTrainer(Trainer):
     # -- one step --
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Trainer's step; the loss it reports for a dropped step (nonfinite_teacher="skip") is taken back, so
-        the logged ``loss`` and ``train_loss`` average the steps that trained."""
+        the logged ``loss`` and ``train_loss`` average the steps that trained. With lmbda > 0 the batch is first
+        made on-policy with probability lmbda (`xtoken.hf.onpolicy.OnPolicy.prepare`)."""
+        if self.on_policy is not None:
+            inputs = self.on_policy.prepare(self.accelerator.unwrap_model(model), inputs, self.state.global_step + 1)
         loss = super().training_step(model, inputs, num_items_in_batch)
         step = self.state.global_step + 1
         if self._skip_at != step:
@@ -346,6 +355,7 @@ class XTokenTrainer(Trainer):
 
         scheme, per = self.args.teacher_weighting, self.args.weighting_per
         per_sample = scheme != "static" and per == "sample"
+        kd_mask = inputs.get("kd_mask", inputs["attention_mask"])  # on-policy: the generated part only
         kd_terms, stats = [], []
         for t in self.teachers:
             entry = inputs["teachers"][t.name]
@@ -353,12 +363,12 @@ class XTokenTrainer(Trainer):
             if check:
                 check_finite(t, t_logits, entry, inputs, self.state.global_step + 1)
             if per_sample:
-                kd_m, m_metrics = self._kd_per_sample(t, logits, inputs["attention_mask"], t_logits, entry)
+                kd_m, m_metrics = self._kd_per_sample(t, logits, kd_mask, t_logits, entry)
             else:
                 kd_m, m_metrics = teacher_kd_loss(
                     t,
                     logits,
-                    inputs["attention_mask"],
+                    kd_mask,
                     t_logits,
                     entry["attention_mask"],
                     entry.get("alignments"),
@@ -373,7 +383,10 @@ class XTokenTrainer(Trainer):
                 stats.append(teacher_stats(t_logits, t_labels, entry["attention_mask"]))
             metrics[f"kd_{t.name}"] = kd_m.detach().mean()
             if entry.get("alignments"):  # student tokens in no chunk pair: text the two sides spell differently
-                valid = sum(a.student_valid[1] - a.student_valid[0] for a in entry["alignments"])
+                start = inputs.get("gen_start", [0] * len(entry["alignments"]))  # on-policy: generated part
+                valid = sum(
+                    a.student_valid[1] - max(a.student_valid[0], int(s)) for a, s in zip(entry["alignments"], start)
+                )
                 if valid:
                     unpaired = sum(len(a.student_unpaired) for a in entry["alignments"])
                     metrics[f"{t.name}/unpaired_share"] = unpaired / valid
@@ -394,7 +407,7 @@ class XTokenTrainer(Trainer):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         logits = outputs.logits
         ce = self._ce(logits, inputs["labels"])
-        metrics = {"ce": ce.detach()}
+        metrics = {"ce": ce.detach(), **inputs.get("policy_metrics", {})}
         loss = self.args.ce_weight * ce
         bad_teacher = None
         if self.teachers:

@@ -1,0 +1,400 @@
+"""On-policy distillation (``XTokenConfig.lmbda``, `xtoken.hf.onpolicy`): the student continues each prompt,
+the teachers score its text in their own tokenization, and the loss reads the generated part only.
+
+Same tiny real models and small renumbered vocabularies as tests/test_train.py. Where a test needs a given
+generation (the student stopping at once, a special token mid-text), the student's ``generate`` is replaced by
+a scripted one that returns the prompt batch followed by fixed ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import ddp_two_steps
+import numpy as np
+import pytest
+import torch
+from ddp_two_steps import TEXTS, dataset
+from test_train import config, qwen_teacher, tiny_llama
+
+from xtoken.hf.onpolicy import OnPolicy, encode_prompts, on_policy_batch
+from xtoken.train import DistillCollator, Teacher, TeacherCache, XTokenConfig, XTokenTrainer, teacher_kd_loss
+
+torch.set_num_threads(1)
+# fixtures shared with tests/test_train.py (imported under a condition, as tests/test_train_bad_input.py does)
+if __name__ != "__main__":
+    from test_train import W, full_W, small, stok, ttok  # noqa: F401
+
+LOSSES = ["kl", "gold", "p_kl", "h_kl", "uld"]
+PROMPTS = ["Tom has 123 apples", "A farm had 907 sheep;"]  # prefixes of TEXTS: ids of the small vocabularies
+
+
+def teacher_for(loss, stok, ttok, W) -> Teacher:
+    """A 'kl' teacher with the student's tokenizer, else a Qwen3 teacher whose model has the full 151,936 logits:
+    the student's own text can hold words outside the test texts, which the teacher then spells with ids
+    outside the small vocabulary (the columns beyond W's are padding to the losses)."""
+    if loss == "kl":
+        return Teacher("llama3b", tiny_llama(seed=3), stok, "kl")
+    return Teacher("qwen", ddp_two_steps.tiny_qwen(seed=1), ttok, loss, projection=W)
+
+
+def spy_generate(model) -> list[dict]:
+    """Record each call of ``model.generate`` (mode, grad, config), then run the real one."""
+    calls, real = [], model.generate
+
+    def spy(**kw):
+        calls.append(dict(training=model.training, grad=torch.is_grad_enabled(), config=kw["generation_config"]))
+        return real(**kw)
+
+    model.generate = spy
+    return calls
+
+
+def script_generate(model, continuations: list[list[int]]) -> list[dict]:
+    """``model.generate`` returns the (left-padded) prompt batch followed by ``continuations[b]`` (pad-filled)."""
+    calls = []
+
+    def scripted(input_ids, attention_mask, generation_config):
+        calls.append(dict(training=model.training, grad=torch.is_grad_enabled()))
+        n = max(1, max(len(c) for c in continuations))
+        tail = torch.full((len(continuations), n), generation_config.pad_token_id, dtype=torch.long)
+        for b, c in enumerate(continuations):
+            tail[b, : len(c)] = torch.tensor(c, dtype=torch.long)
+        return torch.cat([input_ids, tail.to(input_ids.device)], 1)
+
+    model.generate = scripted
+    return calls
+
+
+def onpolicy_args(tmp_path, **kw) -> XTokenConfig:
+    return config(tmp_path, **{"lmbda": 1.0, "max_new_tokens": 8, **kw})
+
+
+def words(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def build(tmp_path, stok, teachers, prompts=PROMPTS, student=None, **kw):
+    """(batch, generated lengths, collator, student) of one on-policy batch of ``prompts``."""
+    student = student if student is not None else tiny_llama()
+    col = DistillCollator(stok, teachers, max_length=kw.pop("max_length", 64))
+    batch, lengths = on_policy_batch(
+        student,
+        col,
+        list(prompts),
+        [f"{i} of the batch" for i in range(len(prompts))],
+        None,
+        onpolicy_args(tmp_path, **kw),
+    )
+    return batch, lengths, col, student
+
+
+# ---- settings -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(lmbda=-0.1),
+        dict(lmbda=1.5),
+        dict(lmbda=math.nan),
+        dict(lmbda=True),
+        dict(max_new_tokens=0),
+        dict(generation_temperature=-1.0),
+        dict(top_p=0.0),
+        dict(top_k=-1),
+    ],
+)
+def test_bad_generation_settings_raise(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        XTokenConfig(output_dir="x", **kw)
+
+
+def test_use_vllm_without_vllm_raises():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(ValueError, match="vllm"):
+        XTokenConfig(output_dir="x", use_vllm=True)
+
+
+def test_cache_only_teacher_is_refused_on_policy(tmp_path, stok, ttok, W):
+    teacher = qwen_teacher(ttok, W, "p_kl")
+    ds = dataset(4)
+    cache = TeacherCache.build(teacher, ds, DistillCollator(stok, [teacher], max_length=64))
+    cache_only = Teacher("qwen", None, ttok, "p_kl", projection=W, cache=cache)
+    kw = dict(model=tiny_llama(), teachers=[cache_only], train_dataset=ds, processing_class=stok)
+    XTokenTrainer(args=config(tmp_path), **kw)  # off-policy: the cache is enough
+    with pytest.raises(ValueError, match="teacher 'qwen' has no model"):
+        XTokenTrainer(args=config(tmp_path, lmbda=0.5), **kw)
+
+
+def test_on_policy_needs_a_distill_collator(tmp_path, stok):
+    with pytest.raises(ValueError, match="DistillCollator"):
+        XTokenTrainer(
+            model=tiny_llama(),
+            args=config(tmp_path, lmbda=1.0),
+            data_collator=lambda rows: rows,
+            train_dataset=dataset(4),
+            processing_class=stok,
+        )
+
+
+# ---- the decision -------------------------------------------------------------------------------
+
+
+def test_decision_is_deterministic_per_seed_step_and_micro_batch(tmp_path, stok):
+    col = DistillCollator(stok, [], max_length=64)
+
+    def draws(seed, lmbda=0.5):
+        on = OnPolicy(config(tmp_path, seed=seed, lmbda=lmbda), col)
+        return [on.decide(step) for step in range(1, 101) for _ in range(2)]  # two micro-batches per step
+
+    a = draws(0)
+    assert a == draws(0), "same seed, same decisions (every DDP rank draws the same)"
+    assert a != draws(1)
+    assert 0.3 < np.mean(a) < 0.7
+    assert a[0::2] != a[1::2], "each micro-batch of a step draws on its own"
+    assert all(draws(0, lmbda=1.0))
+    assert not any(draws(0, lmbda=1e-12))
+
+
+def test_lmbda_zero_is_exactly_off_policy(tmp_path, stok, ttok, W):
+    """lmbda=0 runs no on-policy code at all; a lmbda > 0 whose draws all come out off-policy trains exactly
+    the same (same losses, same parameters): the prompts in the batch and the live teacher change nothing."""
+
+    def run(out, **kw):
+        teacher = qwen_teacher(ttok, W, "h_kl")
+        trainer = XTokenTrainer(
+            model=tiny_llama(),
+            args=config(out, **kw),
+            teachers=[teacher],
+            train_dataset=dataset(8),
+            processing_class=stok,
+        )
+        trainer.train()
+        return trainer, [r for r in trainer.state.log_history if "loss" in r]
+
+    off, off_logs = run(tmp_path / "a")
+    assert off.on_policy is None and "on_policy" not in off_logs[0]
+    never, never_logs = run(tmp_path / "b", lmbda=1e-12)
+    for r, s in zip(off_logs, never_logs):
+        assert (r["loss"], r["ce"], r["kd"]) == (s["loss"], s["ce"], s["kd"])
+        assert s["on_policy"] == 0.0 and "gen_tokens" not in s
+    for a, b in zip(off.model.parameters(), never.model.parameters()):
+        assert torch.equal(a, b)
+
+
+# ---- the on-policy batch ------------------------------------------------------------------------
+
+
+def test_generation_runs_without_grad_in_eval_mode_and_restores_the_mode(tmp_path, stok, ttok, W):
+    student = tiny_llama()
+    calls = spy_generate(student)
+    for mode in (True, False):
+        student.train(mode)
+        build(tmp_path, stok, [qwen_teacher(ttok, W)], student=student, generation_temperature=0.7, top_k=5)
+        assert student.training == mode, "the student's mode is restored"
+    assert len(calls) == 2 and not any(c["training"] or c["grad"] for c in calls)
+    cfg = calls[0]["config"]
+    assert cfg.use_cache and cfg.do_sample and cfg.temperature == 0.7 and cfg.top_k == 5
+    assert stok.eos_token_id in cfg.eos_token_id and cfg.max_new_tokens == 8
+    build(tmp_path, stok, [], student=student, generation_temperature=0.0)
+    assert calls[-1]["config"].do_sample is False, "temperature 0: greedy"
+
+
+def test_mode_is_restored_when_generation_fails(tmp_path, stok):
+    student = tiny_llama().train()
+
+    def broken(**kw):
+        raise RuntimeError("out of memory")
+
+    student.generate = broken
+    with pytest.raises(RuntimeError, match="out of memory"):
+        build(tmp_path, stok, [], student=student)
+    assert student.training
+
+
+def test_the_prompt_carries_no_loss_on_any_side(tmp_path, stok, ttok, W):
+    """Student rows are the prompt's ids followed by the generated ids; labels, the kl mask and every chunk pair
+    cover the generated part only, on the student's and the teacher's side."""
+    teachers = [teacher_for("kl", stok, ttok, W), qwen_teacher(ttok, W, "p_kl")]
+    gen = [words(stok, " and buys 45 more"), words(stok, " 88 were sold")]
+    student = tiny_llama()
+    script_generate(student, gen)
+    batch, lengths, _, _ = build(tmp_path, stok, teachers, student=student)
+    assert lengths == [len(g) for g in gen]
+    ids, mask, labels, kd = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["kd_mask"]
+    for b, (prompt, g) in enumerate(zip(PROMPTS, gen)):
+        p = len(stok(prompt)["input_ids"])
+        end = int(mask[b].sum())
+        assert ids[b, :end].tolist() == stok(prompt)["input_ids"] + g, "the student's own ids, not re-tokenized"
+        assert int(batch["gen_start"][b]) == p
+        assert (labels[b, :p] == -100).all() and (labels[b, end:] == -100).all()
+        assert torch.equal(labels[b, p:end], ids[b, p:end])
+        assert kd[b].nonzero().squeeze(1).tolist() == list(range(p - 1, end - 1)), "logits predicting generated ids"
+        entry = batch["teachers"]["qwen"]
+        a = entry["alignments"][b]
+        assert len(a) > 0 and (a.student_spans[:, 0] >= p).all()
+        t_ids = entry["input_ids"][b][entry["attention_mask"][b] == 1].tolist()
+        first_teacher = int(a.teacher_spans[0, 0])
+        assert len(ttok.decode(t_ids[:first_teacher], skip_special_tokens=True)) >= len(prompt), (
+            "the teacher's chunk pairs start after the prompt's text"
+        )
+        text = ttok.decode(t_ids, skip_special_tokens=True)
+        assert text == prompt + stok.decode(g), "the teacher sees prompt + the decoded generation"
+        assert torch.equal(batch["teachers"]["llama3b"]["input_ids"][b], ids[b]), "a kl teacher reuses the ids"
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_kd_reads_the_generated_part_only_and_is_positive(tmp_path, stok, ttok, W, loss):
+    """On an on-policy batch each loss is finite and > 0, its gradient is zero at the student's prompt logits,
+    and the teacher's logits over the prompt do not change it."""
+    teacher = teacher_for(loss, stok, ttok, W)
+    student = tiny_llama()
+    script_generate(student, [words(stok, " and buys 45 more"), words(stok, " 88 were sold")])
+    batch, _, _, _ = build(tmp_path, stok, [teacher], student=student)
+    entry = batch["teachers"][teacher.name]
+    torch.manual_seed(0)
+    s_logits = torch.randn(*batch["input_ids"].shape, student.config.vocab_size, requires_grad=True)
+    t_logits = torch.randn(*entry["input_ids"].shape, teacher.model.config.vocab_size)
+
+    def kd(t):
+        return teacher_kd_loss(
+            teacher, s_logits, batch["kd_mask"], t, entry["attention_mask"], entry["alignments"], metrics=False
+        )[0]
+
+    value = kd(t_logits)
+    assert math.isfinite(float(value.detach())) and float(value.detach()) > 0
+    (grad,) = torch.autograd.grad(value, s_logits)
+    for b, p in enumerate(batch["gen_start"].tolist()):
+        assert (grad[b, : p - 1] == 0).all(), "no gradient from the prompt's logits"
+        assert grad[b, p - 1 :].abs().sum() > 0
+    noisy = t_logits.clone()
+    for b in range(len(noisy)):
+        if loss == "kl":
+            t_start = int(batch["gen_start"][b])
+        else:
+            t_start = int(entry["alignments"][b].teacher_spans[0, 0])
+        assert t_start > 2, "the prompt spans teacher positions"
+        noisy[b, : t_start - 1] = torch.randn_like(noisy[b, : t_start - 1]) * 5
+    assert float(kd(noisy).detach()) == pytest.approx(float(value.detach()), rel=1e-6), (
+        "the teacher's prompt logits are not read"
+    )
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_on_policy_training_each_loss(tmp_path, stok, ttok, W, loss):
+    teacher = teacher_for(loss, stok, ttok, W)
+    student = tiny_llama()
+    calls = spy_generate(student)
+    before = [p.detach().clone() for p in student.parameters()]
+    trainer = XTokenTrainer(
+        model=student,
+        args=onpolicy_args(tmp_path, generation_temperature=1.0),
+        teachers=[teacher],
+        train_dataset=dataset(4),
+        processing_class=stok,
+    )
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(calls) == 2, "one generation per (on-policy) step"
+    assert student.training, "the student is back in training mode"
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    for r in logs:
+        assert r["on_policy"] == 1.0 and r["gen_tokens"] > 0
+        assert math.isfinite(r["loss"]) and math.isfinite(r["kd"]) and r["kd"] > 0
+
+
+def test_prompt_completion_rows(stok, ttok, W):
+    """Rows with prompt + completion train on their whole text off-policy and continue the prompt on-policy."""
+    col = DistillCollator(stok, [qwen_teacher(ttok, W)], max_length=64)
+    col.keep_prompts = True
+    rows = [
+        {"prompt": "Tom has 123 apples", "completion": " and buys 45 more.", "idx": 0},
+        {"text": TEXTS[1], "idx": 1},
+    ]
+    batch = col(rows)
+    assert batch["prompts"] == ["Tom has 123 apples", TEXTS[1]]
+    n = int(batch["attention_mask"][0].sum())
+    assert stok.decode(batch["input_ids"][0, :n], skip_special_tokens=True) == "Tom has 123 apples and buys 45 more."
+    with pytest.raises(KeyError, match="row idx 3"):
+        col([{"completion": "x", "idx": 3}])
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def test_prompt_without_room_to_generate_raises_naming_the_row(tmp_path, stok):
+    rows = [{"text": TEXTS[0], "idx": 5}, {"text": TEXTS[1], "idx": 6}]
+    trainer = XTokenTrainer(
+        model=tiny_llama(), args=onpolicy_args(tmp_path, max_length=16), train_dataset=rows, processing_class=stok
+    )
+    with pytest.raises(ValueError, match=r"row idx [56]: the prompt is \d+ student tokens, but max_length=16"):
+        trainer.train()
+    n = len(stok("Tom has 123 apples")["input_ids"])
+    assert encode_prompts(stok, ["Tom has 123 apples"], n + 1, ["r"])  # exactly max_length - 1: room for one
+    with pytest.raises(ValueError, match="row r"):
+        encode_prompts(stok, ["Tom has 123 apples"], n, ["r"])
+
+
+def test_empty_prompt_without_bos_raises(ttok):
+    with pytest.raises(ValueError, match="row 1 of the batch: the prompt has no student token"):
+        encode_prompts(ttok, ["Tom", ""], 64, ["0 of the batch", "1 of the batch"])
+
+
+def test_special_token_mid_generation_cuts_it(tmp_path, stok, ttok, W):
+    """The student emits a chat marker mid-text: the generation ends there (the marker and what follows are
+    dropped); an id past the tokenizer (a padded logit column) ends it too."""
+    head, tail = words(stok, " and buys"), words(stok, " 45 more")
+    marker = stok.convert_tokens_to_ids("<|eot_id|>")
+    student = tiny_llama()
+    script_generate(student, [head + [marker] + tail, head + [len(stok) + 3] + tail])
+    batch, lengths, _, _ = build(tmp_path, stok, [qwen_teacher(ttok, W)], student=student)
+    assert lengths == [len(head), len(head)]
+    for b, prompt in enumerate(PROMPTS):
+        n = int(batch["attention_mask"][b].sum())
+        assert batch["input_ids"][b, :n].tolist() == stok(prompt)["input_ids"] + head
+        entry = batch["teachers"]["qwen"]
+        t_ids = entry["input_ids"][b][entry["attention_mask"][b] == 1].tolist()
+        assert ttok.decode(t_ids) == prompt + " and buys"
+
+
+def test_empty_generation_row_has_no_positions(tmp_path, stok, ttok, W):
+    student = tiny_llama()
+    script_generate(student, [[stok.eos_token_id, 5, 6], words(stok, " 88 were sold")])
+    batch, lengths, _, _ = build(tmp_path, stok, [qwen_teacher(ttok, W, "h_kl")], student=student)
+    assert lengths[0] == 0 and lengths[1] > 0
+    assert (batch["labels"][0] == -100).all() and not batch["kd_mask"][0].any()
+    assert len(batch["teachers"]["qwen"]["alignments"][0]) == 0
+    assert len(batch["teachers"]["qwen"]["alignments"][1]) > 0
+
+
+def test_all_empty_generations_train_off_policy_with_a_warning(tmp_path, stok, ttok, W, caplog):
+    """No row generated anything: the batch trains off-policy (a real loss, not a silent zero), warned and
+    counted."""
+    student = tiny_llama()
+    script_generate(student, [[stok.eos_token_id]] * 2)
+    trainer = XTokenTrainer(
+        model=student,
+        args=onpolicy_args(tmp_path, max_steps=1),
+        teachers=[qwen_teacher(ttok, W, "p_kl")],
+        train_dataset=dataset(2),
+        processing_class=stok,
+    )
+    with caplog.at_level(logging.WARNING, logger="xtoken.hf.onpolicy"):
+        trainer.train()
+    (r,) = [r for r in trainer.state.log_history if "loss" in r]
+    assert r["on_policy"] == 0.0 and r["gen_empty_rows"] == 1.0 and r["gen_tokens"] == 0.0
+    assert r["loss"] > 0 and r["kd"] > 0
+    assert trainer.on_policy.empty_batches == 1
+    assert "trained off-policy instead" in caplog.text
+
+
+def test_batch_without_prompts_raises(tmp_path, stok):
+    col = DistillCollator(stok, [], max_length=64)
+    batch = col([{"text": TEXTS[0]}])  # keep_prompts not set
+    with pytest.raises(ValueError, match="no 'prompts'"):
+        OnPolicy(onpolicy_args(tmp_path), col).prepare(tiny_llama(), batch, 1)
