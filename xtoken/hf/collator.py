@@ -1,4 +1,4 @@
-"""`DistillCollator`: text rows -> a training batch (student ids and labels, each teacher's ids and chunk
+"""`DistillCollator`: text or chat rows -> a training batch (student ids and labels, each teacher's ids and chunk
 alignments, cached teacher log-probs), the text prepared the same way for every side."""
 
 from __future__ import annotations
@@ -111,6 +111,20 @@ class DistillCollator:
 
     Empty texts are kept: they give rows without targets (zero loss, no NaN).
 
+    Chat rows (``chat=True``, or ``chat={side: family}``): a row with a ``messages`` column (a list of
+    ``{"role", "content"}``) is rendered by each side with its own chat template (`xtoken.chat`): the student's
+    row is its rendering (``labels`` and ``kd_mask`` cover the assistant contents and the student's end-of-turn
+    tokens only), each teacher renders the same messages in its own template, and its chunk pairs come from
+    `xtoken.chat.align_chat` (assistant contents, and each end-of-turn pair checked against W's SPECIAL row).
+    At construction every side (``"student"`` and each teacher's name) gets a template: its own, else that of
+    the family given in ``chat``, else of the family its tokenizer's name or special tokens show
+    (`chat_family`); a side with none raises ValueError naming it. Contents are prepared like text first
+    (`prepare_texts`). Each side is truncated on its own (student ``max_length``, teachers
+    ``teacher_max_length``): a turn cut on one side only leaves its tokens on the other unpaired. A batch is
+    all text rows or all chat rows: a mixed batch raises ValueError naming the rows (put text rows in a
+    one-turn conversation, or train the two kinds in separate runs). `TeacherCache` is built from text rows
+    only (it calls `tokenize`): chat rows need live teachers.
+
     Batch layout::
 
         input_ids, attention_mask, labels   [B, L] student (labels: ids, padding -> -100)
@@ -118,7 +132,11 @@ class DistillCollator:
         teachers: {name: {input_ids, attention_mask [B, L_m], alignments: list[Alignment] | None,
                           logprobs [B, L_m, V_m] float16 (only with a cache)}}
         prompts                             list[str], only with ``keep_prompts`` (on-policy training): each
-                                            row's ``prompt``, else its whole ``text`` (`xtoken.hf.onpolicy`)
+                                            row's ``prompt``, else its whole ``text`` (`xtoken.hf.onpolicy`);
+                                            chat rows: list[list[dict]], the messages before the last
+                                            assistant turn
+        kd_mask, loss_tokens                chat rows only: kd_mask [B, L] (1 on the logits predicting a loss
+                                            position), loss_tokens [B] (the student's loss positions per row)
     """
 
     def __init__(
@@ -129,6 +147,7 @@ class DistillCollator:
         teacher_max_length: int | None = None,
         memo=None,
         normalize: str | None = "auto",
+        chat: bool | dict = False,
     ):
         self.student_tokenizer = student_tokenizer
         self.memo = memo
@@ -156,6 +175,12 @@ class DistillCollator:
                     )
             if t.loss != "kl" and hasattr(t.projection, "check_tokenizers"):
                 t.projection.check_tokenizers(student_tokenizer, t.tokenizer, source=f"W of teacher {t.name!r}")
+        self.chat = bool(chat)
+        if chat:  # every side gets its chat template now, so a side without one fails here, not mid-training
+            families = chat if isinstance(chat, dict) else {}
+            sides = [("student", student_tokenizer)] + [(t.name, t.tokenizer) for t in self.teachers]
+            for side, tok in sides:
+                set_chat_template(tok, side, families.get(side))
 
     def prepare_texts(self, texts: list[str], names: list | None = None) -> list[str]:
         """The texts every side tokenizes: surrogates repaired, brought to ``normal_form`` (see the class
@@ -233,6 +258,8 @@ class DistillCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         names = [f"idx {r['idx']}" if "idx" in r else f"{i} of the batch" for i, r in enumerate(rows)]
+        if any(r.get("messages") is not None for r in rows):
+            return self.chat_batch(rows, names)
         texts = [row_text(r, name) for r, name in zip(rows, names)]
         student, per_teacher = self.tokenize(texts, names)
         batch = self.assemble(
@@ -242,6 +269,71 @@ class DistillCollator:
             batch["prompts"] = [row_prompt(r, name) for r, name in zip(rows, names)]
         return batch
 
+    def prepare_messages(self, messages, name: str) -> list[dict]:
+        """``messages`` with every content prepared as text is (`prepare_texts`: surrogates repaired, the common
+        normal form), so each side's template inserts the same string (Qwen3 normalizes to NFC by itself:
+        without this its content bytes would differ from the student's). Roles and contents are checked by
+        `xtoken.chat.render_chat` later; here only what `prepare_texts` needs (a list of dicts)."""
+        if isinstance(messages, (str, bytes, dict)) or not hasattr(messages, "__iter__"):
+            raise ValueError(f"row {name}: messages must be a list of {{'role', 'content'}} dicts")
+        messages = list(messages)
+        contents = [m.get("content") if isinstance(m, dict) else None for m in messages]
+        keep = [k for k, c in enumerate(contents) if isinstance(c, str)]  # the rest: render_chat names the error
+        prepared = self.prepare_texts([contents[k] for k in keep], [f"{name} message {k}" for k in keep])
+        out = [dict(m) if isinstance(m, dict) else m for m in messages]
+        for k, text in zip(keep, prepared):
+            out[k]["content"] = text
+        return out
+
+    def chat_batch(self, rows: list[dict], names: list[str]) -> dict:
+        """The batch of chat rows (see the class docstring): each side renders and tokenizes the messages with its
+        own template (`xtoken.chat.encode_chat`), the student's labels and kd_mask cover its assistant turns and
+        end-of-turn tokens, each cross-tokenizer teacher's alignments come from `xtoken.chat.align_chat`. Raises
+        ValueError for a mixed batch, a collator built without ``chat``, or bad messages (naming the row)."""
+        from ..chat import align_chat, encode_chat
+
+        text_rows = [n for r, n in zip(rows, names) if r.get("messages") is None]
+        if text_rows:
+            raise ValueError(
+                f"a batch mixes chat rows ('messages') and text rows ({', '.join(text_rows[:5])}): a batch must be "
+                "all one kind; give text rows as one-turn conversations, or train the two kinds separately"
+            )
+        if not self.chat:
+            raise ValueError(
+                f"row {names[0]} has 'messages' but the collator was built without chat=True: build it with "
+                "DistillCollator(..., chat=True) (XTokenTrainer does when the dataset has a 'messages' column)"
+            )
+        convs = [self.prepare_messages(r["messages"], n) for r, n in zip(rows, names)]
+        stok = self.student_tokenizer
+        s_enc = [_named(n, encode_chat, stok, c, self.max_length) for c, n in zip(convs, names)]
+        student = [e.input_ids for e in s_enc]
+        per_teacher, alignments = {}, {}
+        for t in self.teachers:
+            same = t.loss == "kl" or t.tokenizer is stok
+            t_enc = (
+                s_enc
+                if same
+                else [_named(n, encode_chat, t.tokenizer, c, self.teacher_max_length) for c, n in zip(convs, names)]
+            )
+            per_teacher[t.name] = [e.input_ids for e in t_enc]
+            if t.loss != "kl":
+                W = t.projection if hasattr(t.projection, "indices") else None  # the end-of-turn pairs are checked
+                alignments[t.name] = [
+                    _named(n, align_chat, s, e, stok, t.tokenizer, projection=W) for s, e, n in zip(s_enc, t_enc, names)
+                ]
+        idx = [int(r["idx"]) for r in rows] if "idx" in rows[0] else None
+        batch = self.assemble(student, per_teacher, idx, alignments=alignments)
+        width = batch["input_ids"].shape[1]
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        kd_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, e in enumerate(s_enc):
+            labels[b, : len(e.input_ids)] = e.labels
+            kd_mask[b, : len(e.input_ids)] = e.kd_mask
+        batch.update(labels=labels, kd_mask=kd_mask, loss_tokens=(labels != -100).sum(1))
+        if self.keep_prompts:  # on-policy: the messages before the last assistant turn (xtoken.hf.onpolicy)
+            batch["prompts"] = [chat_prompt(c) for c in convs]
+        return batch
+
     def assemble(
         self,
         student: list[list[int]],
@@ -249,10 +341,12 @@ class DistillCollator:
         idx: list[int] | None = None,
         cached: bool = True,
         memo: bool = True,
+        alignments: dict | None = None,
     ) -> dict:
         """The batch (layout in the class docstring) from unpadded student rows and each teacher's rows of the
         same texts: padding, labels, chunk alignments and (``cached``) the teachers' cached log-probs by ``idx``.
-        ``memo=False``: alignments bypass ``self.memo``."""
+        ``memo=False``: alignments bypass ``self.memo``. ``alignments``: {teacher name: list[Alignment]} computed
+        by the caller (chat rows), used instead of `xtoken.align.align_batch` for those teachers."""
         from ..align import align_batch
 
         ids, mask = pad(student, pad_id(self.student_tokenizer))
@@ -263,7 +357,9 @@ class DistillCollator:
         for t in self.teachers:
             t_ids, t_mask = pad(per_teacher[t.name], pad_id(t.tokenizer))
             entry = {"input_ids": t_ids, "attention_mask": t_mask, "alignments": None}
-            if t.loss != "kl":
+            if t.loss != "kl" and alignments is not None and t.name in alignments:
+                entry["alignments"] = list(alignments[t.name])
+            elif t.loss != "kl":
                 entry["alignments"] = align_batch(
                     ids,
                     t_ids,
@@ -296,3 +392,80 @@ def row_prompt(row: dict, name: str) -> str:
     if not isinstance(prompt, str):
         raise TypeError(f"row {name}: the prompt must be a str, not {type(prompt).__name__}")
     return prompt
+
+
+def chat_prompt(messages: list[dict]) -> list[dict]:
+    """The messages an on-policy chat row continues: those before its last assistant turn."""
+    last = max((k for k, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+    return messages[:last]
+
+
+def _named(name: str, fn, *args, **kw):
+    """``fn(*args, **kw)``, a ValueError raised by it prefixed with the row ``name``."""
+    try:
+        return fn(*args, **kw)
+    except ValueError as e:
+        raise ValueError(f"row {name}: {e}") from e
+
+
+def chat_family(tok) -> str | None:
+    """The chat-template family (a key of `xtoken.chat.CHAT_TEMPLATES`) of ``tok``: from its name (one of the
+    paper's models, or a renumbered copy ``name@restricted...``), else the one family whose template tokens are
+    all special tokens of ``tok``; None when neither tells."""
+    from ..chat import CHAT_TEMPLATES, TEMPLATE_TOKENS, _family, _special_strings
+
+    name = str(getattr(tok, "name_or_path", "") or "").split("@")[0]
+    if name:
+        try:
+            return _family(name)
+        except (ValueError, KeyError):
+            pass
+    specials = set(_special_strings(tok))
+    found = [f for f in CHAT_TEMPLATES if all(s in specials for s in TEMPLATE_TOKENS[f])]
+    return found[0] if len(found) == 1 else None
+
+
+def set_chat_template(tok, side: str, family: str | None = None) -> None:
+    """Give ``tok`` (the tokenizer of ``side``: "student" or a teacher's name) a chat template, in place: its own
+    if it has one, else that of ``family``, else of `chat_family`. Raises ValueError naming the side when none
+    can be found or the family's template does not fit the tokenizer."""
+    from ..chat import CHAT_TEMPLATES, with_chat_template
+
+    if getattr(tok, "chat_template", None):
+        return
+    family = family or chat_family(tok)
+    if family is None:
+        raise ValueError(
+            f"chat rows: the {side if side == 'student' else f'teacher {side!r}'} tokenizer "
+            f"({getattr(tok, 'name_or_path', '') or type(tok).__name__}) has no chat template and no known family "
+            f"to set one: pass chat={{{side!r}: family}} (families {sorted(CHAT_TEMPLATES)}) or set "
+            "tokenizer.chat_template"
+        )
+    try:
+        with_chat_template(tok, family)
+    except ValueError as e:
+        raise ValueError(f"chat rows, side {side!r}: {e}") from e
+
+
+def unpaired_share(alignments, inputs: dict) -> float | None:
+    """The share of the student's loss positions in no chunk pair with one teacher (``alignments``: its list).
+    The denominator: each row's valid positions from its generated part on (``gen_start``, on-policy) or, for
+    chat rows, its loss positions (``loss_tokens``: `xtoken.chat.align_chat` lists unpaired positions among
+    those only). None when there are no positions."""
+    if "loss_tokens" in inputs and "gen_start" not in inputs:
+        valid = int(inputs["loss_tokens"].sum())
+    else:
+        start = inputs.get("gen_start", [0] * len(alignments))
+        valid = sum(a.student_valid[1] - max(a.student_valid[0], int(s)) for a, s in zip(alignments, start))
+    if not valid:
+        return None
+    return sum(len(a.student_unpaired) for a in alignments) / valid
+
+
+def wants_chat(dataset) -> bool:
+    """Whether ``dataset`` (a `datasets.Dataset`, a list of row dicts, or None) has chat rows: a ``messages``
+    column (or first row key)."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is None and isinstance(dataset, (list, tuple)) and dataset and isinstance(dataset[0], dict):
+        columns = list(dataset[0])
+    return "messages" in (columns or [])

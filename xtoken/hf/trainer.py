@@ -4,9 +4,10 @@ The integration, one job per file of `xtoken.hf`:
 
     config.py    XTokenConfig      TrainingArguments + the distillation knobs (temperature, weights, scaling)
     teacher.py   Teacher           a frozen teacher: model, tokenizer, loss name, projection W, weight
-    collator.py  DistillCollator   text rows -> student ids/labels + each teacher's ids and chunk alignments
+    collator.py  DistillCollator   text or chat rows -> student ids/labels + each teacher's ids and chunk alignments
     cache.py     TeacherCache      a teacher's log-probabilities over a fixed dataset, computed once (optional)
     onpolicy.py  OnPolicy          lmbda > 0: batches of the student's own generations, the prompt masked
+    chat_onpolicy.py               the same for chat rows: the student's end-of-turn kept, paired per teacher
     trainer.py   teacher_kd_loss   the ONE place that calls xtoken.losses (dispatch on Teacher.loss)
                  XTokenTrainer     Trainer whose compute_loss is  ce_weight * CE + kd_weight * scale * KD
                  LossCurveCallback writes loss_curve.png at the end of training
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .collator import DistillCollator
+from .collator import DistillCollator, unpaired_share, wants_chat
 from .config import XTokenConfig
 from .onpolicy import OnPolicy, check_setup
 from .teacher import NonFiniteTeacher, Teacher, check_finite
@@ -170,7 +171,8 @@ class XTokenTrainer(Trainer):
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class (the student tokenizer) or a data_collator")
-            data_collator = DistillCollator(processing_class, self.teachers, args.max_length)
+            chat = wants_chat(kwargs.get("train_dataset"))  # a 'messages' column: each side's chat template
+            data_collator = DistillCollator(processing_class, self.teachers, args.max_length, chat=chat)
         self.on_policy = None  # lmbda > 0: batches drawn on-policy are the student's generations (onpolicy.py)
         if args.lmbda > 0:
             check_setup(args, self.teachers, data_collator)
@@ -383,13 +385,9 @@ class XTokenTrainer(Trainer):
                 stats.append(teacher_stats(t_logits, t_labels, entry["attention_mask"]))
             metrics[f"kd_{t.name}"] = kd_m.detach().mean()
             if entry.get("alignments"):  # student tokens in no chunk pair: text the two sides spell differently
-                start = inputs.get("gen_start", [0] * len(entry["alignments"]))  # on-policy: generated part
-                valid = sum(
-                    a.student_valid[1] - max(a.student_valid[0], int(s)) for a, s in zip(entry["alignments"], start)
-                )
-                if valid:
-                    unpaired = sum(len(a.student_unpaired) for a in entry["alignments"])
-                    metrics[f"{t.name}/unpaired_share"] = unpaired / valid
+                share = unpaired_share(entry["alignments"], inputs)  # on-policy: generated part; chat: loss part
+                if share is not None:
+                    metrics[f"{t.name}/unpaired_share"] = share
             metrics.update({f"{t.name}/{k}": v for k, v in m_metrics.items()})
         if scheme == "static":
             alpha = teacher_weights("static", alphas=[t.weight for t in self.teachers])
