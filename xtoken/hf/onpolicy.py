@@ -37,6 +37,11 @@ Handling of bad input (never a silent zero loss):
   ``on_policy`` = 0.
 - ``lmbda > 0`` with a teacher that has a cache but no model, or ``use_vllm=True``: refused by `check_setup`.
 
+Chat rows (``messages``, `DistillCollator` with ``chat``): the prompt is the conversation before its last
+assistant turn, rendered by the student's template with the generation prompt; a generation that stops at the
+student's end-of-turn (or eos) keeps that token, and each teacher gets its own end-of-turn token after the
+decoded text, paired with the student's (`xtoken.hf.chat_onpolicy`).
+
 Logged per micro-batch (means over the logging window): ``on_policy`` (0/1), and for batches drawn on-policy
 ``gen_tokens`` (mean generated length, student tokens) and ``gen_empty_rows`` (share of rows that generated
 nothing).
@@ -196,10 +201,15 @@ def mask_prompt(batch: dict, starts: list[int]) -> dict:
     return batch
 
 
-def on_policy_batch(model, collator: DistillCollator, prompts: list[str], names: list[str], idx, args):
+def on_policy_batch(model, collator: DistillCollator, prompts: list, names: list[str], idx, args):
     """The on-policy batch of ``prompts`` (see the module docstring): the student generates, its text is
     tokenized by each teacher and aligned, the prompt is masked on every side. ``idx``: the rows' dataset
-    indices (a list, or None). Returns (batch, generated lengths per row)."""
+    indices (a list, or None). ``prompts`` of chat rows (lists of messages) go to
+    `xtoken.hf.chat_onpolicy.chat_on_policy_batch`. Returns (batch, generated lengths per row)."""
+    if prompts and not isinstance(prompts[0], str):
+        from .chat_onpolicy import chat_on_policy_batch
+
+        return chat_on_policy_batch(model, collator, prompts, names, idx, args)
     tok = collator.student_tokenizer
     prompts = collator.prepare_texts(prompts, names)
     prompt_ids = encode_prompts(tok, prompts, collator.max_length, names)
