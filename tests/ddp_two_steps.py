@@ -1,10 +1,15 @@
-"""Two XTokenTrainer steps under DDP on the CPU (gloo); run by tests/test_train.py through torchrun.
+"""Two XTokenTrainer steps under DDP on the CPU (gloo); run by tests/test_train.py and tests/test_onpolicy.py
+through torchrun.
 
     torchrun --nproc_per_node 2 tests/ddp_two_steps.py OUT_DIR ASSETS_DIR [LOSS]
 
 ASSETS_DIR holds what `save_assets` wrote: the two small-vocabulary tokenizers and W. Each rank
 writes OUT_DIR/rank{r}.json with its losses and a checksum of the student's parameters after the two
-steps; the test checks the ranks agree (DDP averaged the gradients).
+steps; the test checks the ranks agree (DDP averaged the gradients). LOSS "p_kl_onpolicy": P-KL with
+lmbda=1.0 (every batch the student's own sampled generations, a live teacher with all 151,936 logits) on
+the rows of `prompt_dataset` (a different prompt per row); each rank also records its on-policy decisions
+and, per step, the dataset rows and prompts it generated for and the student rows it trained on
+(tests/test_onpolicy.py checks that the ranks decided alike on different shards).
 
 Also holds what the tests share: tiny real HF models (hidden 32, one layer) over *small vocabularies*:
 the real Llama-3 / Qwen3 tokenizers renumbered (`xtoken.mini.models.restrict_tokenizer`) so that the
@@ -88,6 +93,18 @@ def dataset(n: int = 8):
     return Dataset.from_dict({"text": texts, "idx": list(range(n))})
 
 
+def prompt_dataset(n: int = 8):
+    """Rows ``prompt`` + ``completion`` = the texts of `dataset`, each prompt a different prefix (the first
+    3 + i // 4 words of text i % 4): no two rows share a prompt."""
+    from datasets import Dataset
+
+    words = [TEXTS[i % len(TEXTS)].split(" ") for i in range(n)]
+    cut = [3 + i // len(TEXTS) for i in range(n)]
+    prompts = [" ".join(w[:k]) for w, k in zip(words, cut)]
+    completions = [" " + " ".join(w[k:]) for w, k in zip(words, cut)]
+    return Dataset.from_dict({"prompt": prompts, "completion": completions, "idx": list(range(n))})
+
+
 def checksum(model) -> float:
     return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
 
@@ -109,8 +126,12 @@ def main(out_dir: str, assets: str, loss: str = "p_kl") -> None:
     s_tok = AutoTokenizer.from_pretrained(os.path.join(assets, "student_tok"))
     W = Projection.load(os.path.join(assets, "W.safetensors"))
     student = tiny_llama(W.student_vocab_size)
+    on_policy = loss.endswith("_onpolicy")
     if loss == "kl":
         teacher = Teacher("llama", tiny_llama(W.student_vocab_size, seed=2), s_tok, "kl")
+    elif on_policy:  # the student's text can hold teacher ids outside the small vocabulary: all logits
+        t_tok = AutoTokenizer.from_pretrained(os.path.join(assets, "teacher_tok"))
+        teacher = Teacher("qwen", tiny_qwen(), t_tok, "p_kl", projection=W)
     else:  # "p_kl_learned": P-KL with a learned W (its gradients must be averaged over the ranks too)
         t_tok = AutoTokenizer.from_pretrained(os.path.join(assets, "teacher_tok"))
         teacher = Teacher("qwen", tiny_qwen(W.teacher_vocab_size), t_tok, loss.replace("_learned", ""), projection=W)
@@ -129,10 +150,31 @@ def main(out_dir: str, assets: str, loss: str = "p_kl") -> None:
         max_length=64,
         learn_projection=loss.endswith("_learned"),
         projection_learning_rate=0.5,
+        **(dict(lmbda=1.0, max_new_tokens=6, generation_temperature=1.0) if on_policy else {}),
     )
     trainer = XTokenTrainer(
-        model=student, args=args, teachers=[teacher], train_dataset=dataset(8), processing_class=s_tok
+        model=student,
+        args=args,
+        teachers=[teacher],
+        train_dataset=prompt_dataset(8) if on_policy else dataset(8),
+        processing_class=s_tok,
     )
+    decisions, shards, prompts, rows = [], [], [], []
+    if on_policy:  # record what this rank decided, which rows it generated for, and what it trained on
+        decide, prepare = trainer.on_policy.decide, trainer.on_policy.prepare
+
+        def recording_decide(step):
+            decisions.append(decide(step))
+            return decisions[-1]
+
+        def recording_prepare(model, inputs, step):
+            out = prepare(model, inputs, step)
+            shards.append(inputs["idx"].tolist())
+            prompts.append(list(inputs["prompts"]))
+            rows.append([r[m == 1].tolist() for r, m in zip(out["input_ids"], out["attention_mask"])])
+            return out
+
+        trainer.on_policy.decide, trainer.on_policy.prepare = recording_decide, recording_prepare
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     ce = [r["ce"] for r in trainer.state.log_history if "ce" in r]
@@ -146,6 +188,12 @@ def main(out_dir: str, assets: str, loss: str = "p_kl") -> None:
                 "checksum": checksum(trainer.model),
                 "teacher_checksum": checksum(teacher.model),
                 "w_checksum": sum(w_checksum(lp.weights()) for lp in trainer.learned_projections.values()),
+                "decisions": decisions,
+                "shards": shards,
+                "prompts": prompts,
+                "rows": rows,
+                "on_policy": [r["on_policy"] for r in trainer.state.log_history if "on_policy" in r],
+                "gen_tokens": [r["gen_tokens"] for r in trainer.state.log_history if "gen_tokens" in r],
             },
             f,
         )

@@ -8,15 +8,20 @@ a scripted one that returns the prompt batch followed by fixed ids.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import ddp_two_steps
 import numpy as np
 import pytest
 import torch
-from ddp_two_steps import TEXTS, dataset
-from test_train import config, qwen_teacher, tiny_llama
+from ddp_two_steps import TEXTS, checksum, dataset, save_assets
+from test_train import REPO, config, qwen_teacher, tiny_llama
 
 from xtoken.hf.onpolicy import OnPolicy, encode_prompts, on_policy_batch
 from xtoken.train import DistillCollator, Teacher, TeacherCache, XTokenConfig, XTokenTrainer, teacher_kd_loss
@@ -398,3 +403,46 @@ def test_batch_without_prompts_raises(tmp_path, stok):
     batch = col([{"text": TEXTS[0]}])  # keep_prompts not set
     with pytest.raises(ValueError, match="no 'prompts'"):
         OnPolicy(onpolicy_args(tmp_path), col).prepare(tiny_llama(), batch, 1)
+
+
+# ---- DDP ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_on_policy(tmp_path, small):
+    """Two on-policy steps (lmbda=1.0) under torchrun on two CPU ranks (gloo): both ranks draw the same decisions,
+    each generates for its own shard of the rows, the loss stays finite, and DDP keeps the students equal."""
+    save_assets(tmp_path, *small)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    script = str(REPO / "tests" / "ddp_two_steps.py")
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        script,
+        str(tmp_path),
+        str(tmp_path),
+        "p_kl_onpolicy",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["decisions"] == ranks[1]["decisions"] == [True, True], "the same draws on every rank"
+    assert ranks[0]["on_policy"] == [1.0, 1.0] and all(g > 0 for g in ranks[0]["gen_tokens"])
+    for step in range(2):
+        a, b = ranks[0]["shards"][step], ranks[1]["shards"][step]
+        assert len(a) == len(b) == 2 and not set(a) & set(b), "each rank generates for its own rows"
+        prompts = [r["prompts"][step] for r in ranks]
+        assert not set(prompts[0]) & set(prompts[1]), "different prompts per rank"
+        assert all(
+            p == ddp_two_steps.prompt_dataset(8)[i]["prompt"]
+            for r in ranks
+            for p, i in zip(r["prompts"][step], r["shards"][step])
+        )
+        assert ranks[0]["rows"][step] != ranks[1]["rows"][step]
+    assert all(math.isfinite(x) for r in ranks for x in r["losses"]) and len(ranks[0]["losses"]) == 2
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9), "DDP kept the ranks in sync"
+    assert ranks[0]["checksum"] != pytest.approx(checksum(tiny_llama()), rel=1e-9), "DDP must train"
