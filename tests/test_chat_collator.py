@@ -203,6 +203,9 @@ def test_a_side_without_chat_template_raises_at_construction(chat_small):
     with pytest.raises(ValueError, match="side 'mystery'.*pick the template of this tokenizer's own family"):
         DistillCollator(s_tok, [mystery], max_length=64, chat={"mystery": "qwen3"})
     DistillCollator(s_tok, [mystery], max_length=64)  # text rows only: no template needed
+    cached = Teacher("qwen", None, t_tok, "p_kl", projection=W, cache=object())
+    with pytest.raises(ValueError, match=r"teacher\(s\) \['qwen'\] have a TeacherCache"):
+        DistillCollator(s_tok, [cached], max_length=128, chat=True)(rows())
 
 
 def test_chat_rows_need_chat_and_a_batch_of_one_kind(chat_small):
@@ -285,6 +288,27 @@ def test_chat_on_policy_keeps_the_end_of_turn_on_both_sides(tmp_path, chat_small
             assert not a.is_special.any()
         assert (a.student_spans[:, 0] >= p).all() and len(a.student_unpaired) == 0
         assert s_tok.decode(ids[a.student_spans[0, 0] : int(batch["attention_mask"][b].sum())]).startswith(answer[b])
+
+
+def test_chat_on_policy_eos_pairs_with_the_teachers_end_of_text_and_markers_are_dropped(tmp_path, chat_small):
+    """Row 0 stops at eos (<|end_of_text|>, role end_of_text): kept, and the teacher appends its token of that
+    role (<|endoftext|>), as W pairs them. Row 1 emits a chat marker mid-answer: cut there and dropped, as for
+    text rows (it is no end of turn), so that row has no end-of-turn."""
+    s_tok, t_tok, W = chat_small
+    eos_s, eos_t = s_tok.eos_token_id, t_tok.convert_tokens_to_ids("<|endoftext|>")
+    marker = s_tok.convert_tokens_to_ids("<|start_header_id|>")
+    words = [s_tok(g, add_special_tokens=False)["input_ids"] for g in GENERATED]
+    scripted = [words[0] + [eos_s, words[1][0]], words[1][:1] + [marker] + words[1][1:]]
+    assert len(scripted[0]) == len(scripted[1])
+    batch, lengths, _ = chat_on_policy(tmp_path, chat_small, [teacher_for("gold", s_tok, t_tok, W)], scripted)
+    assert lengths == [len(words[0]) + 1, 1]
+    entry = batch["teachers"]["qwen"]
+    a0, a1 = entry["alignments"]
+    (sa, _), (ta, _) = a0.student_spans[-1].tolist(), a0.teacher_spans[-1].tolist()
+    assert a0.is_special[-1] and (int(batch["input_ids"][0, sa]), real(entry, 0)[ta]) == (eos_s, eos_t)
+    assert real(entry, 0)[-1] == eos_t
+    p, end = int(batch["gen_start"][1]), int(batch["attention_mask"][1].sum())
+    assert batch["input_ids"][1, p:end].tolist() == words[1][:1] and not a1.is_special.any()
 
 
 @pytest.mark.parametrize("loss", ["kl", "p_kl", "uld"])

@@ -123,7 +123,7 @@ class DistillCollator:
     ``teacher_max_length``): a turn cut on one side only leaves its tokens on the other unpaired. A batch is
     all text rows or all chat rows: a mixed batch raises ValueError naming the rows (put text rows in a
     one-turn conversation, or train the two kinds in separate runs). `TeacherCache` is built from text rows
-    only (it calls `tokenize`): chat rows need live teachers.
+    only (it calls `tokenize`): chat rows with a cached teacher raise ValueError (use the live teacher).
 
     Batch layout::
 
@@ -302,6 +302,12 @@ class DistillCollator:
             raise ValueError(
                 f"row {names[0]} has 'messages' but the collator was built without chat=True: build it with "
                 "DistillCollator(..., chat=True) (XTokenTrainer does when the dataset has a 'messages' column)"
+            )
+        cached = [t.name for t in self.teachers if t.cache is not None]
+        if cached:  # a TeacherCache holds the text rows' tokens (`tokenize`), never a chat rendering
+            raise ValueError(
+                f"chat rows: teacher(s) {cached} have a TeacherCache, which holds text rows only; train chat rows "
+                "with live teachers (Teacher.cache=None)"
             )
         convs = [self.prepare_messages(r["messages"], n) for r, n in zip(rows, names)]
         stok = self.student_tokenizer
