@@ -143,6 +143,7 @@ def test_smoke_grid_end_to_end(tmp_path):
         E.Setting("gold_qwen3", [("qwen3", "gold", 1.0)]),
         E.Setting("two", [("phi", "h_kl", 0.5), ("llama", "kl", 0.5)]),
         E.Setting("kd_llama@dynamic", [("llama", "kl", 1.0)], kd_scaling="dynamic"),
+        E.on_policy_settings()[1],  # on-policy P-KL (Qwen3) on the arithmetic rows, every batch on-policy
     ]
     prep = E.prepare(cfg, tmp_path, runs=settings[1:2])
     assert list(prep["teachers"]["teacher"]) == list(E.TEACHERS) and "models_s" in prep["timings"]
@@ -154,7 +155,7 @@ def test_smoke_grid_end_to_end(tmp_path):
     assert E.prepare(cfg, tmp_path, runs=settings[1:2])["timings"] == {}, "a second prepare reuses everything"
     cfg.workers = 1
     df = E.run_grid(cfg, settings, [0], tmp_path, workers=1)
-    assert list(df["setting"]) == ["ce_only", "gold_qwen3", "two", "kd_llama@dynamic"]
+    assert list(df["setting"]) == ["ce_only", "gold_qwen3", "two", "kd_llama@dynamic", "pkl_qwen3@on_policy"]
     assert df[["arithmetic", "knowledge", "numeral_mass"]].notna().all().all()
     assert "final_kd_qwen3" in df.columns and "final_kd_phi" in df.columns
     res = json.loads((tmp_path / "runs" / "two" / "seed0" / "result.json").read_text())
@@ -167,10 +168,15 @@ def test_smoke_grid_end_to_end(tmp_path):
         for k in r
     }  # noqa: E731
     assert "kd_scale" in logged("kd_llama@dynamic") and "kd_scale" not in logged("two")
+    # the on-policy run generated (every logged step on-policy) and trained on the arithmetic rows only
+    on = json.loads((tmp_path / "runs" / "pkl_qwen3@on_policy" / "seed0" / "result.json").read_text())
+    steps = [r for r in on["log_history"] if "on_policy" in r]
+    assert steps and all(r["on_policy"] == 1.0 and r["gen_tokens"] > 0 for r in steps)
+    assert "on_policy" not in logged("two")
     again = E.run_grid(cfg, settings, [0], tmp_path, workers=1)  # read back, nothing retrained
     assert again["arithmetic"].tolist() == df["arithmetic"].tolist()
     table = E.results_table(df)
-    assert list(table.index) == ["ce_only", "gold_qwen3", "two", "kd_llama@dynamic"]
+    assert list(table.index) == ["ce_only", "gold_qwen3", "two", "kd_llama@dynamic", "pkl_qwen3@on_policy"]
 
 
 def test_kd_scaling_settings():
@@ -198,6 +204,29 @@ def test_kd_scaling_settings():
     assert Setting.from_dict(settings[1].to_dict()).kd_scaling == "kd_heavy"
     with pytest.raises(ValueError, match="kd_scaling"):
         Setting("x", kd_scaling="heavy")
+
+
+def test_on_policy_settings():
+    """The on-policy experiment: an off-policy reference and three on-policy losses, all on the arithmetic rows;
+    the fields survive a round trip and bad values are refused."""
+    from xtoken.mini.settings import Setting, on_policy_settings
+
+    s = on_policy_settings()
+    assert [x.name for x in s] == [
+        "pkl_qwen3@arith",
+        "pkl_qwen3@on_policy",
+        "gold_qwen3@on_policy",
+        "hkl_qwen3@on_policy",
+    ]
+    assert [x.lmbda for x in s] == [0.0, 1.0, 1.0, 1.0] and {x.data for x in s} == {"arithmetic_prompts"}
+    assert [x.teachers[0][1] for x in s] == ["p_kl", "p_kl", "gold", "h_kl"]
+    back = Setting.from_dict(s[2].to_dict())
+    assert (back.lmbda, back.data, back.teachers) == (1.0, "arithmetic_prompts", [("qwen3", "gold", 1.0)])
+    assert s[1].relative_cost() > s[0].relative_cost()
+    with pytest.raises(ValueError, match="lmbda"):
+        Setting("x", lmbda=1.5)
+    with pytest.raises(ValueError, match="data"):
+        Setting("x", data="chat")
 
 
 def test_pool_dag_runs_jobs_after_their_dependencies():

@@ -32,6 +32,9 @@ Handling of bad input (never a silent zero loss):
   bytes are none, so teachers of other tokenizers could not score it). Ids the tokenizer has no token for
   (padded logit columns) stop it as well. Generations are also cut to ``max_length`` tokens in all.
 - an empty generation (the student stops at once): that row has no KD or CE position.
+- a generation whose text a teacher tokenizes into an id its model has no embedding for (a teacher over a
+  restricted vocabulary, like the miniature's): cut before the token that brings it (`fit_to_teachers`); a
+  prompt that does so raises.
 - a batch in which no row generated anything: trained off-policy instead (the batch it came from), with a
   warning; counted in `OnPolicy.empty_batches` and visible in the logs as ``gen_empty_rows`` = 1 with
   ``on_policy`` = 0.
@@ -217,10 +220,49 @@ def on_policy_batch(model, collator: DistillCollator, prompts: list, names: list
     raw = generate(model, tok, prompt_ids, budget, args)
     stops, limit = stop_ids(tok), len(tok)
     gens = [cut_at_stop(g, stops, limit)[: collator.max_length - len(p)] for g, p in zip(raw, prompt_ids)]
+    gens, texts, per_teacher = fit_to_teachers(collator, prompts, prompt_ids, gens)
     student = [p + g for p, g in zip(prompt_ids, gens)]
-    texts = [text + decode_generation(tok, p, g) for text, p, g in zip(prompts, prompt_ids, gens)]
-    batch = collator.assemble(student, collator.teacher_ids(texts, student, memo=False), idx, cached=False, memo=False)
+    batch = collator.assemble(student, per_teacher, idx, cached=False, memo=False)
     return mask_prompt(batch, [len(p) for p in prompt_ids]), [len(g) for g in gens]
+
+
+def teacher_id_limits(collator: DistillCollator) -> dict[str, int]:
+    """{teacher: the number of input embeddings its model has}, for teachers with a model."""
+    out = {}
+    for t in collator.teachers:
+        emb = t.model.get_input_embeddings() if t.model is not None else None
+        if emb is not None:
+            out[t.name] = int(emb.num_embeddings)
+    return out
+
+
+def fit_to_teachers(collator: DistillCollator, prompts: list[str], prompt_ids: list, gens: list):
+    """Each generation cut before the first token whose text a teacher tokenizes into an id its model has no
+    embedding for (a teacher over a restricted vocabulary, like the miniature's, reading the student's free text):
+    such a row could not be scored past that point. Full-vocabulary teachers never cut. Returns (generations,
+    texts, each teacher's ids of the texts); the cuts are rare, so a row is re-tokenized after each cut."""
+    tok, limits = collator.student_tokenizer, teacher_id_limits(collator)
+
+    def encode_rows(rows):
+        texts = [prompts[b] + decode_generation(tok, prompt_ids[b], gens[b]) for b in rows]
+        return texts, collator.teacher_ids(texts, [prompt_ids[b] + gens[b] for b in rows], memo=False)
+
+    texts, per_teacher = encode_rows(range(len(gens)))
+    bad = lambda ids_of, j: any(ids_of[n][j] and max(ids_of[n][j]) >= lim for n, lim in limits.items())  # noqa: E731
+    for b in [b for b in range(len(gens)) if bad(per_teacher, b)]:
+        while gens[b]:
+            gens[b] = gens[b][:-1]
+            (text,), ids = encode_rows([b])
+            if not bad(ids, 0):
+                break
+        (texts[b],), ids = encode_rows([b])
+        for name in per_teacher:
+            per_teacher[name][b] = ids[name][0]
+        if bad(ids, 0):
+            raise ValueError(
+                f"the prompt of {b} of the batch tokenizes, for a teacher, into ids its model does not have"
+            )
+    return gens, texts, per_teacher
 
 
 class OnPolicy:

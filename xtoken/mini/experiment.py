@@ -25,7 +25,7 @@ Diagnostics (the mechanism, Proposition 1):
 This module gathers the names of the modules that do each job:
 
   settings     Setting, SINGLE_TEACHER_SETTINGS, single_teacher_settings, multi_teacher_settings,
-               kd_scaling_settings, KD_SCALINGS, TEACHERS
+               kd_scaling_settings, KD_SCALINGS, on_policy_settings, DATA, TEACHERS
   pool         the process pool (in order, or as a DAG of jobs), one log file per job
   training     train_model, evaluate_model, load_vocabs: what every job does
   prepare      build_corpus, train_teachers, train_base_student, build_teacher_caches, w_groups, prepare
@@ -37,6 +37,7 @@ from .diagnostics import NumeralMassCallback, digit_split_fraction, learned_w_su
 from .prepare import build_corpus, build_teacher_caches, prepare, train_base_student, train_teachers, w_groups
 from .runs import results_table, run_grid, run_one
 from .settings import (
+    DATA,
     KD_SCALINGS,
     SINGLE_TEACHER_SETTINGS,
     TEACHER_LABEL,
@@ -44,6 +45,7 @@ from .settings import (
     Setting,
     kd_scaling_settings,
     multi_teacher_settings,
+    on_policy_settings,
     single_teacher_settings,
 )
 from .training import evaluate_model, load_vocabs, train_model
@@ -61,6 +63,8 @@ __all__ = [
     "multi_teacher_settings",
     "kd_scaling_settings",
     "KD_SCALINGS",
+    "on_policy_settings",
+    "DATA",
     "single_teacher_settings",
     "run_grid",
     "results_table",

@@ -50,6 +50,22 @@ def _worker_teacher(st, out_dir, name: str) -> dict:
     return st["teachers"][name]
 
 
+def _training_rows(st: dict, data: str):
+    """The rows a setting trains on (`xtoken.mini.settings.DATA`), built once per worker. The rows keep their
+    ``idx`` (the teachers' caches are indexed by it) and ``text``; "arithmetic_prompts" adds ``prompt``."""
+    key = f"rows:{data}"
+    if key not in st:
+        train = st["corpus"]["train"]
+        if data == "corpus":
+            st[key] = train
+        elif data == "arithmetic_prompts":
+            arith = train.filter(lambda r: r["skill"] == "arithmetic")
+            st[key] = arith.add_column("prompt", [q + "\n" for q in arith["question"]])
+        else:
+            raise ValueError(f"unknown data {data!r}")
+    return st[key]
+
+
 def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=True) -> dict:
     """One grid run: base student -> ``cfg.student_steps`` steps of ``setting`` -> result.json."""
     from xtoken.train import Teacher
@@ -58,7 +74,7 @@ def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=T
     out = Path(out_dir)
     st = _worker_state(out)
     student = st["vocabs"]["llama"]
-    ds = st["corpus"]["train"]
+    ds = _training_rows(st, setting.data)
     if "base" not in st:  # read once per worker; every run starts from a copy
         st["base"] = load_model(out / "base_student")[0]
     model = copy.deepcopy(st["base"])
@@ -93,6 +109,8 @@ def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=T
         log_every=cfg.diag_every,
         learn_projection=setting.learn_projection,
         projection_lr=cfg.projection_lr,
+        lmbda=setting.lmbda,
+        max_new_tokens=cfg.max_gen_toks,
         memo=st["memo"],
     )
     train_wall = time.time() - t0

@@ -20,6 +20,13 @@ KD_SCALINGS = {
     "dynamic": (1.0, 1.0, True),
 }
 
+# The rows a setting trains on: the whole training split, or its arithmetic rows with their question as the prompt
+# (``prompt`` = question + newline; the row's ``text`` stays what off-policy batches train on).
+DATA = {
+    "corpus": "the whole training split (arithmetic and knowledge)",
+    "arithmetic_prompts": "the arithmetic rows, the question as the prompt an on-policy batch continues",
+}
+
 TEACHER_LABEL = {"llama": "Llama-3.2-3B (tiny)", "qwen3": "Qwen3-4B (tiny)", "phi": "Phi-4-mini (tiny)"}
 
 
@@ -31,6 +38,8 @@ class Setting:
     cross-tokenizer ones ``gold`` | ``p_kl`` | ``h_kl`` | ``uld`` through the restricted W.
     ``learn_projection``: the P-KL teachers' W is fine-tuned with the student (``cfg.projection_lr``).
     ``kd_scaling``: a name of `KD_SCALINGS` (how KD is weighted against CE); "default" uses the config's.
+    ``lmbda``: the probability that a batch is on-policy (the student continues the rows' prompts, GKD's convention;
+    `xtoken.hf.onpolicy`), generating at most ``cfg.max_gen_toks`` tokens. ``data``: the rows trained on: `DATA`.
     """
 
     name: str
@@ -39,10 +48,16 @@ class Setting:
     label: str = ""
     learn_projection: bool = False
     kd_scaling: str = "default"
+    lmbda: float = 0.0
+    data: str = "corpus"
 
     def __post_init__(self):
         if self.kd_scaling not in KD_SCALINGS:
             raise ValueError(f"kd_scaling {self.kd_scaling!r}: one of {sorted(KD_SCALINGS)}")
+        if self.data not in DATA:
+            raise ValueError(f"data {self.data!r}: one of {sorted(DATA)}")
+        if not 0.0 <= float(self.lmbda) <= 1.0:
+            raise ValueError(f"lmbda {self.lmbda!r} is not a probability in [0, 1]")
 
     def loss_weights(self, cfg) -> tuple[float, float, bool]:
         """(ce_weight, kd_weight, dynamic) of this setting's runs under ``cfg`` (a `MiniConfig` or a `PaperConfig`:
@@ -58,6 +73,8 @@ class Setting:
             "label": self.label or self.name,
             "learn_projection": self.learn_projection,
             "kd_scaling": self.kd_scaling,
+            "lmbda": self.lmbda,
+            "data": self.data,
         }
 
     def relative_cost(self) -> float:
@@ -65,7 +82,8 @@ class Setting:
         a cross-tokenizer teacher +8-14 s, adaptive weights and learned W +1-2 s). Pools start the costliest
         runs first, so no long run is left alone at the end while the other worker idles."""
         cost = 1.0 + sum(0.2 if loss == "kl" else 0.55 for _, loss, _ in self.teachers)
-        return cost + 0.05 * (self.weighting != "static") + 0.1 * self.learn_projection
+        cost += 0.05 * (self.weighting != "static") + 0.1 * self.learn_projection
+        return cost + 1.5 * self.lmbda  # on-policy: generation and live teachers (an estimate, not yet measured)
 
     @classmethod
     def from_dict(cls, d) -> "Setting":
@@ -76,6 +94,8 @@ class Setting:
             d.get("label", ""),
             bool(d.get("learn_projection", False)),
             d.get("kd_scaling", "default"),
+            float(d.get("lmbda", 0.0)),
+            d.get("data", "corpus"),
         )
 
 
@@ -181,3 +201,28 @@ def kd_scaling_settings(
         for k in statics:
             comparisons.append((f"dynamic vs {k} KD/CE, {teacher}", names["dynamic"], names[k], "> 0", None))
     return settings, comparisons
+
+
+def on_policy_settings(teacher: str = "qwen3", lmbda: float = 1.0) -> list:
+    """The on-policy experiment on the arithmetic rows: off-policy P-KL, then on-policy P-KL, GOLD and H-KL with
+    ``teacher`` (every batch on-policy at ``lmbda=1``), each on the same rows, seeds and steps."""
+    label = TEACHER_LABEL[teacher].split(" (")[0]
+    out = [
+        Setting(
+            f"pkl_{teacher}@arith",
+            [(teacher, "p_kl", 1.0)],
+            label=f"P-KL ({label}), off-policy, arithmetic rows",
+            data="arithmetic_prompts",
+        )
+    ]
+    for loss, name in (("p_kl", "P-KL"), ("gold", "GOLD"), ("h_kl", "H-KL")):
+        out.append(
+            Setting(
+                f"{loss.replace('_', '')}_{teacher}@on_policy",
+                [(teacher, loss, 1.0)],
+                label=f"{name} ({label}), on-policy (lmbda {lmbda:g}), arithmetic rows",
+                lmbda=lmbda,
+                data="arithmetic_prompts",
+            )
+        )
+    return out

@@ -49,10 +49,13 @@ def train_model(
     learn_projection=False,
     projection_lr=1e-2,
     memo=None,
+    lmbda=0.0,
+    max_new_tokens=48,
 ) -> dict:
     """Train ``model`` with `XTokenTrainer` for ``steps`` steps; returns log history, wall time and the
     learned W modules ({teacher: LearnableProjection}, empty unless ``learn_projection``).
-    ``memo``: an `xtoken.align.AlignmentMemo` (tokenizations and alignments) shared by the runs of one worker."""
+    ``memo``: an `xtoken.align.AlignmentMemo` (tokenizations and alignments) shared by the runs of one worker.
+    ``lmbda`` > 0: on-policy batches with that probability, at most ``max_new_tokens`` generated per row."""
     from xtoken.train import DistillCollator, XTokenConfig, XTokenTrainer
 
     _threads()
@@ -80,6 +83,8 @@ def train_model(
         report_to="none",
         learn_projection=learn_projection,
         projection_learning_rate=projection_lr,
+        lmbda=float(lmbda),
+        max_new_tokens=int(max_new_tokens),
     )
     collator = DistillCollator(tok, list(teachers), max_length, memo=memo)
     trainer = XTokenTrainer(
