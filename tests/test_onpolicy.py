@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from ddp_two_steps import TEXTS, checksum, dataset, save_assets
-from test_train import REPO, config, qwen_teacher, tiny_llama
+from test_train import REPO, config, qwen_teacher, tiny_llama, tiny_qwen
 
 from xtoken.hf.onpolicy import OnPolicy, encode_prompts, on_policy_batch
 from xtoken.train import DistillCollator, Teacher, TeacherCache, XTokenConfig, XTokenTrainer, teacher_kd_loss
@@ -446,3 +446,22 @@ def test_ddp_two_ranks_on_policy(tmp_path, small):
     assert all(math.isfinite(x) for r in ranks for x in r["losses"]) and len(ranks[0]["losses"]) == 2
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9), "DDP kept the ranks in sync"
     assert ranks[0]["checksum"] != pytest.approx(checksum(tiny_llama()), rel=1e-9), "DDP must train"
+
+
+def test_generation_a_restricted_teacher_cannot_embed_is_cut(tmp_path, stok, ttok, W):
+    """The student writes a word outside the teacher model's (restricted) vocabulary: the generation is cut before
+    that token, so the teacher never reads an id it has no embedding for (it raised IndexError in the embedding);
+    what comes before it is kept and scored."""
+    head, tail = words(stok, " and buys"), words(stok, " 45 more")
+    outside = words(stok, " zebra")
+    teacher = Teacher("qwen", tiny_qwen(), ttok, "p_kl", projection=W)  # the model: the small vocabulary only
+    n_emb = teacher.model.get_input_embeddings().num_embeddings
+    assert max(words(ttok, " zebra")) >= n_emb, "the test needs a word the teacher model cannot embed"
+    student = tiny_llama()
+    script_generate(student, [head + outside + tail, head + tail])
+    batch, lengths, _, _ = build(tmp_path, stok, [teacher], student=student)
+    assert lengths == [len(head), len(head + tail)]
+    entry = batch["teachers"]["qwen"]
+    assert int(entry["input_ids"][entry["attention_mask"] == 1].max()) < n_emb
+    assert ttok.decode(entry["input_ids"][0][entry["attention_mask"][0] == 1].tolist()) == PROMPTS[0] + " and buys"
+    assert len(entry["alignments"][0]) > 0
