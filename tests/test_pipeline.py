@@ -124,7 +124,15 @@ def test_interrupted_run_leaves_the_committed_copy(tmp_path):
         f"import sys; from xtoken.pipeline import reproduce; sys.exit(reproduce(scale='smoke', out={str(src)!r}, "
         f"results={str(tmp_path / 'r')!r}, work={str(tmp_path / 'w')!r}, notebooks_dir={str(src)!r}))"
     )
-    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal delivers it: a runner started in the background by a shell without job control (as
+    # `make test &` is) inherits SIGINT ignored, and a Python child keeps it ignored, so reset it in the child
+    run = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 120
         while not (src / "started").exists() and run.poll() is None and time.monotonic() < deadline:
