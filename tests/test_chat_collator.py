@@ -15,6 +15,7 @@ import ddp_two_steps
 import pytest
 import torch
 from test_onpolicy import script_generate
+from test_train import config as train_config
 
 from xtoken.chat import encode_chat, with_chat_template
 from xtoken.hf.onpolicy import on_policy_batch
@@ -161,20 +162,8 @@ def test_trainer_trains_on_chat_rows(tmp_path, chat_small):
 
 
 def config(tmp_path, **kw) -> XTokenConfig:
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        loss_curve=False,
-        seed=0,
-        max_length=128,
-    )
-    return XTokenConfig(**{**base, **kw})
+    """tests/test_train.py's config with room for a whole rendered conversation (128 tokens)."""
+    return train_config(tmp_path, **{"max_length": 128, **kw})
 
 
 # ---- bad input ----------------------------------------------------------------------------------
