@@ -279,11 +279,16 @@ def record(args, out) -> None:
         ("on-policy tokenize + align + mask", f"{out['ms']['build']:.1f}", "ms"),
         ("generate use_cache=False / use_cache=True", f"{out['cache_ratio']:.2f}", "x"),
     ]
+    append_measurements(rows, args.record, cmd)
+
+
+def append_measurements(rows, machine: str, cmd: str) -> None:
+    """Append (figure, value, unit) rows to measurements.csv, dated today, with the machine and the command."""
     today = datetime.date.today().isoformat()
     with MEASUREMENTS.open("a", newline="") as f:
         w = csv.writer(f)
         for figure, value, unit in rows:
-            w.writerow([today, args.record, cmd, figure, value, unit])
+            w.writerow([today, machine, cmd, figure, value, unit])
     print(f"appended {len(rows)} rows to {MEASUREMENTS}")
 
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import datetime
 import importlib.util
 import os
 import statistics
@@ -37,7 +35,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_onpolicy import MEASUREMENTS, PROMPTS, SEED, make_trainer, tiny_models  # noqa: E402
+from bench_onpolicy import PROMPTS, SEED, append_measurements, make_trainer, tiny_models  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the prompt text as it is
 NEW_TOKENS = 32
@@ -140,12 +138,7 @@ def run(args) -> dict:
         cmd = f"python benchmarks/bench_trl_gold.py --rounds {args.rounds} --batch {args.batch}"
         rows = [(f"on-policy step {k}", f"{v * 1e3:.0f}", "ms") for k, v in m.items()]
         rows += [(f"trl_gold / {k} on-policy step", f"{m['trl_gold'] / m[k]:.2f}", "x") for k in m if k != "trl_gold"]
-        today = datetime.date.today().isoformat()
-        with MEASUREMENTS.open("a", newline="") as f:
-            w = csv.writer(f)
-            for figure, value, unit in rows:
-                w.writerow([today, args.record, cmd, figure, value, unit])
-        print(f"appended {len(rows)} rows to {MEASUREMENTS}")
+        append_measurements(rows, args.record, cmd)
     return out
 
 
