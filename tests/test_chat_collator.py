@@ -129,14 +129,7 @@ def test_kd_losses_on_a_chat_batch_read_assistant_turns_only(chat_small, loss):
     batch = DistillCollator(s_tok, [teacher], max_length=128, chat=True)(rows())
     entry = batch["teachers"][teacher.name]
     torch.manual_seed(0)
-    s_logits = torch.randn(*batch["input_ids"].shape, W.student_vocab_size, requires_grad=True)
-    t_logits = torch.randn(*entry["input_ids"].shape, teacher.model.config.vocab_size)
-    value, _ = teacher_kd_loss(
-        teacher, s_logits, batch["kd_mask"], t_logits, entry["attention_mask"], entry["alignments"], metrics=False
-    )
-    assert math.isfinite(float(value.detach())) and float(value.detach()) > 0
-    (grad,) = torch.autograd.grad(value, s_logits)
-    used = grad.abs().sum(-1) > 0
+    used = kd_on_random_logits(teacher, batch, entry, W)
     assert not (used & (batch["kd_mask"] == 0)).any(), "no gradient at logits predicting prompt or template tokens"
     assert used.any()
 
@@ -164,6 +157,19 @@ def test_trainer_trains_on_chat_rows(tmp_path, chat_small):
 def config(tmp_path, **kw) -> XTokenConfig:
     """tests/test_train.py's config with room for a whole rendered conversation (128 tokens)."""
     return train_config(tmp_path, **{"max_length": 128, **kw})
+
+
+def kd_on_random_logits(teacher, batch: dict, entry: dict, W) -> torch.Tensor:
+    """The teacher's KD loss on random student and teacher logits over ``batch``: asserts it is finite and > 0,
+    returns [B, L] bool, the student logits that received a gradient."""
+    s_logits = torch.randn(*batch["input_ids"].shape, W.student_vocab_size, requires_grad=True)
+    t_logits = torch.randn(*entry["input_ids"].shape, teacher.model.config.vocab_size)
+    value, _ = teacher_kd_loss(
+        teacher, s_logits, batch["kd_mask"], t_logits, entry["attention_mask"], entry["alignments"], metrics=False
+    )
+    assert math.isfinite(float(value.detach())) and float(value.detach()) > 0
+    (grad,) = torch.autograd.grad(value, s_logits)
+    return grad.abs().sum(-1) > 0
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -308,14 +314,7 @@ def test_chat_on_policy_kd_reads_the_answer_and_its_stop(tmp_path, chat_small, l
     words = [s_tok(g, add_special_tokens=False)["input_ids"] + [eot_s] for g in GENERATED]
     batch, _, _ = chat_on_policy(tmp_path, chat_small, [teacher], words)
     entry = batch["teachers"][teacher.name]
-    s_logits = torch.randn(*batch["input_ids"].shape, W.student_vocab_size, requires_grad=True)
-    t_logits = torch.randn(*entry["input_ids"].shape, teacher.model.config.vocab_size)
-    value, _ = teacher_kd_loss(
-        teacher, s_logits, batch["kd_mask"], t_logits, entry["attention_mask"], entry["alignments"], metrics=False
-    )
-    assert math.isfinite(float(value.detach())) and float(value.detach()) > 0
-    (grad,) = torch.autograd.grad(value, s_logits)
-    used = grad.abs().sum(-1) > 0
+    used = kd_on_random_logits(teacher, batch, entry, W)
     assert not (used & (batch["kd_mask"] == 0)).any()
     for b in range(2):
         end = int(batch["attention_mask"][b].sum())
