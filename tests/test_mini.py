@@ -143,7 +143,7 @@ def test_smoke_grid_end_to_end(tmp_path):
         E.Setting("gold_qwen3", [("qwen3", "gold", 1.0)]),
         E.Setting("two", [("phi", "h_kl", 0.5), ("llama", "kl", 0.5)]),
         E.Setting("kd_llama@dynamic", [("llama", "kl", 1.0)], kd_scaling="dynamic"),
-        E.on_policy_settings()[1],  # on-policy P-KL (Qwen3) on the arithmetic rows, every batch on-policy
+        E.on_policy_settings()[2],  # on-policy P-KL (Qwen3) on the arithmetic rows, every batch on-policy
     ]
     prep = E.prepare(cfg, tmp_path, runs=settings[1:2])
     assert list(prep["teachers"]["teacher"]) == list(E.TEACHERS) and "models_s" in prep["timings"]
@@ -207,22 +207,23 @@ def test_kd_scaling_settings():
 
 
 def test_on_policy_settings():
-    """The on-policy experiment: an off-policy reference and three on-policy losses, all on the arithmetic rows;
+    """The on-policy experiment: two off-policy references and three on-policy losses, all on the arithmetic rows;
     the fields survive a round trip and bad values are refused."""
     from xtoken.mini.settings import Setting, on_policy_settings
 
     s = on_policy_settings()
     assert [x.name for x in s] == [
+        "ce_only@arith",
         "pkl_qwen3@arith",
         "pkl_qwen3@on_policy",
         "gold_qwen3@on_policy",
         "hkl_qwen3@on_policy",
     ]
-    assert [x.lmbda for x in s] == [0.0, 1.0, 1.0, 1.0] and {x.data for x in s} == {"arithmetic_prompts"}
-    assert [x.teachers[0][1] for x in s] == ["p_kl", "p_kl", "gold", "h_kl"]
-    back = Setting.from_dict(s[2].to_dict())
+    assert [x.lmbda for x in s] == [0.0, 0.0, 1.0, 1.0, 1.0] and {x.data for x in s} == {"arithmetic_prompts"}
+    assert s[0].teachers == [] and [x.teachers[0][1] for x in s[1:]] == ["p_kl", "p_kl", "gold", "h_kl"]
+    back = Setting.from_dict(s[3].to_dict())
     assert (back.lmbda, back.data, back.teachers) == (1.0, "arithmetic_prompts", [("qwen3", "gold", 1.0)])
-    assert s[1].relative_cost() > s[0].relative_cost()
+    assert s[2].relative_cost() > s[1].relative_cost()
     with pytest.raises(ValueError, match="lmbda"):
         Setting("x", lmbda=1.5)
     with pytest.raises(ValueError, match="data"):

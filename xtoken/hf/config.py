@@ -94,6 +94,15 @@ class XTokenConfig(TrainingArguments):
     )
     top_p: float = field(default=1.0, metadata={"help": "on-policy: nucleus sampling mass in (0, 1] (1: off)"})
     top_k: int = field(default=0, metadata={"help": "on-policy: sample among the top k ids only (0: off)"})
+    stop_strings: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "on-policy: texts that end a generation (a row stops once its generated text contains one; the "
+            "text is cut just after it and the stop text kept, so the student is taught where to stop). Set them "
+            "to the evaluation's own stop sequences (lm-eval's `until`), else the student writes past the answer "
+            "to max_new_tokens and is distilled on what it invents there"
+        },
+    )
     use_vllm: bool = field(
         default=False,
         metadata={"help": "on-policy: generate with vLLM (needs the vllm package; not implemented yet: HF generate)"},
@@ -142,6 +151,9 @@ class XTokenConfig(TrainingArguments):
             raise ValueError(f"top_p must lie in (0, 1], not {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0: off), not {self.top_k!r}")
+        if isinstance(self.stop_strings, str) or not all(isinstance(x, str) and x for x in self.stop_strings):
+            raise ValueError(f"stop_strings must be a list of non-empty strings, not {self.stop_strings!r}")
+        self.stop_strings = list(self.stop_strings)
         if self.use_vllm:
             import importlib.util
 

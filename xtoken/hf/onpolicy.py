@@ -8,6 +8,7 @@ GKD's convention) and calls `OnPolicy.prepare` before its training step.
       -> student prompt ids  [len P_b each]                 the collator's conventions (BOS, specials as text)
       -> student.generate    [B, P + N] (left-padded, KV cache, no grad, eval mode, then the mode restored)
       -> each continuation cut at its first stop id        (eos, pad, any special token, an id past the tokenizer)
+         and just after its first stop string, kept        (``stop_strings``: the evaluation's own, e.g. "\\n\\n")
       -> student row  = prompt ids + generated ids          (the student's own tokens, never re-tokenized)
          teacher text = prompt text + the generation decoded once; each teacher tokenizes it in its own way
       -> `DistillCollator.assemble` (alignments by `xtoken.align`), no cache: teachers run live
@@ -31,6 +32,10 @@ Handling of bad input (never a silent zero loss):
   mid-text: what follows is not text of this row and is dropped). The stop id itself is not trained on (its
   bytes are none, so teachers of other tokenizers could not score it). Ids the tokenizer has no token for
   (padded logit columns) stop it as well. Generations are also cut to ``max_length`` tokens in all.
+- ``stop_strings`` (text rows): a row stops once its generated text contains one (`StopOnText`, checked on the
+  last tokens at every generation step) and is cut just after the first; the stop text is kept and trained on,
+  so the student learns where an answer ends. Without them a row runs to ``max_new_tokens`` (a student that
+  writes past its answer is then distilled on what it invents there). Chat rows end at their end-of-turn token.
 - an empty generation (the student stops at once): that row has no KD or CE position.
 - a generation whose text a teacher tokenizes into an id its model has no embedding for (a teacher over a
   restricted vocabulary, like the miniature's): cut before the token that brings it (`fit_to_teachers`); a
@@ -61,6 +66,7 @@ import logging
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria
 
 from .collator import DistillCollator, pad_id
 
@@ -108,6 +114,32 @@ def cut_at_stop(row: list[int], stops: set[int], id_limit: int) -> list[int]:
     return row
 
 
+def cut_at_text(tokenizer, prompt: list[int], row: list[int], stop_strings) -> list[int]:
+    """``row`` up to and including the token that completes the first of ``stop_strings`` in its text as it
+    continues ``prompt`` (`decode_generation`): the shortest prefix whose text contains one. ``row`` unchanged
+    when its text contains none (or ``stop_strings`` is empty)."""
+    found = lambda k: any(s in decode_generation(tokenizer, prompt, row[:k]) for s in stop_strings)  # noqa: E731
+    if not stop_strings or not found(len(row)):
+        return row
+    return row[: next(k for k in range(1, len(row) + 1) if found(k))]
+
+
+class StopOnText(StoppingCriteria):
+    """A `transformers` stopping criterion: row b is done once the text generated past column ``width`` contains
+    one of ``stop_strings``. Reads the last few generated tokens only (enough for the longest stop string even
+    at one byte a token), so a step costs one short decode per row."""
+
+    def __init__(self, tokenizer, stop_strings, width: int):
+        self.tokenizer, self.stop_strings, self.width = tokenizer, list(stop_strings), width
+        self.tail = 4 * max(len(s) for s in self.stop_strings) + 1
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        tail = input_ids[:, max(self.width, input_ids.shape[1] - self.tail) :].tolist()
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        done = [any(s in t for s in self.stop_strings) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def encode_prompts(tokenizer, prompts: list[str], max_length: int, names: list[str]) -> list[list[int]]:
     """The student's ids of each prompt, untruncated, with the collator's conventions (the tokenizer's own
     specials added, special-token strings kept as text). Raises ValueError naming the row for a prompt with
@@ -126,12 +158,15 @@ def encode_prompts(tokenizer, prompts: list[str], max_length: int, names: list[s
     return ids
 
 
-def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, args) -> list[list[int]]:
+def generate(
+    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, args, stop_strings=()
+) -> list[list[int]]:
     """The student's continuations of ``prompt_ids``: left-padded [B, P] batch, ``model.generate`` with the KV
     cache under ``torch.no_grad`` in eval mode (the previous mode restored, also on an error); sampling from
-    ``args`` (``generation_temperature`` 0: greedy; ``top_p``, ``top_k``). Returns each row's generated ids
-    [<= max_new_tokens] as generate returned them (stop and pad ids included)."""
-    from transformers import GenerationConfig
+    ``args`` (``generation_temperature`` 0: greedy; ``top_p``, ``top_k``); a row also stops once its generated
+    text contains one of ``stop_strings`` (`StopOnText`). Returns each row's generated ids [<= max_new_tokens]
+    as generate returned them (stop and pad ids included; `cut_at_stop` and `cut_at_text` cut them)."""
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     fill = pad_id(tokenizer)
     width = max(len(r) for r in prompt_ids)
@@ -154,7 +189,17 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     model.eval()
     try:
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+            stopping = (
+                {"stopping_criteria": StoppingCriteriaList([StopOnText(tokenizer, stop_strings, width)])}
+                if stop_strings
+                else {}  # nothing extra passed: a generate that takes no stopping criteria still works
+            )
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=config,
+                **stopping,
+            )
     finally:
         model.train(was_training)
     sequences = out.sequences if hasattr(out, "sequences") else out
@@ -217,9 +262,12 @@ def on_policy_batch(model, collator: DistillCollator, prompts: list, names: list
     prompts = collator.prepare_texts(prompts, names)
     prompt_ids = encode_prompts(tok, prompts, collator.max_length, names)
     budget = min(args.max_new_tokens, collator.max_length - min(len(p) for p in prompt_ids))
-    raw = generate(model, tok, prompt_ids, budget, args)
+    raw = generate(model, tok, prompt_ids, budget, args, stop_strings=args.stop_strings)
     stops, limit = stop_ids(tok), len(tok)
-    gens = [cut_at_stop(g, stops, limit)[: collator.max_length - len(p)] for g, p in zip(raw, prompt_ids)]
+    gens = [
+        cut_at_text(tok, p, cut_at_stop(g, stops, limit), args.stop_strings)[: collator.max_length - len(p)]
+        for g, p in zip(raw, prompt_ids)
+    ]
     gens, texts, per_teacher = fit_to_teachers(collator, prompts, prompt_ids, gens)
     student = [p + g for p, g in zip(prompt_ids, gens)]
     batch = collator.assemble(student, per_teacher, idx, cached=False, memo=False)

@@ -12,6 +12,11 @@ from .models import LocalVocab
 from .pool import _threads
 
 
+# Where the miniature's documents end: every training text closes with a blank line, and lm-eval's tasks stop
+# generating there (`until` in xtoken/tasks/xtoken_mini_*.yaml). On-policy generations stop at the same place.
+STOP_STRINGS = ("\n\n",)
+
+
 def load_vocabs(out_dir) -> dict:
     """{family: LocalVocab} read from ``out/vocab`` (the full tokenizers load only when W is built)."""
     return {name: LocalVocab.load(Path(out_dir) / "vocab" / name) for name in ("llama", "qwen3", "phi")}
@@ -51,11 +56,13 @@ def train_model(
     memo=None,
     lmbda=0.0,
     max_new_tokens=48,
+    stop_strings=STOP_STRINGS,
 ) -> dict:
     """Train ``model`` with `XTokenTrainer` for ``steps`` steps; returns log history, wall time and the
     learned W modules ({teacher: LearnableProjection}, empty unless ``learn_projection``).
     ``memo``: an `xtoken.align.AlignmentMemo` (tokenizations and alignments) shared by the runs of one worker.
-    ``lmbda`` > 0: on-policy batches with that probability, at most ``max_new_tokens`` generated per row."""
+    ``lmbda`` > 0: on-policy batches with that probability, at most ``max_new_tokens`` generated per row, each
+    ended at the first of ``stop_strings`` (kept)."""
     from xtoken.train import DistillCollator, XTokenConfig, XTokenTrainer
 
     _threads()
@@ -85,6 +92,7 @@ def train_model(
         projection_learning_rate=projection_lr,
         lmbda=float(lmbda),
         max_new_tokens=int(max_new_tokens),
+        stop_strings=list(stop_strings),
     )
     collator = DistillCollator(tok, list(teachers), max_length, memo=memo)
     trainer = XTokenTrainer(
