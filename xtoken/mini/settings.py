@@ -83,7 +83,7 @@ class Setting:
         runs first, so no long run is left alone at the end while the other worker idles."""
         cost = 1.0 + sum(0.2 if loss == "kl" else 0.55 for _, loss, _ in self.teachers)
         cost += 0.05 * (self.weighting != "static") + 0.1 * self.learn_projection
-        return cost + 3.0 * self.lmbda  # on-policy: generation and live teachers (measured: ~4x an off-policy P-KL step)
+        return cost + 3.0 * self.lmbda  # on-policy: generation and live teachers (measured ~4x an off-policy step)
 
     @classmethod
     def from_dict(cls, d) -> "Setting":

@@ -11,7 +11,6 @@ from .corpus import SKILLS
 from .models import LocalVocab
 from .pool import _threads
 
-
 # Where the miniature's documents end: every training text closes with a blank line, and lm-eval's tasks stop
 # generating there (`until` in xtoken/tasks/xtoken_mini_*.yaml). On-policy generations stop at the same place.
 STOP_STRINGS = ("\n\n",)
