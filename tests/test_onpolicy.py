@@ -23,7 +23,14 @@ import torch
 from ddp_two_steps import TEXTS, checksum, dataset, save_assets
 from test_train import REPO, config, qwen_teacher, tiny_llama, tiny_qwen
 
-from xtoken.hf.onpolicy import OnPolicy, encode_prompts, on_policy_batch
+from xtoken.hf.onpolicy import (
+    OnPolicy,
+    StopOnText,
+    cut_at_text,
+    decode_generation,
+    encode_prompts,
+    on_policy_batch,
+)
 from xtoken.train import DistillCollator, Teacher, TeacherCache, XTokenConfig, XTokenTrainer, teacher_kd_loss
 
 torch.set_num_threads(1)
@@ -45,12 +52,23 @@ def teacher_for(loss, stok, ttok, W) -> Teacher:
 
 
 def spy_generate(model) -> list[dict]:
-    """Record each call of ``model.generate`` (mode, grad, config), then run the real one."""
+    """Record each call of ``model.generate`` (mode, grad, config, stopping criteria, the number of columns it
+    generated), then run the real one."""
     calls, real = [], model.generate
 
     def spy(**kw):
-        calls.append(dict(training=model.training, grad=torch.is_grad_enabled(), config=kw["generation_config"]))
-        return real(**kw)
+        calls.append(
+            dict(
+                training=model.training,
+                grad=torch.is_grad_enabled(),
+                config=kw["generation_config"],
+                stopping=list(kw.get("stopping_criteria") or []),
+            )
+        )
+        out = real(**kw)
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        calls[-1]["new_columns"] = sequences.shape[1] - kw["input_ids"].shape[1]
+        return out
 
     model.generate = spy
     return calls
@@ -60,8 +78,10 @@ def script_generate(model, continuations: list[list[int]]) -> list[dict]:
     """``model.generate`` returns the (left-padded) prompt batch followed by ``continuations[b]`` (pad-filled)."""
     calls = []
 
-    def scripted(input_ids, attention_mask, generation_config):
-        calls.append(dict(training=model.training, grad=torch.is_grad_enabled()))
+    def scripted(input_ids, attention_mask, generation_config, stopping_criteria=None):
+        calls.append(
+            dict(training=model.training, grad=torch.is_grad_enabled(), stopping=list(stopping_criteria or []))
+        )
         n = max(1, max(len(c) for c in continuations))
         tail = torch.full((len(continuations), n), generation_config.pad_token_id, dtype=torch.long)
         for b, c in enumerate(continuations):
@@ -109,11 +129,20 @@ def build(tmp_path, stok, teachers, prompts=PROMPTS, student=None, **kw):
         dict(generation_temperature=-1.0),
         dict(top_p=0.0),
         dict(top_k=-1),
+        dict(stop_strings="\n\n"),  # a bare string would be read as its characters
+        dict(stop_strings=[""]),  # found in every text: every generation would stop at once
+        dict(stop_strings=["\n\n", 3]),
     ],
 )
 def test_bad_generation_settings_raise(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         XTokenConfig(output_dir="x", **kw)
+
+
+def test_stop_strings_setting():
+    assert XTokenConfig(output_dir="x").stop_strings == []
+    args = XTokenConfig(output_dir="x", stop_strings=("\n\n", "Question:"))
+    assert args.stop_strings == ["\n\n", "Question:"] and isinstance(args.stop_strings, list)
 
 
 def test_use_vllm_without_vllm_raises():
@@ -327,6 +356,164 @@ def test_prompt_completion_rows(stok, ttok, W):
     assert stok.decode(batch["input_ids"][0, :n], skip_special_tokens=True) == "Tom has 123 apples and buys 45 more."
     with pytest.raises(KeyError, match="row idx 3"):
         col([{"completion": "x", "idx": 3}])
+
+
+# ---- stop strings -------------------------------------------------------------------------------
+
+ANSWER = " 7 + 5 = 12.\n#### 12\n\nTom has"  # an answer, the blank line that ends it, and what the student invents
+
+
+def test_cut_at_text_keeps_the_stop_text_and_nothing_after(llama):
+    """The real Llama-3 tokenizer: the row is cut just after the token that completes the first stop string."""
+    prompt = llama("Tom has 7 apples and buys 5 more. How many?\nAnswer:")["input_ids"]
+    row = words(llama, ANSWER)
+    assert llama.convert_ids_to_tokens(row).count("ĊĊ") == 1, "the test needs '\\n\\n' as one token"
+    cut = cut_at_text(llama, prompt, row, ["\n\n"])
+    assert cut == row[: row.index(llama.convert_tokens_to_ids("ĊĊ")) + 1]
+    text = decode_generation(llama, prompt, cut)
+    assert text == " 7 + 5 = 12.\n#### 12\n\n", "the stop text is kept, nothing after it"
+    assert "\n\n" not in decode_generation(llama, prompt, cut[:-1]), "the shortest prefix that holds it"
+    # no stop string, or none that the text holds: unchanged
+    assert cut_at_text(llama, prompt, row, []) == row
+    assert cut_at_text(llama, prompt, row, ()) == row
+    assert cut_at_text(llama, prompt, row, ["Question:", "\n\n\n"]) == row
+    assert cut_at_text(llama, prompt, [], ["\n\n"]) == []
+
+
+def test_cut_at_text_finds_a_stop_string_across_tokens_and_the_first_of_several(llama):
+    prompt = llama("Answer:")["input_ids"]
+    row = words(llama, ANSWER)
+    tokens = llama.convert_ids_to_tokens(row)
+    hash_at = tokens.index("####")
+    assert tokens[hash_at - 1] == ".Ċ", "the test needs '.\\n' and '####' as two tokens"
+    cut = cut_at_text(llama, prompt, row, ["\n#"])  # '\n' ends one token, '#' starts the next
+    assert cut == row[: hash_at + 1]
+    assert decode_generation(llama, prompt, cut) == " 7 + 5 = 12.\n####"
+    # several stop strings: the one the text reaches first wins, whatever their order in the list
+    assert cut_at_text(llama, prompt, row, ["\n\n", "####"]) == row[: hash_at + 1]
+    assert cut_at_text(llama, prompt, row, ["Tom", "\n\n"]) == row[: tokens.index("ĊĊ") + 1]
+    # two one-character tokens that make the stop string together
+    nl = llama.convert_tokens_to_ids("Ċ")
+    assert cut_at_text(llama, prompt, [nl, nl, *words(llama, "Tom")], ["\n\n"]) == [nl, nl]
+
+
+def test_cut_at_text_ignores_a_stop_string_made_with_the_prompt(llama):
+    """The prompt ends with '\\n' and the generation starts with '\\n': '\\n\\n' lies across the boundary, not in
+    the generated text, so it does not stop the row (`decode_generation` reads the generated part only), for
+    `cut_at_text` as for `StopOnText`; a '\\n\\n' wholly inside the prompt does not either."""
+    prompt = llama("Question: 7 + 5?\n\nTom has 7 apples.\n")["input_ids"]
+    assert llama.decode(prompt).endswith(".\n")
+    nl = llama.convert_tokens_to_ids("Ċ")
+    row = [nl, *words(llama, "12.\n#### 12")]
+    assert "\n\n" in llama.decode(prompt + row) and "\n\n" not in decode_generation(llama, prompt, row)
+    assert cut_at_text(llama, prompt, row, ["\n\n"]) == row
+    stop = StopOnText(llama, ["\n\n"], width=len(prompt))
+    assert stop(torch.tensor([prompt + row]), None).tolist() == [False]
+    # a generation that starts with the stop string itself is cut after its first token
+    blank = llama.convert_tokens_to_ids("ĊĊ")
+    assert cut_at_text(llama, prompt, [blank, *row], ["\n\n"]) == [blank]
+
+
+def test_stop_on_text_reads_the_generated_columns_per_row(llama):
+    """[B, width + n] -> a bool per row: True once the row's generated text holds a stop string; the prompt
+    columns (left padding, '\\n\\n' inside a prompt) never count."""
+    pad = llama.convert_tokens_to_ids("<|end_of_text|>")
+    prompts = [
+        llama("Q: 7 + 5?\n\nA:")["input_ids"],  # '\n\n' in the prompt
+        llama("Q: 7 + 5?")["input_ids"],
+        llama("Q: 7 + 5?\n\nA:")["input_ids"],
+    ]
+    width = max(len(p) for p in prompts)
+    gens = [words(llama, " 12 and Q"), words(llama, " 12\n\nQ"), words(llama, " 12\n\nQ")]
+    assert len({len(g) for g in gens}) == 1
+    rows = [[pad] * (width - len(p)) + p + g for p, g in zip(prompts, gens)]  # left-padded, as `generate` does
+    stop = StopOnText(llama, ["\n\n"], width=width)
+    done = stop(torch.tensor(rows), None)
+    assert done.dtype == torch.bool and done.shape == (3,)
+    assert done.tolist() == [False, True, True]
+    # not yet: the generated columns before the stop token
+    n = gens[1].index(llama.convert_tokens_to_ids("ĊĊ"))
+    assert stop(torch.tensor([r[: width + n] for r in rows]), None).tolist() == [False, False, False]
+    # several stop strings: any of them
+    two = StopOnText(llama, ["Question:", " and"], width=width)
+    assert two(torch.tensor(rows), None).tolist() == [True, False, False]
+
+
+def test_stop_strings_in_a_scripted_batch_keep_the_stop_tokens_in_the_loss(tmp_path, stok, ttok, W):
+    """A scripted generation: the batch row stops just after '.\\n####' (two tokens), which stay in the row,
+    its labels, its kd mask and the teacher's text; a row without the stop string keeps all its ids."""
+    head, stop_text, tail = " and buys 45 more", ".\n####", " 168 Then"
+    gen = [words(stok, head + stop_text + tail), words(stok, " 88 were sold")]
+    student = tiny_llama()
+    calls = script_generate(student, gen)
+    batch, lengths, _, _ = build(
+        tmp_path, stok, [qwen_teacher(ttok, W, "p_kl")], student=student, stop_strings=[stop_text]
+    )
+    assert isinstance(calls[0]["stopping"][0], StopOnText), "generate gets the stopping criterion"
+    kept = words(stok, head + stop_text)
+    assert lengths == [len(kept), len(gen[1])]
+    p = len(stok(PROMPTS[0])["input_ids"])
+    end = p + len(kept)
+    assert int(batch["attention_mask"][0].sum()) == end
+    assert batch["input_ids"][0, p:end].tolist() == kept
+    assert batch["labels"][0, p:end].tolist() == kept, "the stop tokens are trained on"
+    assert (batch["labels"][0, end:] == -100).all()
+    assert batch["kd_mask"][0].nonzero().squeeze(1).tolist() == list(range(p - 1, end - 1))
+    entry = batch["teachers"]["qwen"]
+    t_ids = entry["input_ids"][0][entry["attention_mask"][0] == 1].tolist()
+    assert ttok.decode(t_ids, skip_special_tokens=True) == PROMPTS[0] + head + stop_text
+    assert int(entry["alignments"][0].student_spans[:, 1].max()) == end, "the teacher scores the stop tokens too"
+
+
+def test_stop_strings_stop_the_real_generation(tmp_path, stok, ttok, W):
+    """The tiny student, greedy: with a stop string made of its own text, each row is its generation without stop
+    strings cut just after the stop string's first occurrence, ending with it; a row whose text holds none runs to
+    the budget. The stop strings end HF's generate itself (fewer columns generated), not only the cut after it."""
+    budget = 8
+    base_student = tiny_llama()
+    base, base_lengths, _, _ = build(tmp_path, stok, [], student=base_student, generation_temperature=0.0)
+    assert base_lengths == [budget, budget], "the test needs greedy generations that run to the budget"
+    prompts = [stok(p)["input_ids"] for p in PROMPTS]
+    full = [base["input_ids"][b, len(p) : len(p) + budget].tolist() for b, p in enumerate(prompts)]
+    texts = [decode_generation(stok, p, g) for p, g in zip(prompts, full)]
+    own = [decode_generation(stok, p, g[1:3]) for p, g in zip(prompts, full)]  # two tokens of each row's text
+    assert own[0] not in texts[1], "the test needs a stop string only row 0's text holds"
+
+    def expected(g, p, stops):
+        k = next((k for k in range(1, len(g) + 1) if any(s in decode_generation(stok, p, g[:k]) for s in stops)), None)
+        return g if k is None else g[:k]
+
+    for stops in ([own[0]], own):
+        student = tiny_llama()
+        calls = spy_generate(student)
+        batch, lengths, _, _ = build(
+            tmp_path,
+            stok,
+            [teacher_for("p_kl", stok, ttok, W)],  # all of Qwen's ids: no `fit_to_teachers` cut
+            student=student,
+            generation_temperature=0.0,
+            stop_strings=stops,
+        )
+        assert len(calls[0]["stopping"]) == 1 and isinstance(calls[0]["stopping"][0], StopOnText)
+        for b, (p, g) in enumerate(zip(prompts, full)):
+            n = lengths[b]
+            got = batch["input_ids"][b, len(p) : len(p) + n].tolist()
+            assert got == expected(g, p, stops), f"row {b}"
+            assert n <= base_lengths[b], "no longer than without stop strings"
+            text = decode_generation(stok, p, got)
+            if n < budget:
+                assert any(text.endswith(s) for s in stops) and not any(
+                    s in decode_generation(stok, p, got[:-1]) for s in stops
+                )
+            end = len(p) + n
+            assert batch["labels"][b, len(p) : end].tolist() == got and (batch["labels"][b, end:] == -100).all()
+            assert batch["kd_mask"][b].nonzero().squeeze(1).tolist() == list(range(len(p) - 1, end - 1))
+        if stops == [own[0]]:
+            assert lengths[0] < budget and lengths[1] == budget
+            assert calls[0]["new_columns"] == budget, "row 1 runs on"
+        else:
+            assert max(lengths) < budget
+            assert calls[0]["new_columns"] == max(lengths) < budget, "generate stopped once every row was done"
 
 
 # ---- bad input ----------------------------------------------------------------------------------
