@@ -121,7 +121,11 @@ def cut_at_text(tokenizer, prompt: list[int], row: list[int], stop_strings) -> l
     found = lambda k: any(s in decode_generation(tokenizer, prompt, row[:k]) for s in stop_strings)  # noqa: E731
     if not stop_strings or not found(len(row)):
         return row
-    return row[: next(k for k in range(1, len(row) + 1) if found(k))]
+    lo, hi = 1, len(row)  # a prefix's text is a prefix of the row's: `found` is monotone in k, so bisect
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if found(mid) else (mid + 1, hi)
+    return row[:lo]
 
 
 class StopOnText(StoppingCriteria):
