@@ -13,7 +13,7 @@ import nbformat
 import pytest
 from conftest import NBVAL_SMOKE_WORK
 
-from xtoken.pipeline import NOTEBOOKS, reproduce
+from xtoken.pipeline import NOTEBOOKS, ON_POLICY, reproduce
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_COPIES = REPO / "tests" / "nbval_smoke"
@@ -190,12 +190,16 @@ def test_extra_parameters_reach_the_notebooks_that_declare_them(tmp_path, capsys
     assert not (tmp_path / "o2").exists()
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS[2:])
-@pytest.mark.parametrize("copies,scale", [(SMOKE_COPIES, "smoke"), (REPO / "tests" / "nbval_paper_smoke", "paper")])
+@pytest.mark.parametrize(
+    "name,copies,scale",
+    [(n, SMOKE_COPIES, "smoke") for n in NOTEBOOKS[2:] + [ON_POLICY]]
+    + [(n, REPO / "tests" / "nbval_paper_smoke", "paper") for n in NOTEBOOKS[2:]],
+)
 def test_nbval_smoke_copies_are_current(name, copies, scale):
-    """tests/nbval_smoke and tests/nbval_paper_smoke hold notebooks 03-05 executed with the smoke parameters and
-    at paper scale on the stand-ins (`make nbval-refs`); nbval compares their outputs in CI. They must be the
-    current notebooks: same cells apart from papermill's injected parameters, which must name their scale."""
+    """tests/nbval_smoke holds notebooks 03-06 executed with the smoke parameters and tests/nbval_paper_smoke
+    notebooks 03-05 at paper scale on the stand-ins (`make nbval-refs`); nbval compares their outputs in CI. They
+    must be the current notebooks: same cells apart from papermill's injected parameters, which must name their
+    scale."""
     src = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", 4)
     copy = nbformat.read(copies / f"{name}.ipynb", 4)
     strip = lambda nb: [

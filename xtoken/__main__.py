@@ -98,6 +98,7 @@ def _reproduce(args) -> int:
         work=args.work,
         notebooks_dir=args.notebooks,
         parameters=dict(args.parameter),
+        on_policy=args.on_policy,
     )
 
 
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
 
     r = sub.add_parser(
         "reproduce",
-        help="run notebooks 01-05 with papermill",
+        help="run notebooks 01-05 with papermill (--on-policy: then 06)",
         description="Execute the reproduction notebooks in order with papermill, writing executed "
         "copies and results. Stops at the first failing cell and names it.",
     )
@@ -189,6 +190,12 @@ def main(argv=None) -> int:
         default=[],
         metavar="NAME=VALUE",
         help="extra papermill parameter for the notebooks that declare NAME; VALUE is read as YAML (repeatable)",
+    )
+    r.add_argument(
+        "--on-policy",
+        action="store_true",
+        help="also run notebook 06, the on-policy experiment (beyond the paper, its own budget: ~8 min at mini "
+        "scale), after 01-05; with --start 06 alone, on the workspace 01-05 left",
     )
     r.add_argument(
         "--notebooks",

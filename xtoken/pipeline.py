@@ -1,4 +1,4 @@
-"""`python -m xtoken reproduce`: run notebooks 01-05 in order with papermill.
+"""`python -m xtoken reproduce`: run notebooks 01-05 in order with papermill (``--on-policy``: then 06).
 
 Scales:
   mini   the embedded default: real tokenizers, tiny models, synthetic task; ~25 min on 2 CPU cores.
@@ -24,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["01_projection_matrix", "02_numeral_audit", "03_distillation", "04_multi_teacher", "05_evaluation_tables"]
+# Beyond the paper, with its own time budget (docs/miniature.md): run after the notebooks above, on their workspace;
+# it adds its section to results/REPORT.md itself. `make on-policy` runs it alone, `make smoke` runs it last.
+ON_POLICY = "06_on_policy"
 HEARTBEAT_S = 30.0  # while a cell runs longer than this, a line says so every HEARTBEAT_S seconds
 _ENGINE = "xtoken-progress"
 
@@ -139,14 +142,19 @@ def reproduce(
     notebooks_dir: str | Path | None = None,
     work: str | None = None,
     parameters: dict | None = None,
+    on_policy: bool = False,
 ) -> int:
     """Run the notebooks; 0 when all finished, 1 when a cell failed, 2 when there is nothing to run.
+
+    on_policy: run notebook 06 (the on-policy experiment, `ON_POLICY`) after 01-05; with ``start="06"`` it runs
+    alone, on the workspace 01-05 left.
 
     parameters: extra papermill parameters, each passed to the notebooks that declare it (as `scale`,
     `results_dir` and `work_dir` are); those three come from `scale`, `results` and `work`, not from here.
     Nothing is created (folders included) before the notebooks and the arguments are checked."""
     src = Path(notebooks_dir or ROOT / "notebooks")
-    names = [n for n in NOTEBOOKS if (src / f"{n}.ipynb").is_file()]
+    wanted = NOTEBOOKS + [ON_POLICY] if on_policy else NOTEBOOKS
+    names = [n for n in wanted if (src / f"{n}.ipynb").is_file()]
     if not names:
         print(
             f"error: no reproduction notebooks in {src} (looked for {NOTEBOOKS[0]}.ipynb ... "
@@ -155,11 +163,12 @@ def reproduce(
             file=sys.stderr,
         )
         return 2
-    missing = [n for n in NOTEBOOKS if n not in names]
+    missing = [n for n in wanted if n not in names]
     if start:
         match = [i for i, n in enumerate(names) if n.startswith(start)]
         if not match:
-            print(f"--start {start!r} names no notebook among {names}", file=sys.stderr)
+            hint = " (notebook 06 runs with --on-policy)" if ON_POLICY.startswith(start) and not on_policy else ""
+            print(f"--start {start!r} names no notebook among {names}{hint}", file=sys.stderr)
             return 2
         names = names[match[0] :]
     parameters = dict(parameters or {})
@@ -219,7 +228,8 @@ def reproduce(
                 f"FAILED in {name}.ipynb, {where}\n"
                 f"  executed copy with the traceback: {failed or 'none (the notebook did not start)'}\n"
                 f"  {nb_out} {'is unchanged' if nb_out.exists() else 'not written'}\n"
-                f"  resume after fixing: python -m xtoken reproduce --scale {scale} --start {name[:2]}",
+                f"  resume after fixing: python -m xtoken reproduce --scale {scale} --start {name[:2]}"
+                + (" --on-policy" if on_policy else ""),
                 file=sys.stderr,
             )
             if isinstance(err, pm.PapermillExecutionError):

@@ -228,3 +228,19 @@ def on_policy_settings(teacher: str = "qwen3", lmbda: float = 1.0) -> list:
             )
         )
     return out
+
+
+def on_policy_comparisons(teacher: str = "qwen3") -> list:
+    """The on-policy experiment's comparisons A - B (docs/miniature.md), in the format of
+    `xtoken.report.SINGLE_COMPARISONS` with no paper claim (a finding beyond the paper: 'A higher', 'B higher' or
+    'inconclusive'): ``(name, setting A, setting B, None, None)``."""
+    label = TEACHER_LABEL[teacher].split(" (")[0].split("-")[0]
+    on, off, ce = "@on_policy", f"pkl_{teacher}@arith", "ce_only@arith"
+    pairs = [
+        (f"on-policy vs off-policy P-KL ({label})", f"pkl_{teacher}{on}", off),
+        (f"on-policy GOLD vs on-policy P-KL ({label})", f"gold_{teacher}{on}", f"pkl_{teacher}{on}"),
+        (f"on-policy H-KL vs on-policy P-KL ({label})", f"hkl_{teacher}{on}", f"pkl_{teacher}{on}"),
+        (f"off-policy P-KL ({label}) vs CE only, arithmetic rows", off, ce),
+        (f"on-policy P-KL ({label}) vs CE only, arithmetic rows", f"pkl_{teacher}{on}", ce),
+    ]
+    return [(name, a, b, None, None) for name, a, b in pairs]

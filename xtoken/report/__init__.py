@@ -9,10 +9,17 @@ every name importable from ``xtoken.report``:
   tables         the tables beside the paper's
   figures        the plots (matplotlib, headless)
   findings       seed-paired comparisons and verdicts, the multi-teacher findings, the greedy-decoding diagnostic
-  markdown       results/REPORT.md (`build_report`)
+  markdown       results/REPORT.md (`build_report`; notebook 06's section: `on_policy_lines`)
 """
 
-from .figures import plot_coverage, plot_grid, plot_multi_teacher, plot_numeral_mass, plot_row_lengths
+from .figures import (
+    plot_coverage,
+    plot_generation_length,
+    plot_grid,
+    plot_multi_teacher,
+    plot_numeral_mass,
+    plot_row_lengths,
+)
 from .files import (
     ITEM_FILE_COLUMNS,
     load_items,
@@ -33,13 +40,14 @@ from .findings import (
     single_teacher_comparisons,
     verdict_lines,
 )
-from .markdown import build_report
+from .markdown import build_report, on_policy_lines
 from .paper_numbers import PAPER_DELTAS, PAPER_MULTI_TEACHER_GAIN, PAPER_TABLE1, PAPER_TABLE8, SINGLE_COMPARISONS
 from .tables import (
     MINI_SKILLS,
     alignment_table,
     distillation_table,
     explain_rows,
+    generation_table,
     headline_deltas,
     kind_table,
     learned_w_comparison,
@@ -69,6 +77,7 @@ __all__ = [
     "diagnostic_prose",
     "distillation_table",
     "explain_rows",
+    "generation_table",
     "greedy_diagnostic",
     "headline_deltas",
     "kind_table",
@@ -80,7 +89,9 @@ __all__ = [
     "multi_teacher_comparisons",
     "multi_teacher_findings",
     "multi_teacher_table",
+    "on_policy_lines",
     "plot_coverage",
+    "plot_generation_length",
     "plot_grid",
     "plot_multi_teacher",
     "plot_numeral_mass",

@@ -130,3 +130,25 @@ def plot_multi_teacher(df: pd.DataFrame, singles: pd.DataFrame | None = None):
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def plot_generation_length(results: list[dict], title="Length of the student's own generations"):
+    """Mean (over seeds) generated tokens per row across training, per on-policy setting (logged windows)."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    by = {}
+    for r in results:
+        logs = [(h["step"], float(h["gen_tokens"])) for h in r.get("log_history", []) if "gen_tokens" in h]
+        if logs:
+            by.setdefault(r.get("label", r["setting"]), []).append(logs)
+    for label, curves in by.items():
+        n = min(len(c) for c in curves)
+        ax.plot([s for s, _ in curves[0][:n]], np.mean([[g for _, g in c[:n]] for c in curves], 0), label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("generated tokens per row")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -342,7 +342,7 @@ def build_report(results_dir, scale: str = "mini") -> str:
                 "baseline.",
                 "",
             ]
-            return "\n".join(out) + "\n"
+            return "\n".join(out + on_policy_lines(r, scale)) + "\n"
         for k, v in f.items():
             detail = ", ".join(f"{a}: {b}" for a, b in v.items() if a not in ("held", "per pair"))
             if "per pair" in v:  # finding 1: the numbers of each pair
@@ -357,4 +357,57 @@ def build_report(results_dir, scale: str = "mini") -> str:
             "GOLD on both cross-tokenizer teachers (`phi_gold+qwen3_gold`) is the pre-X-Token multi-teacher baseline.",
             "",
         ]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + on_policy_lines(r, scale)) + "\n"
+
+
+def on_policy_lines(results_dir, scale: str = "mini") -> list[str]:
+    """The REPORT.md section of notebook 06 (the on-policy experiment, beyond the paper), from its files in
+    ``results_dir``; empty when notebook 06 has not run. Flags results left by a run whose configuration differs
+    from notebook 03's (the workspace they came from is not the one the rest of the report describes)."""
+    r, p6, p3 = Path(results_dir), results_prefix("06", scale), results_prefix("03", scale)
+    if not (r / f"{p6}_results.json").exists():
+        return []
+    meta = json.loads((r / f"{p6}_results.json").read_text())
+    out = [
+        "## Beyond the paper: on-policy distillation (notebook 06)",
+        "",
+        "Produced by `make on-policy` (notebook 06; not part of `make reproduce`, it has its own time budget). "
+        "Every setting trains on the arithmetic rows only, from the same base student, with the same seeds and "
+        "steps; on-policy rows (`lmbda = 1`) train on the student's own sampled continuation of each question, "
+        "ended at the first blank line, which the teacher scores live. The design, fixed before the first run, is "
+        "in `docs/miniature.md`. These comparisons are not claims of the paper: each reads A higher, B higher or "
+        "inconclusive by the same interval rule.",
+        "",
+    ]
+    if (r / f"{p3}_results.json").exists():
+        if json.loads((r / f"{p3}_results.json").read_text()).get("config") != meta.get("config"):
+            out += [
+                "**Stale**: notebook 06's results come from a configuration other than notebook 03's; rerun "
+                "`make on-policy` after `make reproduce`.",
+                "",
+            ]
+    out += [md_table(pd.read_csv(r / f"{p6}_table.csv")), ""]
+    if (r / f"{p6}_comparisons.csv").exists():
+        c = pd.read_csv(r / f"{p6}_comparisons.csv")
+        c = c[c.metric.isin(["arithmetic", "knowledge"])]
+        out += [
+            md_table(c[["comparison", "metric", "Δ ours", "95% interval", "MDE", "verdict", "same answer (%)"]]),
+            "",
+        ]
+        out += [
+            f"- {x.comparison}: arithmetic {x['Δ ours']:+.2f} {x['95% interval']} points (MDE {x.MDE:.2f}): "
+            f"**{x.verdict}**."
+            for _, x in c[c.metric == "arithmetic"].iterrows()
+        ] + [""]
+    if (r / f"{p6}_generation.csv").exists():
+        out += [
+            "The student's own generations over training (student tokens per row; every training text's answer "
+            "ends in a blank line, where generation stops):",
+            "",
+            md_table(pd.read_csv(r / f"{p6}_generation.csv")),
+            "",
+        ]
+    if (r / f"{p6}_kinds.csv").exists():
+        out += ["Arithmetic exact match (%) per item kind:", "", md_table(pd.read_csv(r / f"{p6}_kinds.csv")), ""]
+    out += [f"![numeral mass]({p6}_numeral_mass.png)", "", f"![generation length]({p6}_generation.png)", ""]
+    return out

@@ -367,3 +367,31 @@ def kind_table(items: pd.DataFrame, teachers: list[dict] | None = None, settings
             by = sub.groupby("kind").exact_match.mean()
             rows.append({"model": s} | {k: round(100 * float(by[k]), 1) if k in by else None for k in kinds})
     return pd.DataFrame(rows, columns=["model"] + kinds)
+
+
+def generation_table(results: list[dict]) -> pd.DataFrame:
+    """The on-policy runs' own generations over training (from each run's logged windows, ``gen_tokens`` and
+    ``on_policy``): per setting, the mean generated length (student tokens per row) in the first and the last
+    logged window and over the run, and the share of batches trained on-policy; means over seeds. Settings whose
+    runs logged no generation (off-policy ones) are left out."""
+    rows = {}
+    for r in results:
+        logs = [h for h in r.get("log_history", []) if "gen_tokens" in h]
+        if logs:
+            g = [float(h["gen_tokens"]) for h in logs]
+            on = [float(h.get("on_policy", 1.0)) for h in r["log_history"] if "on_policy" in h]
+            rows.setdefault(r["setting"], []).append((g[0], g[-1], sum(g) / len(g), sum(on) / len(on)))
+    out = []
+    for setting, v in rows.items():
+        mean = lambda j: round(sum(x[j] for x in v) / len(v), 1)  # noqa: E731
+        out.append(
+            {
+                "setting": setting,
+                "tokens, first window": mean(0),
+                "tokens, last window": mean(1),
+                "tokens, whole run": mean(2),
+                "on-policy batches (%)": round(100 * sum(x[3] for x in v) / len(v), 1),
+                "seeds": len(v),
+            }
+        )
+    return pd.DataFrame(out)
