@@ -1,5 +1,5 @@
 """`python -m xtoken`: output folders made before the work, argument checks before tokenizers load, one-line
-errors (exit 2) unless --traceback, and reproduce's -p NAME=VALUE parameters."""
+errors (exit 2) unless --traceback, reproduce's -p NAME=VALUE parameters and its --on-policy flag."""
 
 import json
 import subprocess
@@ -8,9 +8,11 @@ import sys
 import nbformat
 import pandas as pd
 import pytest
+from test_pipeline import _write_notebook
 
 from xtoken import TokenizerNotFound
 from xtoken.__main__ import main
+from xtoken.pipeline import NOTEBOOKS, ON_POLICY
 
 
 @pytest.fixture(autouse=True)
@@ -223,3 +225,42 @@ def test_reproduce_argument_errors(tmp_path, capsys):
     assert main(["reproduce", "--notebooks", str(missing), "--out", str(tmp_path / "out")]) == 2
     assert f"no reproduction notebooks in {missing}" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_reproduce_on_policy_adds_notebook_06(tmp_path, capsys):
+    """`reproduce --on-policy` through the command line (the flag reaches `xtoken.pipeline.reproduce`): tiny
+    notebooks named like the real ones, each leaving a marker in the results folder. Without the flag 01-05 run
+    and 06 does not; with it and --start 06, 06 runs alone; --start 06 without it is refused (exit 2) with a hint
+    naming the flag, before any folder is made; a failure in 06 names the resume command with the flag."""
+    src = tmp_path / "src"
+    for name in NOTEBOOKS:
+        _write_notebook(src / f"{name}.ipynb", f"import pathlib\npathlib.Path(results_dir, {name!r}).touch()")
+    _write_notebook(
+        src / f"{ON_POLICY}.ipynb",
+        f"import pathlib\npathlib.Path(results_dir, {ON_POLICY!r}).touch()",
+        "if failing:\n    raise ValueError('boom')",
+        params="results_dir = '.'\nfailing = False",
+    )
+
+    def run(results, *flags):
+        folders = ["--out", str(tmp_path / "out"), "--results", str(tmp_path / results), "--work", str(tmp_path / "w")]
+        return main(["reproduce", "--scale", "smoke", "--notebooks", str(src), *folders, *flags])
+
+    def ran(results):
+        return sorted(p.name for p in (tmp_path / results).iterdir())
+
+    assert run("r1") == 0, capsys.readouterr()
+    assert ran("r1") == NOTEBOOKS
+    assert ON_POLICY not in capsys.readouterr().out
+    assert run("r2", "--on-policy", "--start", "06") == 0, capsys.readouterr()
+    assert ran("r2") == [ON_POLICY]
+    assert "[1/1] 06_on_policy" in capsys.readouterr().out
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert run("r3", "--start", "06") == 2
+    err = capsys.readouterr().err
+    assert "--start '06' names no notebook" in err and "(notebook 06 runs with --on-policy)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing made
+    assert run("r4", "--on-policy", "--start", "06", "-p", "failing=true") == 1
+    err = capsys.readouterr().err
+    assert "FAILED in 06_on_policy.ipynb" in err and "--start 06 --on-policy" in err
+    assert ran("r4") == [ON_POLICY]

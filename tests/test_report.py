@@ -1,8 +1,12 @@
-"""Report helpers on hand-made inputs: the per-kind table and the KD/CE scaling verdicts."""
+"""Report helpers on hand-made inputs: the per-kind table, the KD/CE scaling verdicts and notebook 06's
+generation table, plot and REPORT.md section."""
+
+import json
 
 import pandas as pd
+import pytest
 
-from xtoken.report import kind_table
+from xtoken.report import build_report, generation_table, kind_table, on_policy_lines, plot_generation_length
 from xtoken.report.markdown import _kd_scaling_lines
 
 
@@ -54,3 +58,203 @@ def test_kd_scaling_lines_combine_per_teacher():
     assert "- Qwen3: **reproduced**" in text and "- Llama-3B: **contradicted**" in text
     assert "- Both teachers: **contradicted**" in text and "vs balanced -1.00" in text
     assert _kd_scaling_lines(d[~d.comparison.str.startswith("dynamic")]) == []
+
+
+def _on_policy_runs():
+    """Run results as notebook 06 loads them: two seeds of on-policy P-KL, one of on-policy GOLD, and off-policy
+    runs that log no generation. A window with ``on_policy`` 0 and no ``gen_tokens`` (every batch in it fell back
+    off-policy) counts in the on-policy share, not in the lengths."""
+    pkl, gold = "pkl_qwen3@on_policy", "gold_qwen3@on_policy"
+    return [
+        {
+            "setting": pkl,
+            "label": "P-KL on-policy",
+            "seed": 0,
+            "log_history": [
+                {"step": 5, "loss": 2.0},
+                {"step": 10, "gen_tokens": 12.0, "on_policy": 1.0},
+                {"step": 20, "on_policy": 0.0},
+                {"step": 30, "gen_tokens": 6.0, "on_policy": 0.5},
+                {"step": 40, "gen_tokens": 9.0, "on_policy": 0.5},
+            ],
+        },
+        {"setting": "pkl_qwen3@arith", "label": "P-KL off-policy", "seed": 0, "log_history": [{"step": 10, "loss": 1}]},
+        {
+            "setting": pkl,
+            "label": "P-KL on-policy",
+            "seed": 1,
+            "log_history": [
+                {"step": 10 * i, "gen_tokens": g, "on_policy": 1.0} for i, g in enumerate([20, 10, 5, 5], 1)
+            ],
+        },
+        {
+            "setting": gold,
+            "label": "GOLD on-policy",
+            "seed": 0,
+            "log_history": [
+                {"step": 10, "gen_tokens": 4, "on_policy": 1.0},
+                {"step": 20, "gen_tokens": 8, "on_policy": 1},
+            ],
+        },
+        {"setting": "ce_only@arith", "label": "CE only", "seed": 0},
+    ]
+
+
+def test_generation_table_means_over_seeds_and_leaves_out_off_policy_settings():
+    t = generation_table(_on_policy_runs())
+    # P-KL seed 0: windows 12, 6, 9 (first 12, last 9, mean 9), on-policy share (1 + 0 + .5 + .5) / 4 = .5;
+    # seed 1: 20, 10, 5, 5 (first 20, last 5, mean 10), share 1
+    assert t.to_dict(orient="records") == [
+        {
+            "setting": "pkl_qwen3@on_policy",
+            "tokens, first window": 16.0,
+            "tokens, last window": 7.0,
+            "tokens, whole run": 9.5,
+            "on-policy batches (%)": 75.0,
+            "seeds": 2,
+        },
+        {
+            "setting": "gold_qwen3@on_policy",
+            "tokens, first window": 4.0,
+            "tokens, last window": 8.0,
+            "tokens, whole run": 6.0,
+            "on-policy batches (%)": 100.0,
+            "seeds": 1,
+        },
+    ]
+    assert generation_table([r for r in _on_policy_runs() if "@arith" in r["setting"]]).empty
+
+
+def test_plot_generation_length_draws_one_line_per_label():
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    fig = plot_generation_length(_on_policy_runs())
+    try:
+        assert isinstance(fig, Figure)
+        lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+        assert set(lines) == {"P-KL on-policy", "GOLD on-policy"}  # the off-policy runs draw nothing
+        assert list(lines["GOLD on-policy"].get_xdata()) == [10, 20]
+        assert list(lines["GOLD on-policy"].get_ydata()) == [4.0, 8.0]
+        # means over seeds, over the windows every seed logged (seed 0 logged 3)
+        assert list(lines["P-KL on-policy"].get_ydata()) == [16.0, 8.0, 7.0]
+    finally:
+        plt.close(fig)
+
+
+def _on_policy_files(folder, prefix="06", config=None):
+    """The files notebook 06 writes into results/, hand-made: two comparisons (each with an arithmetic and a
+    knowledge row, plus an `average` row the section leaves out), a table, the generation and per-kind tables."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{prefix}_results.json").write_text(json.dumps({"config": config or {"seeds": [0, 1]}, "runs": []}))
+    pd.DataFrame([{"model": "pkl_qwen3@on_policy", "arithmetic": "41.0 ± 1.0"}]).to_csv(
+        folder / f"{prefix}_table.csv", index=False
+    )
+
+    def row(comp, metric, delta, interval, mde, verdict):
+        return {
+            "comparison": comp,
+            "A": "a",
+            "B": "b",
+            "metric": metric,
+            "unit": "points",
+            "paper Δ": None,
+            "Δ ours": delta,
+            "95% interval": interval,
+            "lo": 0.0,
+            "hi": 0.0,
+            "MDE": mde,
+            "verdict": verdict,
+            "same answer (%)": 90.0,
+        }
+
+    one, two = "on-policy vs off-policy P-KL (Qwen3)", "on-policy GOLD vs on-policy P-KL (Qwen3)"
+    pd.DataFrame(
+        [
+            row(one, "arithmetic", 2.5, "[+0.50, +4.50]", 1.234, "A higher"),
+            row(one, "knowledge", -7.25, "[-9.00, -5.50]", 2.0, "B higher"),
+            row(one, "average", 77.77, "[+70.00, +80.00]", 3.0, "A higher"),
+            row(two, "arithmetic", -0.333, "[-1.00, +0.33]", 0.9, "inconclusive"),
+            row(two, "knowledge", 0.0, "[+0.00, +0.00]", 0.0, "inconclusive"),
+        ]
+    ).to_csv(folder / f"{prefix}_comparisons.csv", index=False)
+    pd.DataFrame([{"setting": "pkl_qwen3@on_policy", "tokens, last window": 31.5}]).to_csv(
+        folder / f"{prefix}_generation.csv", index=False
+    )
+    pd.DataFrame([{"model": "pkl_qwen3@on_policy", "copy": 88.8}]).to_csv(folder / f"{prefix}_kinds.csv", index=False)
+    return folder
+
+
+HEADER = "## Beyond the paper: on-policy distillation (notebook 06)"
+
+
+def test_on_policy_lines_without_notebook_06_is_empty(tmp_path):
+    assert on_policy_lines(tmp_path) == []
+    _on_policy_files(tmp_path)
+    (tmp_path / "06_results.json").unlink()  # the other files alone are no section
+    assert on_policy_lines(tmp_path) == []
+    # another scale's files are not this scale's
+    assert on_policy_lines(_on_policy_files(tmp_path / "mini"), "smoke") == []
+
+
+@pytest.mark.parametrize("scale,prefix", [("mini", "06"), ("smoke", "06_smoke")])
+def test_on_policy_lines_tables_and_one_verdict_line_per_comparison(tmp_path, scale, prefix):
+    lines = on_policy_lines(_on_policy_files(tmp_path, prefix), scale)
+    text = "\n".join(lines)
+    assert lines[0] == HEADER and "**Stale**" not in text
+    assert "| pkl_qwen3@on_policy | 41.0 ± 1.0 |" in text  # the table
+    assert (
+        "- on-policy vs off-policy P-KL (Qwen3): arithmetic +2.50 [+0.50, +4.50] points (MDE 1.23): **A higher**."
+        in lines
+    )
+    assert (
+        "- on-policy GOLD vs on-policy P-KL (Qwen3): arithmetic -0.33 [-1.00, +0.33] points (MDE 0.90): "
+        "**inconclusive**." in lines
+    )
+    assert len([x for x in lines if x.startswith("- ")]) == 2  # arithmetic rows only
+    assert "-7.25" in text and "77.77" not in text  # knowledge rows in the table, average rows left out
+    assert "| pkl_qwen3@on_policy | 31.5 |" in text and "| pkl_qwen3@on_policy | 88.8 |" in text
+    assert f"![generation length]({prefix}_generation.png)" in lines
+    assert f"![numeral mass]({prefix}_numeral_mass.png)" in lines
+
+
+def test_on_policy_lines_stale_iff_notebook_03_config_differs(tmp_path):
+    config = {"seeds": [0, 1], "student_steps": 450}
+    _on_policy_files(tmp_path, config=config)
+    three = tmp_path / "03_results.json"
+
+    def stale():
+        return sum(x.startswith("**Stale**") for x in on_policy_lines(tmp_path))
+
+    assert stale() == 0  # no notebook 03 results: nothing to compare with
+    three.write_text(json.dumps({"config": dict(config), "runs": [1, 2]}))
+    assert stale() == 0
+    three.write_text(json.dumps({"config": config | {"student_steps": 10}}))
+    assert stale() == 1
+    three.write_text(json.dumps({"runs": []}))  # notebook 03 without a config: differs too
+    assert stale() == 1
+
+
+def test_build_report_ends_with_the_on_policy_section(tmp_path):
+    r = _on_policy_files(tmp_path / "r")
+    (r / "03_results.json").write_text(json.dumps({"config": {"other": 1}}))
+    section = on_policy_lines(r)
+    assert section[0] == HEADER and any(x.startswith("**Stale**") for x in section)
+    text = build_report(r)
+    assert text.startswith("# X-Token reproduction report (mini scale)")
+    assert text.endswith("\n".join(section) + "\n") and text.count(HEADER) == 1
+    # notebook 04 with its comparisons (the report's other return): the section still comes last
+    (r / "04_results.json").write_text(
+        json.dumps({"findings": {"1. a finding": {"verdict": "reproduced", "comparisons": 1, "verdicts": {"x": 1}}}})
+    )
+    pd.DataFrame([{"model": "m", "average": 1.0}]).to_csv(r / "04_table.csv", index=False)
+    cols = ["finding", "comparison", "metric", "paper Δ", "Δ ours", "95% interval", "MDE", "verdict", "same answer (%)"]
+    pd.DataFrame(
+        [dict(zip(cols, ["1. a finding", "c", "average", 1.0, 1.0, "[+0.1, +0.2]", 0.1, "reproduced", 90]))]
+    ).to_csv(r / "04_comparisons.csv", index=False)
+    text = build_report(r)
+    assert "## Multi-teacher (notebook 04)" in text and "- 1. a finding: **reproduced**" in text
+    assert text.index("## Multi-teacher") < text.index(HEADER)
+    assert text.endswith("\n".join(section) + "\n") and text.count(HEADER) == 1
+    (r / "06_results.json").unlink()
+    assert HEADER not in build_report(r)
