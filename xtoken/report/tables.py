@@ -380,7 +380,8 @@ def generation_table(results: list[dict]) -> pd.DataFrame:
         if logs:
             g = [float(h["gen_tokens"]) for h in logs]
             on = [float(h.get("on_policy", 1.0)) for h in r["log_history"] if "on_policy" in h]
-            rows.setdefault(r["setting"], []).append((g[0], g[-1], sum(g) / len(g), sum(on) / len(on)))
+            share = sum(on) / len(on) if on else 1.0  # a window with gen_tokens was on-policy
+            rows.setdefault(r["setting"], []).append((g[0], g[-1], sum(g) / len(g), share))
     out = []
     for setting, v in rows.items():
         mean = lambda j: round(sum(x[j] for x in v) / len(v), 1)  # noqa: E731
