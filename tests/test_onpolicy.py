@@ -169,7 +169,7 @@ def test_on_policy_needs_a_distill_collator(tmp_path, stok):
     with pytest.raises(ValueError, match="DistillCollator"):
         XTokenTrainer(
             model=tiny_llama(),
-            args=config(tmp_path, lmbda=1.0),
+            args=config(tmp_path, lmbda=1.0, on_policy_ce=True),
             data_collator=lambda rows: rows,
             train_dataset=dataset(4),
             processing_class=stok,
@@ -522,7 +522,10 @@ def test_stop_strings_stop_the_real_generation(tmp_path, stok, ttok, W):
 def test_prompt_without_room_to_generate_raises_naming_the_row(tmp_path, stok):
     rows = [{"text": TEXTS[0], "idx": 5}, {"text": TEXTS[1], "idx": 6}]
     trainer = XTokenTrainer(
-        model=tiny_llama(), args=onpolicy_args(tmp_path, max_length=16), train_dataset=rows, processing_class=stok
+        model=tiny_llama(),
+        args=onpolicy_args(tmp_path, max_length=16, on_policy_ce=True),
+        train_dataset=rows,
+        processing_class=stok,
     )
     with pytest.raises(ValueError, match=r"row idx [56]: the prompt is \d+ student tokens, but max_length=16"):
         trainer.train()

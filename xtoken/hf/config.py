@@ -94,6 +94,15 @@ class XTokenConfig(TrainingArguments):
     )
     top_p: float = field(default=1.0, metadata={"help": "on-policy: nucleus sampling mass in (0, 1] (1: off)"})
     top_k: int = field(default=0, metadata={"help": "on-policy: sample among the top k ids only (0: off)"})
+    on_policy_ce: bool = field(
+        default=False,
+        metadata={
+            "help": "on-policy batches: also train CE on the student's own sample (off: KD alone, GKD's on-policy "
+            "loss). Sampled from the student at temperature 1, that term's expected gradient is zero and its noise "
+            "is not: on the miniature, CE on the student's own samples alone turned every answer into a run of "
+            "dots within 450 steps (docs/miniature.md). Off-policy batches always train CE (ce_weight)"
+        },
+    )
     stop_strings: list[str] = field(
         default_factory=list,
         metadata={

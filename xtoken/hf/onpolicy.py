@@ -15,8 +15,9 @@ GKD's convention) and calls `OnPolicy.prepare` before its training step.
       -> the prompt masked on every side (`mask_prompt`)
 
 Masking. Row b's generated tokens are its student positions P_b .. end-1; the logits predicting them are
-P_b - 1 .. end - 2. ``labels`` keep the generated tokens only (CE on the student's own sample, as TRL's GOLD
-does; set ``ce_weight=0`` for KD alone), ``kd_mask`` [B, L] marks the predicting logits (what 'kl' reads), and
+P_b - 1 .. end - 2. ``labels`` keep the generated tokens only; CE on them (the student's own sample) is trained only
+with ``on_policy_ce=True``: by default an on-policy batch trains KD alone (its ``ce_weight`` is 0; the CE value is
+still logged and still sets the dynamic KD scale). ``kd_mask`` [B, L] marks the predicting logits (what 'kl' reads), and
 each alignment keeps only the chunk pairs whose student span starts at or after P_b. A chunk pair spells the
 same bytes on both sides, so its teacher span lies in the generated text too: the teacher's prompt tokens carry
 no loss either. A teacher token that straddles the prompt's end (prompt "x =", generation " 4", a teacher
@@ -43,7 +44,8 @@ Handling of bad input (never a silent zero loss):
 - a batch in which no row generated anything: trained off-policy instead (the batch it came from), with a
   warning; counted in `OnPolicy.empty_batches` and visible in the logs as ``gen_empty_rows`` = 1 with
   ``on_policy`` = 0.
-- ``lmbda > 0`` with a teacher that has a cache but no model, or ``use_vllm=True``: refused by `check_setup`.
+- ``lmbda > 0`` with a teacher that has a cache but no model, with no teacher and ``on_policy_ce=False`` (an
+  on-policy batch would have no loss), or ``use_vllm=True``: refused by `check_setup`.
 
 Chat rows (``messages``, `DistillCollator` with ``chat``): the prompt is the conversation before its last
 assistant turn, rendered by the student's template with the generation prompt; a generation that stops at the
@@ -81,6 +83,12 @@ def check_setup(args, teachers, collator) -> None:
         raise NotImplementedError(
             "use_vllm=True: a vLLM generation path is not implemented yet; use_vllm=False generates with the "
             "student's own HF generate (KV cache)"
+        )
+    if not teachers and not args.on_policy_ce:
+        raise ValueError(
+            f"lmbda={args.lmbda} > 0 with no teacher and on_policy_ce=False: an on-policy batch would have no loss "
+            "(KD needs a teacher; CE on the student's own samples is off). Add a teacher, or set on_policy_ce=True "
+            "to train CE on the student's own samples (self-training; it degenerates, see XTokenConfig's help)"
         )
     for t in teachers:
         if t.model is None:
@@ -367,4 +375,4 @@ class OnPolicy:
                 self.empty_batches,
             )
             return {**inputs, "policy_metrics": {**metrics, "on_policy": 0.0}}
-        return {**batch, "policy_metrics": metrics}
+        return {**batch, "policy_metrics": metrics, **({} if self.args.on_policy_ce else {"ce_weight": 0.0})}

@@ -406,7 +406,7 @@ class XTokenTrainer(Trainer):
         logits = outputs.logits
         ce = self._ce(logits, inputs["labels"])
         metrics = {"ce": ce.detach(), **inputs.get("policy_metrics", {})}
-        loss = self.args.ce_weight * ce
+        loss = inputs.get("ce_weight", self.args.ce_weight) * ce  # on-policy batches: 0 unless on_policy_ce
         bad_teacher = None
         if self.teachers:
             try:

@@ -25,7 +25,8 @@ Diagnostics (the mechanism, Proposition 1):
 This module gathers the names of the modules that do each job:
 
   settings     Setting, SINGLE_TEACHER_SETTINGS, single_teacher_settings, multi_teacher_settings,
-               kd_scaling_settings, KD_SCALINGS, on_policy_settings, on_policy_comparisons, DATA, TEACHERS
+               kd_scaling_settings, KD_SCALINGS, on_policy_settings, on_policy_comparisons,
+               on_policy_followup_settings, on_policy_followup_comparisons, DATA, TEACHERS
   pool         the process pool (in order, or as a DAG of jobs), one log file per job
   training     train_model, evaluate_model, load_vocabs: what every job does
   prepare      build_corpus, train_teachers, train_base_student, build_teacher_caches, w_groups, prepare
@@ -46,6 +47,8 @@ from .settings import (
     kd_scaling_settings,
     multi_teacher_settings,
     on_policy_comparisons,
+    on_policy_followup_comparisons,
+    on_policy_followup_settings,
     on_policy_settings,
     single_teacher_settings,
 )
@@ -66,6 +69,8 @@ __all__ = [
     "KD_SCALINGS",
     "on_policy_settings",
     "on_policy_comparisons",
+    "on_policy_followup_settings",
+    "on_policy_followup_comparisons",
     "DATA",
     "single_teacher_settings",
     "run_grid",

@@ -110,6 +110,7 @@ def run_one(cfg: MiniConfig, out_dir, setting: Setting, seed: int, *, evaluate=T
         learn_projection=setting.learn_projection,
         projection_lr=cfg.projection_lr,
         lmbda=setting.lmbda,
+        on_policy_ce=setting.on_policy_ce,
         max_new_tokens=cfg.max_gen_toks,
         memo=st["memo"],
     )

@@ -18,6 +18,7 @@ KD_SCALINGS = {
     "balanced": (1.0, 1.0, False),
     "ce_heavy": (1.0, 0.25, False),
     "dynamic": (1.0, 1.0, True),
+    "kd_only": (0.0, 1.0, False),  # no CE term (GKD's on-policy loss: the divergence alone)
 }
 
 # The rows a setting trains on: the whole training split, or its arithmetic rows with their question as the prompt
@@ -40,6 +41,7 @@ class Setting:
     ``kd_scaling``: a name of `KD_SCALINGS` (how KD is weighted against CE); "default" uses the config's.
     ``lmbda``: the probability that a batch is on-policy (the student continues the rows' prompts, GKD's convention;
     `xtoken.hf.onpolicy`), generating at most ``cfg.max_gen_toks`` tokens. ``data``: the rows trained on: `DATA`.
+    ``on_policy_ce``: on-policy batches also train CE on the student's own sample (`XTokenConfig.on_policy_ce`).
     """
 
     name: str
@@ -50,6 +52,7 @@ class Setting:
     kd_scaling: str = "default"
     lmbda: float = 0.0
     data: str = "corpus"
+    on_policy_ce: bool = False
 
     def __post_init__(self):
         if self.kd_scaling not in KD_SCALINGS:
@@ -75,6 +78,7 @@ class Setting:
             "kd_scaling": self.kd_scaling,
             "lmbda": self.lmbda,
             "data": self.data,
+            "on_policy_ce": self.on_policy_ce,
         }
 
     def relative_cost(self) -> float:
@@ -96,6 +100,7 @@ class Setting:
             d.get("kd_scaling", "default"),
             float(d.get("lmbda", 0.0)),
             d.get("data", "corpus"),
+            bool(d.get("on_policy_ce", False)),
         )
 
 
@@ -204,9 +209,9 @@ def kd_scaling_settings(
 
 
 def on_policy_settings(teacher: str = "qwen3", lmbda: float = 1.0) -> list:
-    """The on-policy experiment on the arithmetic rows (docs/miniature.md): CE only and P-KL off-policy, then
-    on-policy P-KL, GOLD and H-KL with ``teacher`` (every batch on-policy at ``lmbda=1``), each on the same rows,
-    seeds and steps."""
+    """The on-policy experiment on the arithmetic rows, as fixed before its first run (docs/miniature.md): CE only
+    and P-KL off-policy, then on-policy P-KL, GOLD and H-KL with ``teacher`` (every batch on-policy at
+    ``lmbda=1``, CE also on the student's own sample), each on the same rows, seeds and steps."""
     label = TEACHER_LABEL[teacher].split(" (")[0]
     out = [
         Setting("ce_only@arith", [], label="CE only, off-policy, arithmetic rows", data="arithmetic_prompts"),
@@ -225,9 +230,60 @@ def on_policy_settings(teacher: str = "qwen3", lmbda: float = 1.0) -> list:
                 label=f"{name} ({label}), on-policy (lmbda {lmbda:g}), arithmetic rows",
                 lmbda=lmbda,
                 data="arithmetic_prompts",
+                on_policy_ce=True,
             )
         )
     return out
+
+
+def on_policy_followup_settings(teacher: str = "qwen3") -> list:
+    """Runs added after the on-policy experiment's first results (docs/miniature.md, "Follow-up"): is CE on the
+    student's own samples what hurt, and does on-policy training hurt without it, with the same tokenizer, or mixed
+    with off-policy batches? On the arithmetic rows, same seeds and steps."""
+    label, A = TEACHER_LABEL[teacher].split(" (")[0], "arithmetic_prompts"
+    pkl = [(teacher, "p_kl", 1.0)]
+    return [
+        Setting(
+            "ce_only@on_policy",
+            [],
+            label="CE on the student's own samples only (lmbda 1)",
+            lmbda=1.0,
+            data=A,
+            on_policy_ce=True,
+        ),
+        Setting(f"pkl_{teacher}@on_policy_no_ce", pkl, label=f"P-KL ({label}), on-policy, KD alone", lmbda=1.0, data=A),
+        Setting(
+            f"pkl_{teacher}@mixed",
+            pkl,
+            label=f"P-KL ({label}), lmbda 0.5 (on-policy batches KD alone)",
+            lmbda=0.5,
+            data=A,
+        ),
+        Setting(
+            "kd_llama@arith", [("llama", "kl", 1.0)], label="KL (Llama-3.2-3B), off-policy, arithmetic rows", data=A
+        ),
+        Setting(
+            "kd_llama@on_policy_no_ce",
+            [("llama", "kl", 1.0)],
+            label="KL (Llama-3.2-3B), on-policy, KD alone",
+            lmbda=1.0,
+            data=A,
+        ),
+    ]
+
+
+def on_policy_followup_comparisons(teacher: str = "qwen3") -> list:
+    """The follow-up's comparisons, in the format of `on_policy_comparisons`."""
+    label = TEACHER_LABEL[teacher].split(" (")[0].split("-")[0]
+    p = f"pkl_{teacher}"
+    pairs = [
+        ("CE on own samples vs CE only off-policy", "ce_only@on_policy", "ce_only@arith"),
+        (f"on-policy P-KL ({label}), KD alone vs with CE on own samples", f"{p}@on_policy_no_ce", f"{p}@on_policy"),
+        (f"on-policy P-KL ({label}), KD alone vs off-policy P-KL", f"{p}@on_policy_no_ce", f"{p}@arith"),
+        (f"P-KL ({label}) lmbda 0.5 vs off-policy P-KL", f"{p}@mixed", f"{p}@arith"),
+        ("on-policy KL (Llama), KD alone vs off-policy KL (Llama)", "kd_llama@on_policy_no_ce", "kd_llama@arith"),
+    ]
+    return [(name, a, b, None, None) for name, a, b in pairs]
 
 
 def on_policy_comparisons(teacher: str = "qwen3") -> list:

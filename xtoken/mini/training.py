@@ -56,12 +56,13 @@ def train_model(
     lmbda=0.0,
     max_new_tokens=48,
     stop_strings=STOP_STRINGS,
+    on_policy_ce=False,
 ) -> dict:
     """Train ``model`` with `XTokenTrainer` for ``steps`` steps; returns log history, wall time and the
     learned W modules ({teacher: LearnableProjection}, empty unless ``learn_projection``).
     ``memo``: an `xtoken.align.AlignmentMemo` (tokenizations and alignments) shared by the runs of one worker.
     ``lmbda`` > 0: on-policy batches with that probability, at most ``max_new_tokens`` generated per row, each
-    ended at the first of ``stop_strings`` (kept)."""
+    ended at the first of ``stop_strings`` (kept); ``on_policy_ce``: those batches also train CE on the sample."""
     from xtoken.train import DistillCollator, XTokenConfig, XTokenTrainer
 
     _threads()
@@ -92,6 +93,7 @@ def train_model(
         lmbda=float(lmbda),
         max_new_tokens=int(max_new_tokens),
         stop_strings=list(stop_strings),
+        on_policy_ce=bool(on_policy_ce),
     )
     collator = DistillCollator(tok, list(teachers), max_length, memo=memo)
     trainer = XTokenTrainer(
