@@ -228,6 +228,63 @@ def test_on_policy_settings():
         Setting("x", lmbda=1.5)
     with pytest.raises(ValueError, match="data"):
         Setting("x", data="chat")
+    # the first on-policy settings trained CE on the student's own samples too, as they ran
+    assert [x.on_policy_ce for x in s] == [False, False, True, True, True]
+    assert Setting.from_dict(s[2].to_dict()).on_policy_ce is True
+
+
+def test_on_policy_followup_settings():
+    """The follow-up: CE on own samples alone, P-KL on-policy with KD alone and mixed (lmbda 0.5), Llama KL
+    off- and on-policy; every comparison (first experiment and follow-up) names settings of the two lists; the
+    on_policy_ce flag round-trips (an old dict without it reads False); no setting would be refused by the trainer
+    (on-policy with neither a teacher nor CE)."""
+    from xtoken.mini.experiment import (
+        KD_SCALINGS,
+        Setting,
+        on_policy_comparisons,
+        on_policy_followup_comparisons,
+        on_policy_followup_settings,
+        on_policy_settings,
+    )
+
+    f = on_policy_followup_settings()
+    assert [x.name for x in f] == [
+        "ce_only@on_policy",
+        "pkl_qwen3@on_policy_no_ce",
+        "pkl_qwen3@mixed",
+        "kd_llama@arith",
+        "kd_llama@on_policy_no_ce",
+    ]
+    assert [x.lmbda for x in f] == [1.0, 1.0, 0.5, 0.0, 1.0]
+    assert [x.on_policy_ce for x in f] == [True, False, False, False, False]
+    assert {x.data for x in f} == {"arithmetic_prompts"}
+    assert [x.teachers for x in f] == [
+        [],
+        [("qwen3", "p_kl", 1.0)],
+        [("qwen3", "p_kl", 1.0)],
+        [("llama", "kl", 1.0)],
+        [("llama", "kl", 1.0)],
+    ]
+    first = on_policy_settings()
+    names = [x.name for x in first + f]
+    assert len(set(names)) == len(names), "no follow-up setting reuses a name of the first experiment"
+    for comparisons in (on_policy_comparisons(), on_policy_followup_comparisons()):
+        assert comparisons
+        for name, a, b, claim, _ in comparisons:
+            assert a in names and b in names and a != b, name
+            assert claim is None
+    assert len(on_policy_followup_comparisons()) == 5
+    for x in first + f:
+        back = Setting.from_dict(x.to_dict())
+        assert back == Setting(**{**vars(x), "label": x.label or x.name})
+        assert back.on_policy_ce is x.on_policy_ce
+        assert not (x.lmbda > 0 and not x.teachers and not x.on_policy_ce), f"{x.name}: no loss on-policy"
+    old = f[0].to_dict()
+    del old["on_policy_ce"]
+    assert Setting.from_dict(old).on_policy_ce is False, "a dict without the flag reads the default"
+    assert Setting("x").on_policy_ce is False
+    assert KD_SCALINGS["kd_only"] == (0.0, 1.0, False)
+    assert Setting("x", kd_scaling="kd_only").loss_weights(MiniConfig.preset("mini")) == (0.0, 1.0, False)
 
 
 def test_pool_dag_runs_jobs_after_their_dependencies():

@@ -176,6 +176,21 @@ def test_on_policy_needs_a_distill_collator(tmp_path, stok):
         )
 
 
+def test_on_policy_without_teacher_or_ce_is_refused(tmp_path, stok):
+    """lmbda > 0, no teacher, on_policy_ce False: an on-policy batch would have no loss term; refused by the
+    trainer (the config alone is fine). With on_policy_ce, or off-policy (lmbda 0), it constructs."""
+    kw = dict(train_dataset=dataset(2), processing_class=stok)
+    args = onpolicy_args(tmp_path, lmbda=1.0)
+    assert args.on_policy_ce is False, "the default: on-policy batches train KD alone"
+    with pytest.raises(ValueError, match="on_policy_ce"):
+        XTokenTrainer(model=tiny_llama(), args=args, teachers=[], **kw)
+    with pytest.raises(ValueError, match="on_policy_ce"):
+        XTokenTrainer(model=tiny_llama(), args=onpolicy_args(tmp_path, lmbda=0.5), **kw)
+    trainer = XTokenTrainer(model=tiny_llama(), args=onpolicy_args(tmp_path, on_policy_ce=True), teachers=[], **kw)
+    assert trainer.on_policy is not None
+    assert XTokenTrainer(model=tiny_llama(), args=config(tmp_path), teachers=[], **kw).on_policy is None
+
+
 # ---- the decision -------------------------------------------------------------------------------
 
 
@@ -514,6 +529,150 @@ def test_stop_strings_stop_the_real_generation(tmp_path, stok, ttok, W):
         else:
             assert max(lengths) < budget
             assert calls[0]["new_columns"] == max(lengths) < budget, "generate stopped once every row was done"
+
+
+# ---- CE on on-policy batches (on_policy_ce) ------------------------------------------------------
+
+GEN = [" and buys 45 more", " 88 were sold"]  # the scripted generations: words of the small vocabularies
+ROWS = [{"prompt": p, "completion": t[len(p) :], "idx": i} for i, (p, t) in enumerate(zip(PROMPTS, TEXTS))]
+
+
+def one_micro_batch(tmp_path, stok, ttok, W, gen=GEN, **kw):
+    """One micro-batch of `ROWS` through the trainer as `training_step` does it (on-policy with probability lmbda,
+    the student generating ``gen``, then `compute_loss` in training mode), with a live P-KL teacher.
+    Returns (trainer, the inputs compute_loss got, the loss, its gradient over the student's parameters,
+    the metrics recorded for the log). Static weights (ce_weight * CE + kd_weight * KD) unless kw sets
+    dynamic_kd_scale (on by default in XTokenConfig)."""
+    kw = {"dynamic_kd_scale": False, **kw}
+    student = tiny_llama()
+    script_generate(student, [words(stok, g) if isinstance(g, str) else g for g in gen])
+    trainer = XTokenTrainer(
+        model=student,
+        args=onpolicy_args(tmp_path, **kw),
+        teachers=[qwen_teacher(ttok, W, "p_kl")],
+        train_dataset=dataset(2),
+        processing_class=stok,
+    )
+    inputs = trainer.data_collator([dict(r) for r in ROWS])
+    if trainer.on_policy is not None:
+        inputs = trainer.on_policy.prepare(student, inputs, 1)
+    student.train()
+    loss = trainer.compute_loss(student, inputs)
+    grads = torch.autograd.grad(loss, [p for p in student.parameters() if p.requires_grad])
+    metrics = {k: v[-1] for k, v in trainer._metrics.items()}
+    return trainer, inputs, loss.detach(), grads, metrics
+
+
+def ce_and_kd(trainer, inputs):
+    """(CE, KD) of ``inputs`` under the trainer's student, computed apart from compute_loss (on the graph)."""
+    model = trainer.model
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    return trainer._ce(logits, inputs["labels"]), trainer.kd_loss(inputs, logits, {}, check=False)
+
+
+def grad_of(trainer, value):
+    return torch.autograd.grad(value, [p for p in trainer.model.parameters() if p.requires_grad], retain_graph=True)
+
+
+def assert_grads_close(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+def grads_differ(a, b) -> bool:
+    return any(not torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a, b))
+
+
+def test_on_policy_batch_trains_kd_alone_by_default(tmp_path, stok, ttok, W):
+    """on_policy_ce False (the default): an on-policy batch's loss is kd_weight * KD, its value and its gradient,
+    whatever ce_weight is; CE is still computed and recorded (finite, > 0)."""
+    runs = {w: one_micro_batch(tmp_path / str(w), stok, ttok, W, ce_weight=w, kd_weight=0.7) for w in (0.3, 5.0)}
+    trainer, inputs, loss, grads, m = runs[0.3]
+    assert m["on_policy"] == 1.0 and m["gen_tokens"] > 0
+    assert inputs["ce_weight"] == 0.0, "prepare marks the on-policy batch"
+    assert math.isfinite(m["ce"]) and m["ce"] > 0 and m["kd"] > 0
+    assert float(loss) == pytest.approx(0.7 * m["kd"], rel=1e-6)
+    assert float(loss) != pytest.approx(0.3 * m["ce"] + 0.7 * m["kd"], rel=1e-3)
+    ce, kd = ce_and_kd(trainer, inputs)
+    assert float(ce.detach()) == pytest.approx(m["ce"], rel=1e-6), "the recorded CE is the batch's CE"
+    assert_grads_close(grads, grad_of(trainer, 0.7 * kd))
+    assert grads_differ(grads, grad_of(trainer, 0.3 * ce + 0.7 * kd)), "the test needs CE to move the gradient"
+    _, _, loss5, grads5, m5 = runs[5.0]
+    assert torch.equal(loss, loss5), "ce_weight changes nothing on an on-policy batch"
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads5))
+    assert m5["ce"] == m["ce"] and m5["kd"] == m["kd"]
+
+
+def test_on_policy_ce_trains_ce_on_the_sample_too(tmp_path, stok, ttok, W):
+    """on_policy_ce True: the same on-policy batch trains ce_weight * CE + kd_weight * KD."""
+    trainer, inputs, loss, grads, m = one_micro_batch(
+        tmp_path, stok, ttok, W, ce_weight=0.3, kd_weight=0.7, on_policy_ce=True
+    )
+    assert m["on_policy"] == 1.0 and "ce_weight" not in inputs
+    assert m["ce"] > 0 and m["kd"] > 0
+    assert float(loss) == pytest.approx(0.3 * m["ce"] + 0.7 * m["kd"], rel=1e-6)
+    ce, kd = ce_and_kd(trainer, inputs)
+    assert_grads_close(grads, grad_of(trainer, 0.3 * ce + 0.7 * kd))
+    # the same batch (same generation, same models) without on_policy_ce: the same CE and KD, only KD trained
+    _, _, loss_kd, grads_kd, m_kd = one_micro_batch(tmp_path / "b", stok, ttok, W, ce_weight=0.3, kd_weight=0.7)
+    assert (m_kd["ce"], m_kd["kd"]) == (m["ce"], m["kd"])
+    assert float(loss - loss_kd) == pytest.approx(0.3 * m["ce"], rel=1e-5)
+    assert grads_differ(grads, grads_kd)
+
+
+@pytest.mark.parametrize("how", ["lmbda_0", "decision_off", "all_empty_fallback"])
+def test_off_policy_batches_keep_ce(tmp_path, stok, ttok, W, how):
+    """Off-policy batches train ce_weight * CE + kd_weight * KD whatever on_policy_ce is: lmbda 0, a lmbda > 0
+    whose draw is off, and an on-policy draw in which no row generated anything (trained off-policy)."""
+    kw = dict(
+        lmbda_0=dict(lmbda=0.0),
+        decision_off=dict(lmbda=1e-12),
+        all_empty_fallback=dict(gen=[[stok.eos_token_id]] * 2),
+    )[how]
+    trainer, inputs, loss, grads, m = one_micro_batch(tmp_path, stok, ttok, W, ce_weight=0.3, kd_weight=0.7, **kw)
+    assert trainer.args.on_policy_ce is False and "ce_weight" not in inputs
+    assert m.get("on_policy", 0.0) == 0.0
+    assert m["ce"] > 0 and m["kd"] > 0
+    assert float(loss) == pytest.approx(0.3 * m["ce"] + 0.7 * m["kd"], rel=1e-6)
+    ce, kd = ce_and_kd(trainer, inputs)
+    assert_grads_close(grads, grad_of(trainer, 0.3 * ce + 0.7 * kd))
+    assert grads_differ(grads, grad_of(trainer, 0.7 * kd))
+
+
+def test_dynamic_kd_scale_reads_ce_on_a_kd_alone_batch(tmp_path, stok, ttok, W):
+    """dynamic_kd_scale with on_policy_ce False: CE is not trained on the on-policy batch but still sets the scale:
+    kd_scale == ce / kd, the loss's value is kd_weight * CE and its gradient is kd_weight * (ce / kd) * grad KD."""
+    trainer, inputs, loss, grads, m = one_micro_batch(
+        tmp_path, stok, ttok, W, ce_weight=0.3, kd_weight=0.7, dynamic_kd_scale=True
+    )
+    assert m["on_policy"] == 1.0 and inputs["ce_weight"] == 0.0
+    assert m["ce"] > 0 and m["kd"] > 0 and m["ce"] != pytest.approx(m["kd"], rel=1e-3)
+    assert m["kd_scale"] == pytest.approx(m["ce"] / m["kd"], rel=1e-6)
+    assert float(loss) == pytest.approx(0.7 * m["ce"], rel=1e-6)
+    ce, kd = ce_and_kd(trainer, inputs)
+    scale = float(ce.detach() / kd.detach())
+    assert_grads_close(grads, grad_of(trainer, 0.7 * scale * kd))
+
+
+def test_kd_alone_on_policy_through_train_logs_ce(tmp_path, stok, ttok, W):
+    """Two real on-policy steps (the student generating, on_policy_ce False): the logs carry a finite ce > 0, and
+    the logged loss is kd_weight * kd, not ce_weight * ce + kd_weight * kd."""
+    trainer = XTokenTrainer(
+        model=tiny_llama(),
+        args=onpolicy_args(tmp_path, ce_weight=0.5, kd_weight=0.7, dynamic_kd_scale=False, max_steps=2),
+        teachers=[teacher_for("p_kl", stok, ttok, W)],
+        train_dataset=dataset(4),
+        processing_class=stok,
+    )
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(logs) == 2
+    for r in logs:
+        assert r["on_policy"] == 1.0 and r["gen_tokens"] > 0
+        assert math.isfinite(r["ce"]) and r["ce"] > 0 and r["kd"] > 0
+        assert r["loss"] == pytest.approx(0.7 * r["kd"], rel=1e-3, abs=1e-4)
+        assert r["loss"] != pytest.approx(0.5 * r["ce"] + 0.7 * r["kd"], rel=1e-2)
 
 
 # ---- bad input ----------------------------------------------------------------------------------
