@@ -374,9 +374,9 @@ def on_policy_lines(results_dir, scale: str = "mini") -> list[str]:
         "Produced by `make on-policy` (notebook 06; not part of `make reproduce`, it has its own time budget). "
         "Every setting trains on the arithmetic rows only, from the same base student, with the same seeds and "
         "steps; on-policy rows (`lmbda = 1`) train on the student's own sampled continuation of each question, "
-        "ended at the first blank line, which the teacher scores live. The design, fixed before the first run, is "
-        "in `docs/miniature.md`. These comparisons are not claims of the paper: each reads A higher, B higher or "
-        "inconclusive by the same interval rule.",
+        "ended at the first blank line, which the teacher scores live. The design, fixed before the first run, and "
+        "the follow-up fixed after it are in `docs/miniature.md`. These comparisons are not claims of the paper: "
+        "each reads A higher, B higher or inconclusive by the same interval rule.",
         "",
     ]
     if (r / f"{p3}_results.json").exists():
@@ -390,15 +390,20 @@ def on_policy_lines(results_dir, scale: str = "mini") -> list[str]:
     if (r / f"{p6}_comparisons.csv").exists():
         c = pd.read_csv(r / f"{p6}_comparisons.csv")
         c = c[c.metric.isin(["arithmetic", "knowledge"])]
-        out += [
-            md_table(c[["comparison", "metric", "Δ ours", "95% interval", "MDE", "verdict", "same answer (%)"]]),
-            "",
-        ]
-        out += [
-            f"- {x.comparison}: arithmetic {x['Δ ours']:+.2f} {x['95% interval']} points (MDE {x.MDE:.2f}): "
-            f"**{x.verdict}**."
-            for _, x in c[c.metric == "arithmetic"].iterrows()
-        ] + [""]
+        heads = {
+            "first": "Fixed before the first run:",
+            "follow-up": "Follow-up, fixed after the first results (exploratory):",
+        }
+        for g in list(dict.fromkeys(c.group)) if "group" in c else [None]:
+            sub = c if g is None else c[c.group == g]
+            out += [f"**{heads.get(g, g)}**", ""] if g is not None else []
+            cols = ["comparison", "metric", "Δ ours", "95% interval", "MDE", "verdict", "same answer (%)"]
+            out += [md_table(sub[cols]), ""]
+            out += [
+                f"- {x.comparison}: arithmetic {x['Δ ours']:+.2f} {x['95% interval']} points (MDE {x.MDE:.2f}): "
+                f"**{x.verdict}**."
+                for _, x in sub[sub.metric == "arithmetic"].iterrows()
+            ] + [""]
     if (r / f"{p6}_generation.csv").exists():
         out += [
             "The student's own generations over training (student tokens per row; every training text's answer "
