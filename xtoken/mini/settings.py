@@ -31,6 +31,12 @@ DATA = {
 TEACHER_LABEL = {"llama": "Llama-3.2-3B (tiny)", "qwen3": "Qwen3-4B (tiny)", "phi": "Phi-4-mini (tiny)"}
 
 
+def _model_name(teacher: str, family_only: bool = False) -> str:
+    """The paper's name of a teacher ("Qwen3-4B"), or its family alone ("Qwen3"), for labels."""
+    name = TEACHER_LABEL[teacher].split(" (")[0]
+    return name.split("-")[0] if family_only else name
+
+
 @dataclass
 class Setting:
     """One grid setting: a list of (teacher, loss, weight) and how the teachers' terms are weighted.
@@ -212,7 +218,7 @@ def on_policy_settings(teacher: str = "qwen3", lmbda: float = 1.0) -> list:
     """The on-policy experiment on the arithmetic rows, as fixed before its first run (docs/miniature.md): CE only
     and P-KL off-policy, then on-policy P-KL, GOLD and H-KL with ``teacher`` (every batch on-policy at
     ``lmbda=1``, CE also on the student's own sample), each on the same rows, seeds and steps."""
-    label = TEACHER_LABEL[teacher].split(" (")[0]
+    label = _model_name(teacher)
     out = [
         Setting("ce_only@arith", [], label="CE only, off-policy, arithmetic rows", data="arithmetic_prompts"),
         Setting(
@@ -240,7 +246,7 @@ def on_policy_followup_settings(teacher: str = "qwen3") -> list:
     """Runs added after the on-policy experiment's first results (docs/miniature.md, "Follow-up"): is CE on the
     student's own samples what hurt, and does on-policy training hurt without it, with the same tokenizer, or mixed
     with off-policy batches? On the arithmetic rows, same seeds and steps."""
-    label, A = TEACHER_LABEL[teacher].split(" (")[0], "arithmetic_prompts"
+    label, A = _model_name(teacher), "arithmetic_prompts"
     pkl = [(teacher, "p_kl", 1.0)]
     return [
         Setting(
@@ -274,7 +280,7 @@ def on_policy_followup_settings(teacher: str = "qwen3") -> list:
 
 def on_policy_followup_comparisons(teacher: str = "qwen3") -> list:
     """The follow-up's comparisons, in the format of `on_policy_comparisons`."""
-    label = TEACHER_LABEL[teacher].split(" (")[0].split("-")[0]
+    label = _model_name(teacher, family_only=True)
     p = f"pkl_{teacher}"
     pairs = [
         ("CE on own samples vs CE only off-policy", "ce_only@on_policy", "ce_only@arith"),
@@ -290,7 +296,7 @@ def on_policy_comparisons(teacher: str = "qwen3") -> list:
     """The on-policy experiment's comparisons A - B (docs/miniature.md), in the format of
     `xtoken.report.SINGLE_COMPARISONS` with no paper claim (a finding beyond the paper: 'A higher', 'B higher' or
     'inconclusive'): ``(name, setting A, setting B, None, None)``."""
-    label = TEACHER_LABEL[teacher].split(" (")[0].split("-")[0]
+    label = _model_name(teacher, family_only=True)
     on, off, ce = "@on_policy", f"pkl_{teacher}@arith", "ce_only@arith"
     pairs = [
         (f"on-policy vs off-policy P-KL ({label})", f"pkl_{teacher}{on}", off),
