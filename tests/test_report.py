@@ -6,7 +6,14 @@ import json
 import pandas as pd
 import pytest
 
-from xtoken.report import build_report, generation_table, kind_table, on_policy_lines, plot_generation_length
+from xtoken.report import (
+    build_report,
+    generation_table,
+    kind_table,
+    on_policy_lines,
+    plot_generation_length,
+    plot_numeral_mass,
+)
 from xtoken.report.markdown import _kd_scaling_lines
 
 
@@ -186,6 +193,35 @@ def _on_policy_files(folder, prefix="06", config=None):
 
 
 HEADER = "## Beyond the paper: on-policy distillation (notebook 06)"
+
+
+def test_plot_numeral_mass_gives_every_setting_its_own_colour_and_keeps_the_legend_off_the_lines():
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    # 15 settings, as notebook 03 draws: matplotlib's default cycle has 10 colours
+    runs = [
+        {"setting": f"s{i}", "label": f"setting {i}", "numeral_mass_history": [(0, 0.5), (50, 0.5 - i / 40 - s / 100)]}
+        for i in range(15)
+        for s in (0, 1)
+    ]
+    fig = plot_numeral_mass(runs)
+    try:
+        ax = fig.axes[0]
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == [f"setting {i}" for i in range(15)]
+        colours = [mcolors.to_hex(line.get_color()) for line in lines]
+        assert len(set(colours)) == 15
+        bands = ax.collections  # the min-max band over seeds, one per setting, in its line's colour
+        assert [mcolors.to_hex(b.get_facecolor()[0], keep_alpha=False) for b in bands] == colours
+        assert list(lines[3].get_ydata()) == pytest.approx([0.5, 0.5 - 3 / 40 - 0.005])
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        legend, axes_box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert legend.x0 >= axes_box.x1  # beside the axes, not over the curves
+        assert legend.x1 <= fig.bbox.x1 + 1  # and inside the saved figure
+    finally:
+        plt.close(fig)
 
 
 def test_on_policy_lines_without_notebook_06_is_empty(tmp_path):

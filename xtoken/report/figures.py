@@ -73,27 +73,39 @@ def plot_grid(df: pd.DataFrame, metrics=None, title="", base: dict | None = None
     return fig
 
 
+def _line_colors(n: int) -> list:
+    """n distinct colours: matplotlib's 10-colour cycle, or tab20 beyond 10 lines (the cycle repeats)."""
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _legend_beside(ax, fig, n: int):
+    """Legend to the right of the axes, so that it never covers a line."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, ncol=1 if n <= 18 else 2)
+    fig.tight_layout()
+
+
 def plot_numeral_mass(results: list[dict], settings=None, title="Student mass on multi-digit numerals"):
-    """Mean (over seeds) numeral-mass curve per setting across training: Proposition 1 made visible."""
+    """Mean (over seeds) numeral-mass curve per setting across training, min-max band over seeds:
+    Proposition 1 made visible. One colour per setting; the legend sits beside the axes."""
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
     by = {}
     for r in results:
         if (settings is None or r["setting"] in settings) and r.get("numeral_mass_history"):
             by.setdefault((r["setting"], r.get("label", r["setting"])), []).append(r["numeral_mass_history"])
-    for (_setting, label), hists in by.items():
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    for ((_setting, label), hists), color in zip(by.items(), _line_colors(len(by))):
         steps = [s for s, _ in hists[0]]
         vals = np.array([[v for _, v in h[: len(steps)]] for h in hists if len(h) >= len(steps)])
-        ax.plot(steps, vals.mean(0), label=label)
+        ax.plot(steps, vals.mean(0), label=label, color=color)
         if len(vals) > 1:
-            ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.15)
+            ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.15, color=color, lw=0)
     ax.set_xlabel("training step")
     ax.set_ylabel("mass on multi-digit numerals\nat numeral positions")
     ax.set_ylim(0, 1)
     ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    _legend_beside(ax, fig, len(by))
     return fig
 
 
@@ -136,19 +148,19 @@ def plot_generation_length(results: list[dict], title="Length of the student's o
     """Mean (over seeds) generated tokens per row across training, per on-policy setting (logged windows)."""
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 3.2))
     by = {}
     for r in results:
         logs = [(h["step"], float(h["gen_tokens"])) for h in r.get("log_history", []) if "gen_tokens" in h]
         if logs:
             by.setdefault(r.get("label", r["setting"]), []).append(logs)
-    for label, curves in by.items():
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    for (label, curves), color in zip(by.items(), _line_colors(len(by))):
         n = min(len(c) for c in curves)
-        ax.plot([s for s, _ in curves[0][:n]], np.mean([[g for _, g in c[:n]] for c in curves], 0), label=label)
+        steps = [s for s, _ in curves[0][:n]]
+        ax.plot(steps, np.mean([[g for _, g in c[:n]] for c in curves], 0), label=label, color=color)
     ax.set_xlabel("training step")
     ax.set_ylabel("generated tokens per row")
     ax.set_ylim(bottom=0)
     ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    _legend_beside(ax, fig, len(by))
     return fig
