@@ -16,6 +16,7 @@ from xtoken.paper import (
     HubUnavailable,
     PaperConfig,
     load_causal_lm,
+    load_prompt_stream,
     load_text_stream,
     pack_texts,
     paper_config,
@@ -86,6 +87,25 @@ def test_bad_config_values_are_refused():
         PaperConfig.preset("paper", stepz=3)
     with pytest.raises(ValueError, match="unknown preset"):
         PaperConfig.preset("huge")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        PaperConfig.preset("paper", max_new_tokens=0)
+    with pytest.raises(ValueError, match="prompt_format .* not a str.format template.*positional"):
+        PaperConfig.preset("paper", prompt_format="Question: {}\nAnswer:")
+    with pytest.raises(ValueError, match="completion_format .* not a str.format template"):
+        PaperConfig.preset("paper", completion_format=" {answer")
+    with pytest.raises(ValueError, match="stop_strings"):
+        PaperConfig.preset("paper", stop_strings="\n\n")
+
+
+def test_on_policy_settings_reach_the_trainer_by_name(tmp_path):
+    """The on-policy experiment's settings are in the paper grid's catalogue, and a setting's lmbda and
+    on_policy_ce, with the config's generation settings, become the run's XTokenConfig."""
+    on, off = settings_by_name(["pkl_qwen3@on_policy_no_ce", "pkl_qwen3@arith"])
+    assert (on.lmbda, on.on_policy_ce, on.data) == (1.0, False, "arithmetic_prompts")
+    cfg = PaperConfig.preset("paper", max_new_tokens=200, stop_strings=["Question:"])
+    args = cfg.training_args(tmp_path, world_size=1, **cfg.on_policy_args(on))
+    assert (args.lmbda, args.on_policy_ce, args.max_new_tokens, args.stop_strings) == (1.0, False, 200, ["Question:"])
+    assert cfg.training_args(tmp_path, world_size=1, **cfg.on_policy_args(off)).lmbda == 0.0
 
 
 # ---- loading: messages that name today's commands ------------------------------------------------
@@ -112,6 +132,20 @@ def test_a_missing_local_folder_is_not_a_download(tmp_path):
         load_causal_lm(str(tmp_path / "nothing-here"))
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         load_text_stream(str(tmp_path / "corpus-not-here"))
+
+
+def test_preflight_names_the_prompt_dataset_only_for_settings_that_read_it(tmp_path):
+    code = (
+        "from xtoken import paper\n"
+        "cfg = paper.PaperConfig.preset('paper', offline=True)\n"
+        "for names in (['pkl_qwen3@on_policy'], ['pkl_qwen3']):\n"
+        "    try:\n"
+        "        paper.preflight(cfg, paper.settings_by_name(names))\n"
+        "    except paper.HubUnavailable as e:\n"
+        "        print(names, 'openai/gsm8k' in str(e), 'Nemotron' in str(e))\n"
+    )
+    out = _python(code, tmp_path)
+    assert "['pkl_qwen3@on_policy'] True False" in out and "['pkl_qwen3'] False True" in out
 
 
 def test_preflight_lists_every_missing_checkpoint_offline(tmp_path):
@@ -185,6 +219,18 @@ def test_local_corpus_streams_one_shard_per_file(standins):
     assert len(list(rows)) == 64
 
 
+def test_prompt_rows_render_gsm8k_and_refuse_a_missing_column(standins):
+    """The on-policy rows: lm-eval's GSM8k prompt and its answer, one row per question, nothing packed."""
+    f = str(standins / "tasks" / "standin_gsm8k_train.jsonl")
+    rows = list(load_prompt_stream(f))
+    assert len(rows) == 32 and set(rows[0]) == {"prompt", "completion"}
+    first = json.loads(Path(f).read_text().splitlines()[0])
+    assert rows[0]["prompt"] == f"Question: {first['question']}\nAnswer:"
+    assert rows[0]["completion"] == f" {first['answer']}" and "\n#### " in rows[0]["completion"]
+    with pytest.raises(KeyError, match=r"no column\(s\) \['query'\]"):
+        load_prompt_stream(f, prompt_format="Q: {query}\nA:")
+
+
 # ---- W against the model's logit width -------------------------------------------------------------
 
 
@@ -230,6 +276,29 @@ def test_one_run_trains_fp32_master_weights_and_records_it(standins, tmp_path):
     assert len(list((d / "trainer").glob("checkpoint-*"))) <= 2  # save_total_limit
     _python(code, standins)  # finished: read back, not retrained
     assert json.loads((d / "result.json").read_text()) == r
+
+
+def test_an_on_policy_run_trains_on_the_students_own_text(standins, tmp_path):
+    """``pkl_qwen3@on_policy_no_ce`` and its off-policy twin ``pkl_qwen3@arith`` read the same GSM8k rows; only the
+    first generates (every logged step on-policy, 8 = max_new_tokens tokens per row from a random-weight student,
+    which never writes a stop text), and its on-policy batches train KD alone."""
+    code = (
+        f"from xtoken import paper\n"
+        f"cfg = paper.grid_config({str(standins)!r})\n"
+        f"paper.run_grid(cfg, ['pkl_qwen3@on_policy_no_ce', 'pkl_qwen3@arith'], work_dir={str(tmp_path)!r})\n"
+    )
+    _python(code, standins)
+    on, off = (
+        json.loads((tmp_path / "runs" / name / "seed0" / "result.json").read_text())
+        for name in ("pkl_qwen3@on_policy_no_ce", "pkl_qwen3@arith")
+    )
+    steps = [h for h in on["log_history"] if "loss" in h]
+    assert len(steps) == 2 and all(h["on_policy"] == 1.0 and h["gen_tokens"] == 8.0 for h in steps)
+    assert len([h for h in off["log_history"] if "loss" in h]) == 2
+    assert not any("gen_tokens" in h or h.get("on_policy") for h in off["log_history"])
+    assert on["record"]["texts_digest_per_rank"] == off["record"]["texts_digest_per_rank"]  # the same rows
+    assert on["record"]["samples_collated_per_rank"] == [4 + 1] and on["record"]["tokens_per_s"] is None
+    assert on["record"]["config"]["stop_strings"] == ["Question:", "\n\n"]
 
 
 def test_two_processes_read_different_samples_and_agree(standins, tmp_path):

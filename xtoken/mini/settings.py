@@ -21,11 +21,13 @@ KD_SCALINGS = {
     "kd_only": (0.0, 1.0, False),  # no CE term (GKD's on-policy loss: the divergence alone)
 }
 
-# The rows a setting trains on: the whole training split, or its arithmetic rows with their question as the prompt
-# (``prompt`` = question + newline; the row's ``text`` stays what off-policy batches train on).
+# The rows a setting trains on. Miniature: the whole training split, or its arithmetic rows with their question as
+# the prompt (``prompt`` = question + newline; the row's ``text`` stays what off-policy batches train on). Paper
+# scale: the packed pre-training stream, or GSM8k's training questions and answers (`PaperConfig.prompt_dataset`).
 DATA = {
-    "corpus": "the whole training split (arithmetic and knowledge)",
-    "arithmetic_prompts": "the arithmetic rows, the question as the prompt an on-policy batch continues",
+    "corpus": "the whole training split (mini) / the packed pre-training stream (paper)",
+    "arithmetic_prompts": "arithmetic questions, each the prompt an on-policy batch continues (mini: the arithmetic "
+    "rows; paper: PaperConfig.prompt_dataset, GSM8k's training split)",
 }
 
 TEACHER_LABEL = {"llama": "Llama-3.2-3B (tiny)", "qwen3": "Qwen3-4B (tiny)", "phi": "Phi-4-mini (tiny)"}

@@ -11,6 +11,11 @@ inputs change (`PaperConfig`, every field with its help):
              autocast, teachers in bf16, temperature 1, dynamic KD/CE scaling on
     eval     lm-eval: PAPER_TASKS below, each with its own number of shots
 
+Beyond the paper, settings with ``data="arithmetic_prompts"`` train on GSM8k's training questions
+(``PaperConfig.prompt_dataset``, rendered as lm-eval's GSM8k prompt and answer) instead of the packed stream,
+and settings with ``lmbda > 0`` train on-policy there (notebook 06): the student continues each question,
+sampling at most ``max_new_tokens`` tokens up to the first of ``stop_strings``, and the teachers score its text.
+
 One run per (setting, seed), each in its own folder ``<work>/runs/<setting>/seed<k>/``:
 
     trainer/checkpoint-*        the Trainer's checkpoints (``save_total_limit`` kept); a rerun resumes there
@@ -31,6 +36,7 @@ from .data import (
     fetch_hint,
     load_causal_lm,
     load_paper_tokenizer,
+    load_prompt_stream,
     load_text_stream,
     logit_width,
     pack_texts,
@@ -50,6 +56,7 @@ __all__ = [
     "load_causal_lm",
     "load_paper_tokenizer",
     "load_text_stream",
+    "load_prompt_stream",
     "pack_texts",
     "packed_stream",
     "stream_pretraining_text",

@@ -11,6 +11,7 @@ PAPER = {
     "student": "meta-llama/Llama-3.2-1B",
     "teachers": {"llama": "meta-llama/Llama-3.2-3B", "qwen3": "Qwen/Qwen3-4B", "phi": "microsoft/Phi-4-mini-instruct"},
     "dataset": "nvidia/Nemotron-Pretraining-Specialized-v1.1",
+    "prompts": "openai/gsm8k",  # not the paper's: the on-policy experiment (notebook 06) continues its questions
 }
 # The paper averages five benchmarks without naming them; GSM8k is one. This list (GSM8k plus four standard
 # lm-eval knowledge/reasoning tasks, with their customary numbers of shots) is a parameter, not a claim.
@@ -54,6 +55,40 @@ class PaperConfig:
     subset: str | None = field(default=None, metadata={"help": "the dataset's configuration (subset) name"})
     split: str = field(default="train", metadata={"help": "the dataset split to stream"})
     text_column: str = field(default="text", metadata={"help": "the column holding the text"})
+    prompt_dataset: str = field(
+        default=PAPER["prompts"],
+        metadata={
+            "help": "rows of the settings whose data is 'arithmetic_prompts' (notebook 06's on-policy experiment): "
+            "a hub dataset id or a local .jsonl / .json / .parquet file or folder; each row gives a prompt and its "
+            "reference completion through prompt_format and completion_format"
+        },
+    )
+    prompt_subset: str | None = field(default="main", metadata={"help": "prompt_dataset's configuration name"})
+    prompt_split: str = field(default="train", metadata={"help": "prompt_dataset's split"})
+    prompt_format: str = field(
+        default="Question: {question}\nAnswer:",
+        metadata={
+            "help": "a row's prompt, str.format over its columns (lm-eval's GSM8k prompt): what an on-policy "
+            "batch continues"
+        },
+    )
+    completion_format: str = field(
+        default=" {answer}",
+        metadata={"help": "a row's reference completion; off-policy batches train on prompt + completion"},
+    )
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "on-policy: most tokens the student generates per prompt"}
+    )
+    generation_temperature: float = field(
+        default=1.0, metadata={"help": "on-policy: sampling temperature of the student's generation (0: greedy)"}
+    )
+    stop_strings: list = field(
+        default_factory=lambda: ["Question:", "\n\n"],
+        metadata={
+            "help": "on-policy: a generation ends at the first of these (kept and trained on); lm-eval's GSM8k "
+            "stops at the same texts"
+        },
+    )
     steps: int = field(default=5000, metadata={"help": "optimizer steps per run"})
     global_batch: int = field(
         default=64,
@@ -108,6 +143,9 @@ class PaperConfig:
             root = Path(overrides.pop("root", "standins"))
             cfg = cls(
                 dataset=str(root / "corpus"),
+                prompt_dataset=str(root / "tasks" / "standin_gsm8k_train.jsonl"),
+                prompt_subset=None,
+                max_new_tokens=8,
                 steps=2,
                 global_batch=2,
                 micro_batch=1,
@@ -131,11 +169,27 @@ class PaperConfig:
         return cfg
 
     def validate(self) -> None:
-        for name in ("steps", "global_batch", "micro_batch", "max_length", "save_total_limit", "nproc_per_node"):
+        for name in (
+            "steps",
+            "global_batch",
+            "micro_batch",
+            "max_length",
+            "save_total_limit",
+            "nproc_per_node",
+            "max_new_tokens",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"PaperConfig.{name} must be >= 1, not {getattr(self, name)!r}")
-        if not (self.temperature > 0 and self.lr >= 0):
-            raise ValueError("PaperConfig: temperature must be > 0 and lr >= 0")
+        if not (self.temperature > 0 and self.lr >= 0 and self.generation_temperature >= 0):
+            raise ValueError("PaperConfig: temperature must be > 0, generation_temperature >= 0 and lr >= 0")
+        for name in ("prompt_format", "completion_format"):
+            try:
+                format_columns(getattr(self, name))
+            except ValueError as err:
+                template = getattr(self, name)
+                raise ValueError(f"PaperConfig.{name} {template!r} is not a str.format template: {err}") from None
+        if isinstance(self.stop_strings, str) or not all(isinstance(x, str) and x for x in self.stop_strings):
+            raise ValueError(f"PaperConfig.stop_strings must be a list of non-empty strings, not {self.stop_strings!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,6 +200,17 @@ class PaperConfig:
         d["betas"] = tuple(d.get("betas", (0.9, 0.95)))
         d["seeds"] = tuple(d.get("seeds", (0,)))
         return cls(**d)
+
+    def on_policy_args(self, setting) -> dict:
+        """The `XTokenConfig` fields of ``setting``'s on-policy training (its ``lmbda`` and ``on_policy_ce``, this
+        config's generation settings)."""
+        return dict(
+            lmbda=float(setting.lmbda),
+            on_policy_ce=bool(setting.on_policy_ce),
+            max_new_tokens=int(self.max_new_tokens),
+            generation_temperature=float(self.generation_temperature),
+            stop_strings=list(self.stop_strings),
+        )
 
     def accumulation(self, world_size: int) -> int:
         """Gradient accumulation steps that make ``global_batch`` on ``world_size`` processes."""
@@ -203,6 +268,17 @@ class PaperConfig:
         return XTokenConfig(**kw)
 
 
+def format_columns(template: str) -> list[str]:
+    """The row columns a str.format ``template`` reads (``"Question: {question}"`` -> ``["question"]``); raises
+    ValueError for a malformed template or a positional field."""
+    import string
+
+    names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    if any(n == "" or n.isdigit() for n in names):
+        raise ValueError("fields must be column names ({question}), not positional ({} or {0})")
+    return [n.split(".")[0].split("[")[0] for n in names]
+
+
 def launch_world_size() -> int:
     """Processes of this launch: ``WORLD_SIZE`` as torchrun and accelerate launch set it (1 without one)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -215,9 +291,16 @@ def paper_config(output_dir: str, n_gpus: int | None = None, **overrides):
 
 def settings_by_name(names) -> list:
     """The grid's `Setting` objects (the miniature's catalogue) by name; an unknown name is refused."""
-    from ..mini.settings import SINGLE_TEACHER_SETTINGS, Setting, multi_teacher_settings
+    from ..mini.settings import (
+        SINGLE_TEACHER_SETTINGS,
+        Setting,
+        multi_teacher_settings,
+        on_policy_followup_settings,
+        on_policy_settings,
+    )
 
-    catalogue = {s.name: s for s in SINGLE_TEACHER_SETTINGS + multi_teacher_settings()}
+    every = SINGLE_TEACHER_SETTINGS + multi_teacher_settings() + on_policy_settings() + on_policy_followup_settings()
+    catalogue = {s.name: s for s in every}
     out = []
     for n in names:
         if isinstance(n, Setting):

@@ -88,6 +88,42 @@ _DATA_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt
 def load_text_stream(source: str, *, subset: str | None = None, split: str = "train", text_column: str = "text"):
     """A streamed `datasets.IterableDataset` of the texts: a hub dataset id, or a local file / folder of
     .jsonl, .json, .parquet or .txt files (one shard per file, so N processes read disjoint files)."""
+    rows = _stream_rows(source, subset=subset, split=split)
+    if rows.column_names is not None and text_column not in rows.column_names:
+        raise KeyError(f"{source} has no column {text_column!r} (columns: {rows.column_names}); set text_column")
+    return rows
+
+
+def load_prompt_stream(
+    source: str,
+    *,
+    subset: str | None = None,
+    split: str = "train",
+    prompt_format: str = "Question: {question}\nAnswer:",
+    completion_format: str = " {answer}",
+):
+    """A streamed dataset of ``{"prompt", "completion"}`` rows (what `DistillCollator` trains on off-policy as
+    one text, and an on-policy batch continues from its prompt), each rendered from a row of ``source`` (as in
+    `load_text_stream`) by the str.format templates. A template's column missing from the data is refused."""
+    from .config import format_columns
+
+    rows = _stream_rows(source, subset=subset, split=split)
+    wanted = format_columns(prompt_format) + format_columns(completion_format)
+    if rows.column_names is not None:
+        missing = sorted(set(wanted) - set(rows.column_names))
+        if missing:
+            raise KeyError(
+                f"{source} has no column(s) {missing} that prompt_format / completion_format read "
+                f"(columns: {rows.column_names}); set PaperConfig.prompt_format and completion_format"
+            )
+
+    def render(row):
+        return {"prompt": prompt_format.format(**row), "completion": completion_format.format(**row)}
+
+    return rows.map(render, remove_columns=rows.column_names)
+
+
+def _stream_rows(source: str, *, subset: str | None, split: str):
     from datasets import load_dataset
 
     p = Path(source).expanduser()
@@ -100,15 +136,11 @@ def load_text_stream(source: str, *, subset: str | None = None, split: str = "tr
         kinds = {_DATA_FORMATS[f.suffix] for f in files}
         if len(kinds) > 1:
             raise ValueError(f"{source} mixes file formats {sorted(kinds)}: keep one per folder")
-        rows = load_dataset(kinds.pop(), data_files={split: [str(f) for f in files]}, split=split, streaming=True)
-    else:
-        try:
-            rows = load_dataset(source, subset, split=split, streaming=True)
-        except Exception as err:
-            raise HubUnavailable(_hint(source, err, kind="dataset")) from None
-    if rows.column_names is not None and text_column not in rows.column_names:
-        raise KeyError(f"{source} has no column {text_column!r} (columns: {rows.column_names}); set text_column")
-    return rows
+        return load_dataset(kinds.pop(), data_files={split: [str(f) for f in files]}, split=split, streaming=True)
+    try:
+        return load_dataset(source, subset, split=split, streaming=True)
+    except Exception as err:
+        raise HubUnavailable(_hint(source, err, kind="dataset")) from None
 
 
 def pack_texts(texts, tokenizer, max_length: int, separator: str = "\n\n", block_chars: int | None = None):

@@ -37,11 +37,13 @@ def preflight(cfg: PaperConfig, settings) -> None:
                     f"model {name!r} is not in the local cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}):\n"
                     + fetch_hint(name)
                 )
-        if not Path(cfg.dataset).expanduser().exists() and not _in_hub_cache(cfg.dataset, "dataset"):
-            problems.append(
-                f"dataset {cfg.dataset!r} is not a local path nor in the local cache:\n"
-                + fetch_hint(cfg.dataset, "dataset")
-            )
+        datasets = {s.data for s in settings if isinstance(s, Setting)} or {"corpus"}
+        for data in sorted(datasets):
+            name = cfg.prompt_dataset if data == "arithmetic_prompts" else cfg.dataset
+            if not Path(name).expanduser().exists() and not _in_hub_cache(name, "dataset"):
+                problems.append(
+                    f"dataset {name!r} is not a local path nor in the local cache:\n" + fetch_hint(name, "dataset")
+                )
     if problems:
         raise HubUnavailable("the paper-scale grid cannot start:\n- " + "\n- ".join(problems))
     if cfg.projections:  # W files: refused for another tokenizer pair before any model loads

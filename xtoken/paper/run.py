@@ -9,7 +9,15 @@ import time
 from pathlib import Path
 
 from .config import TASK_METRICS, PaperConfig, settings_by_name
-from .data import load_causal_lm, load_paper_tokenizer, load_text_stream, logit_width, packed_stream, projection_for
+from .data import (
+    load_causal_lm,
+    load_paper_tokenizer,
+    load_prompt_stream,
+    load_text_stream,
+    logit_width,
+    packed_stream,
+    projection_for,
+)
 
 
 def task_scores(df) -> dict:
@@ -55,23 +63,29 @@ def _gather(value):
     return [value]
 
 
-class _SeenTexts:
-    """A collator wrapper that counts and hashes the samples this process trained on (the run record shows
-    that every rank read its own samples)."""
+def _counting_collator(student_tok, teachers, max_length):
+    """A `DistillCollator` that also counts and hashes the rows this process trained on (the run record shows
+    that every rank read its own samples). A subclass, not a wrapper: on-policy training needs the collator
+    itself (its alignments and prompts)."""
+    import hashlib
 
-    def __init__(self, collator):
-        import hashlib
+    from ..hf import DistillCollator
+    from ..hf.collator import row_text
 
-        self.collator, self.n, self._h = collator, 0, hashlib.sha1()
+    class SeenRows(DistillCollator):
+        n, _h = 0, None
 
-    def __call__(self, rows):
-        for r in rows:
-            self.n += 1
-            self._h.update(r["text"].encode("utf-8", "surrogatepass") + b"\0")
-        return self.collator(rows)
+        def __call__(self, rows):
+            self._h = self._h or hashlib.sha1()
+            for i, r in enumerate(rows):
+                self.n += 1
+                self._h.update(row_text(r, f"row {i}").encode("utf-8", "surrogatepass") + b"\0")
+            return super().__call__(rows)
 
-    def digest(self) -> str:
-        return self._h.hexdigest()[:16]
+        def digest(self) -> str:
+            return (self._h or hashlib.sha1()).hexdigest()[:16]
+
+    return SeenRows(student_tok, teachers, max_length)
 
 
 def _tensor_sums(model):
@@ -116,6 +130,7 @@ def run_setting(cfg: PaperConfig, setting, seed: int, work_dir) -> dict:
         ce_weight=ce_weight,
         kd_weight=kd_weight,
         dynamic_kd_scale=dynamic,
+        **cfg.on_policy_args(setting),
     )
     # tokenizers and W first: a wrong W or a missing teacher is refused before any model loads
     s_tok = load_paper_tokenizer(cfg.student)
@@ -148,11 +163,18 @@ def run_setting(cfg: PaperConfig, setting, seed: int, work_dir) -> dict:
         )
         for key, loss, weight, t_tok, W in specs
     ]
-    rows = load_text_stream(cfg.dataset, subset=cfg.subset, split=cfg.split, text_column=cfg.text_column)
-    data = packed_stream(rows, s_tok, cfg.max_length, text_column=cfg.text_column)
-    from ..hf import DistillCollator
-
-    seen = _SeenTexts(DistillCollator(s_tok, teachers, cfg.max_length))
+    if setting.data == "arithmetic_prompts":  # GSM8k's questions and answers, one row per sample (not packed)
+        data = load_prompt_stream(
+            cfg.prompt_dataset,
+            subset=cfg.prompt_subset,
+            split=cfg.prompt_split,
+            prompt_format=cfg.prompt_format,
+            completion_format=cfg.completion_format,
+        )
+    else:
+        rows = load_text_stream(cfg.dataset, subset=cfg.subset, split=cfg.split, text_column=cfg.text_column)
+        data = packed_stream(rows, s_tok, cfg.max_length, text_column=cfg.text_column)
+    seen = _counting_collator(s_tok, teachers, cfg.max_length)
     trainer = XTokenTrainer(
         model=student, args=args, teachers=teachers, train_dataset=data, processing_class=s_tok, data_collator=seen
     )
@@ -171,7 +193,8 @@ def run_setting(cfg: PaperConfig, setting, seed: int, work_dir) -> dict:
     steps_here = train_out.global_step - (
         int(str(last).rsplit("-", 1)[-1]) if last else 0
     )  # resumed: steps of this process
-    tokens = steps_here * cfg.global_batch * cfg.max_length
+    # packed samples are max_length tokens each; prompt rows are shorter and vary, so no token rate is given
+    tokens = steps_here * cfg.global_batch * cfg.max_length if setting.data == "corpus" else None
     final = {
         k: v
         for r in trainer.state.log_history
@@ -189,7 +212,7 @@ def run_setting(cfg: PaperConfig, setting, seed: int, work_dir) -> dict:
         "w_digests": {k: W.digest() for k, _, _, _, W in specs if W is not None},
         "versions": _versions(),
         "train_wall_s": round(train_wall, 2),
-        "tokens_per_s": round(tokens / max(train_wall, 1e-9), 1),
+        "tokens_per_s": round(tokens / max(train_wall, 1e-9), 1) if tokens is not None else None,
         "peak_memory_gb_per_rank": peak,
         "student_master_dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
         "changed_tensor_share": moved,  # share of the student's weight tensors that training changed
@@ -199,6 +222,7 @@ def run_setting(cfg: PaperConfig, setting, seed: int, work_dir) -> dict:
         "texts_digest_per_rank": _gather(seen.digest()),
         "config": cfg.to_dict(),
     }
+    trainer_log = list(trainer.state.log_history)
     del trainer, teachers, student
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -224,6 +248,7 @@ def run_setting(cfg: PaperConfig, setting, seed: int, work_dir) -> dict:
             "seed": seed,
             **task_scores(df),
             "final": final,
+            "log_history": trainer_log,  # every logged window (on-policy runs: generated tokens per row)
             "train_wall_s": record["train_wall_s"],
             "eval_wall_s": round(time.time() - t1, 2),
             "wall_s": round(time.time() - t_start, 2),
