@@ -134,6 +134,18 @@ def test_a_missing_local_folder_is_not_a_download(tmp_path):
         load_text_stream(str(tmp_path / "corpus-not-here"))
 
 
+def test_on_policy_config_takes_350_steps_with_the_papers_warm_up_share():
+    from xtoken.paper import ON_POLICY_STEPS, on_policy_config
+
+    cfg = on_policy_config()
+    assert (cfg.steps, cfg.warmup_steps, ON_POLICY_STEPS) == (350, 18, 350)  # 5% as the paper's 250 of 5,000
+    assert (cfg.prompt_dataset, cfg.prompt_subset, cfg.global_batch) == ("openai/gsm8k", "main", 64)
+    assert (on_policy_config(steps=1000).steps, on_policy_config(steps=1000).warmup_steps) == (1000, 50)
+    standin = on_policy_config("some/standins")
+    assert (standin.steps, standin.warmup_steps, standin.max_new_tokens) == (2, 0, 8)
+    assert standin.prompt_dataset.endswith("standin_gsm8k_train.jsonl") and standin.prompt_subset is None
+
+
 def test_preflight_names_the_prompt_dataset_only_for_settings_that_read_it(tmp_path):
     code = (
         "from xtoken import paper\n"

@@ -189,6 +189,8 @@ def _on_policy_files(folder, prefix="06", config=None):
         folder / f"{prefix}_generation.csv", index=False
     )
     pd.DataFrame([{"model": "pkl_qwen3@on_policy", "copy": 88.8}]).to_csv(folder / f"{prefix}_kinds.csv", index=False)
+    for png in ("numeral_mass", "generation"):
+        (folder / f"{prefix}_{png}.png").write_bytes(b"")
     return folder
 
 
@@ -252,6 +254,41 @@ def test_on_policy_lines_tables_and_one_verdict_line_per_comparison(tmp_path, sc
     assert "| pkl_qwen3@on_policy | 31.5 |" in text and "| pkl_qwen3@on_policy | 88.8 |" in text
     assert f"![generation length]({prefix}_generation.png)" in lines
     assert f"![numeral mass]({prefix}_numeral_mass.png)" in lines
+    (tmp_path / f"{prefix}_numeral_mass.png").unlink()  # a figure not drawn is not linked
+    assert "numeral mass" not in "\n".join(on_policy_lines(tmp_path, scale))
+
+
+def test_on_policy_lines_at_paper_scale_show_seed_paired_differences_without_verdicts(tmp_path):
+    """Paper scale: no per-item scores, so the comparisons file holds `headline_deltas`' columns (no metric, no
+    interval); the section shows them as they are, says so, and links only the figures drawn there."""
+    r = _on_policy_files(tmp_path, "06_paper")
+    meta = json.loads((r / "06_paper_results.json").read_text()) | {"standin": True}
+    (r / "06_paper_results.json").write_text(json.dumps(meta))
+    for f in ("06_paper_kinds.csv", "06_paper_numeral_mass.png"):
+        (r / f).unlink()
+    pd.DataFrame(
+        [
+            {
+                "comparison": "on-policy vs off-policy P-KL (Qwen3)",
+                "seeds": 1,
+                "Δgsm8k (ours)": "-3.0 ± 0.0",
+                "group": "first",
+            },
+            {
+                "comparison": "on-policy P-KL, KD alone vs with CE",
+                "seeds": 1,
+                "Δgsm8k (ours)": "+1.0 ± 0.0",
+                "group": "follow-up",
+            },
+        ]
+    ).to_csv(r / "06_paper_comparisons.csv", index=False)
+    lines = on_policy_lines(r, "paper")
+    text = "\n".join(lines)
+    assert lines[0] == HEADER and "stand-ins" in text and "no interval and no verdict" in text
+    assert "| on-policy vs off-policy P-KL (Qwen3) | 1 | -3.0 ± 0.0 |" in text
+    assert "**Follow-up, fixed after the first results (exploratory):**" in lines
+    assert not [x for x in lines if x.startswith("- ")]  # no verdict lines
+    assert "![generation length](06_paper_generation.png)" in lines and "numeral mass" not in text
 
 
 def test_on_policy_lines_stale_iff_notebook_03_config_differs(tmp_path):
@@ -294,3 +331,20 @@ def test_build_report_ends_with_the_on_policy_section(tmp_path):
     assert text.endswith("\n".join(section) + "\n") and text.count(HEADER) == 1
     (r / "06_results.json").unlink()
     assert HEADER not in build_report(r)
+
+
+def test_headline_deltas_without_a_paper_number_leave_out_the_papers_columns():
+    from xtoken.report import headline_deltas
+
+    df = pd.DataFrame(
+        [
+            {"setting": s, "seed": seed, "gsm8k": v}
+            for s, vals in (("a", (0.50, 0.40)), ("b", (0.30, 0.30)))
+            for seed, v in enumerate(vals)
+        ]
+    )
+    ours = headline_deltas(df, [("a vs b", "a", "b", None)])
+    assert list(ours.columns) == ["comparison", "seeds", "Δgsm8k (ours)", "Δaverage (ours)"]
+    assert ours.iloc[0]["Δgsm8k (ours)"] == "+15.0 ± 7.1" and ours.iloc[0].seeds == 2
+    paper = headline_deltas(df, [("a vs b", "a", "b", -1.0)])
+    assert paper.iloc[0]["paper Δavg"] == -1.0 and not paper.iloc[0]["same sign as paper"]

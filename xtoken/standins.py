@@ -229,17 +229,18 @@ def build_standins(
 
 # the grid the stand-in smoke runs: notebook 03's whole single-teacher grid, notebook 04's five pairs with static
 # weights and the paper's best pair also with adaptive (CE) weights, the KD/CE sweep against one static weighting,
-# one seed, 2 steps per run
+# notebook 06's first five on-policy settings (not its follow-up), one seed, 2 steps per run
 SMOKE_PARAMETERS = {
     "weightings": ["static", "ce"],
     "adaptive_pairs": ["phi_hkl+llama_kl"],
     "seeds": [0],
     "kd_scalings": ["ce_heavy"],
+    "run_followup": False,
 }
 
 
 def paper_smoke(root="runs/paper-smoke", *, nproc: int = 2, out=None, start: str = "03") -> int:
-    """`make paper-smoke`: notebooks 03-05 at ``scale="paper"`` on the stand-ins (offline, CPU), then one
+    """`make paper-smoke`: notebooks 03-06 at ``scale="paper"`` on the stand-ins (offline, CPU), then one
     run under ``torchrun --nproc_per_node nproc`` (gloo) on the streamed corpus. Returns an exit code."""
     import subprocess
     import sys
@@ -258,6 +259,7 @@ def paper_smoke(root="runs/paper-smoke", *, nproc: int = 2, out=None, start: str
         "paper",
         "--start",
         start,
+        "--on-policy",
         "--out",
         str(out),
         "--results",

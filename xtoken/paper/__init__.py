@@ -44,7 +44,7 @@ from .data import (
     projection_for,
     stream_pretraining_text,
 )
-from .grid import grid_config, main, preflight, prepare, run_grid
+from .grid import ON_POLICY_STEPS, grid_config, main, on_policy_config, preflight, prepare, run_grid
 from .run import run_setting, task_scores
 
 __all__ = [
@@ -71,6 +71,8 @@ __all__ = [
     "task_scores",
     "paper_config",
     "grid_config",
+    "on_policy_config",
+    "ON_POLICY_STEPS",
     "prepare",
     "main",
 ]

@@ -1,6 +1,6 @@
 """The paper-scale grid: checks before anything loads (`preflight`), every (setting, seed) run in-process or under
-torchrun (`run_grid`), the notebooks' config (`grid_config`), the base student's scores (`prepare`), and the
-per-run entry point of ``python -m xtoken.paper LAUNCH.json`` (`main`)."""
+torchrun (`run_grid`), the notebooks' configs (`grid_config`, `on_policy_config`), the base student's scores
+(`prepare`), and the per-run entry point of ``python -m xtoken.paper LAUNCH.json`` (`main`)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,21 @@ def grid_config(standin_root=None, **overrides) -> PaperConfig:
     if standin_root:
         return PaperConfig.preset("standin", root=standin_root, **overrides)
     return PaperConfig.preset("paper", **overrides)
+
+
+# notebook 06 at paper scale: three passes over GSM8k's 7,473 training questions at the paper's global batch of 64
+ON_POLICY_STEPS = 350
+
+
+def on_policy_config(standin_root=None, steps=None, **overrides) -> PaperConfig:
+    """Notebook 06's paper-scale config: `grid_config`, with ``ON_POLICY_STEPS`` steps unless ``steps`` is given
+    or the stand-ins run (their preset's 2), and the paper's warm-up share (250 of 5,000 steps: 5%) of them."""
+    cfg = grid_config(standin_root, steps=steps, **overrides)
+    if not standin_root:
+        cfg.steps = int(steps or ON_POLICY_STEPS)
+        cfg.warmup_steps = round(0.05 * cfg.steps)
+        cfg.validate()
+    return cfg
 
 
 def prepare(cfg: PaperConfig, work_dir) -> dict:

@@ -368,51 +368,74 @@ def on_policy_lines(results_dir, scale: str = "mini") -> list[str]:
     if not (r / f"{p6}_results.json").exists():
         return []
     meta = json.loads((r / f"{p6}_results.json").read_text())
-    out = [
-        "## Beyond the paper: on-policy distillation (notebook 06)",
-        "",
-        "Produced by `make on-policy` (notebook 06; not part of `make reproduce`, it has its own time budget). "
-        "Every setting trains on the arithmetic rows only, from the same base student, with the same seeds and "
-        "steps; on-policy rows (`lmbda = 1`) train on the student's own sampled continuation of each question, "
-        "ended at the first blank line, which the teacher scores live. The design, fixed before the first run, and "
-        "the follow-up fixed after it are in `docs/miniature.md`. These comparisons are not claims of the paper: "
-        "each reads A higher, B higher or inconclusive by the same interval rule.",
-        "",
-    ]
+    out = ["## Beyond the paper: on-policy distillation (notebook 06)", ""]
+    if scale == "paper":
+        out += [
+            "Notebook 06 at paper scale"
+            + (" on random-weight stand-ins (the code path, not results)" if meta.get("standin") else "")
+            + ": every setting trains the student from its checkpoint on GSM8k's training questions in lm-eval's "
+            "prompt; on-policy rows train on the student's own sampled answer, ended where lm-eval stops, which the "
+            "teacher scores live. These comparisons are not claims of the paper, and without per-item scores they "
+            "are seed-paired differences of task scores (mean ± std over seeds), with no interval and no verdict.",
+            "",
+        ]
+    else:
+        out += [
+            "Produced by `make on-policy` (notebook 06; not part of `make reproduce`, it has its own time budget). "
+            "Every setting trains on the arithmetic rows only, from the same base student, with the same seeds and "
+            "steps; on-policy rows (`lmbda = 1`) train on the student's own sampled continuation of each question, "
+            "ended at the first blank line, which the teacher scores live. The design, fixed before the first run, "
+            "and the follow-up fixed after it are in `docs/miniature.md`. These comparisons are not claims of the "
+            "paper: each reads A higher, B higher or inconclusive by the same interval rule.",
+            "",
+        ]
     if (r / f"{p3}_results.json").exists():
         if json.loads((r / f"{p3}_results.json").read_text()).get("config") != meta.get("config"):
             out += [
                 "**Stale**: notebook 06's results come from a configuration other than notebook 03's; rerun "
-                "`make on-policy` after `make reproduce`.",
+                "notebook 06 (`make on-policy` at mini scale) after notebook 03.",
                 "",
             ]
     out += [md_table(pd.read_csv(r / f"{p6}_table.csv")), ""]
     if (r / f"{p6}_comparisons.csv").exists():
-        c = pd.read_csv(r / f"{p6}_comparisons.csv")
-        c = c[c.metric.isin(["arithmetic", "knowledge"])]
-        heads = {
-            "first": "Fixed before the first run:",
-            "follow-up": "Follow-up, fixed after the first results (exploratory):",
-        }
-        for g in list(dict.fromkeys(c.group)) if "group" in c else [None]:
-            sub = c if g is None else c[c.group == g]
-            out += [f"**{heads.get(g, g)}**", ""] if g is not None else []
-            cols = ["comparison", "metric", "Δ ours", "95% interval", "MDE", "verdict", "same answer (%)"]
-            out += [md_table(sub[cols]), ""]
-            out += [
-                f"- {x.comparison}: arithmetic {x['Δ ours']:+.2f} {x['95% interval']} points (MDE {x.MDE:.2f}): "
-                f"**{x.verdict}**."
-                for _, x in sub[sub.metric == "arithmetic"].iterrows()
-            ] + [""]
+        out += _comparison_lines(pd.read_csv(r / f"{p6}_comparisons.csv"))
     if (r / f"{p6}_generation.csv").exists():
         out += [
-            "The student's own generations over training (student tokens per row; every training text's answer "
-            "ends in a blank line, where generation stops):",
+            "The student's own generations over training (student tokens per row; each generation stops at the "
+            "first stop text, where the evaluation stops):",
             "",
             md_table(pd.read_csv(r / f"{p6}_generation.csv")),
             "",
         ]
     if (r / f"{p6}_kinds.csv").exists():
         out += ["Arithmetic exact match (%) per item kind:", "", md_table(pd.read_csv(r / f"{p6}_kinds.csv")), ""]
-    out += [f"![numeral mass]({p6}_numeral_mass.png)", "", f"![generation length]({p6}_generation.png)", ""]
+    for name, alt in (("numeral_mass", "numeral mass"), ("generation", "generation length")):
+        if (r / f"{p6}_{name}.png").exists():
+            out += [f"![{alt}]({p6}_{name}.png)", ""]
+    return out
+
+
+def _comparison_lines(c: pd.DataFrame) -> list[str]:
+    """Notebook 06's comparisons, per group: the interval table and one verdict line each (per-item scores), or
+    the seed-paired differences as they are (paper scale)."""
+    heads = {
+        "first": "Fixed before the first run:",
+        "follow-up": "Follow-up, fixed after the first results (exploratory):",
+    }
+    if "metric" in c:
+        c = c[c.metric.isin(["arithmetic", "knowledge"])]
+    out = []
+    for g in list(dict.fromkeys(c.group)) if "group" in c else [None]:
+        sub = c if g is None else c[c.group == g]
+        out += [f"**{heads.get(g, g)}**", ""] if g is not None else []
+        if "metric" not in c:
+            out += [md_table(sub.drop(columns=["group"], errors="ignore")), ""]
+            continue
+        cols = ["comparison", "metric", "Δ ours", "95% interval", "MDE", "verdict", "same answer (%)"]
+        out += [md_table(sub[cols]), ""]
+        out += [
+            f"- {x.comparison}: arithmetic {x['Δ ours']:+.2f} {x['95% interval']} points (MDE {x.MDE:.2f}): "
+            f"**{x.verdict}**."
+            for _, x in sub[sub.metric == "arithmetic"].iterrows()
+        ] + [""]
     return out

@@ -187,7 +187,9 @@ def distillation_table(df: pd.DataFrame, base: dict | None = None) -> pd.DataFra
 
 
 def headline_deltas(df: pd.DataFrame, deltas=PAPER_DELTAS) -> pd.DataFrame:
-    """The paper's paired comparisons, ours (seed-paired mean ± std of A - B) beside the paper's."""
+    """The paper's paired comparisons, ours (seed-paired mean ± std of A - B) beside the paper's.
+    ``deltas``: ``(name, setting A, setting B, paper's Δavg)``; a ``None`` Δavg (a comparison the paper does not
+    make) leaves out the paper's columns."""
     skills = skills_of(df)
     df = with_average(df, skills)
     rows = []
@@ -197,13 +199,14 @@ def headline_deltas(df: pd.DataFrame, deltas=PAPER_DELTAS) -> pd.DataFrame:
         seeds = A.index.intersection(B.index)
         if len(seeds) == 0:
             continue
-        row = {"comparison": name, "seeds": len(seeds), "paper Δavg": paper}
+        row = {"comparison": name, "seeds": len(seeds)} | ({"paper Δavg": paper} if paper is not None else {})
         for m in (*skills, "average"):
             d = A.loc[seeds, m] - B.loc[seeds, m]
             row[f"Δ{m} (ours)"] = f"{d.mean():+.1f} ± {d.std(ddof=1) if len(d) > 1 else 0:.1f}"
-        row["same sign as paper"] = bool(
-            ((A.loc[seeds, "average"] - B.loc[seeds, "average"]).mean() > 0) == (paper > 0)
-        )
+        if paper is not None:
+            row["same sign as paper"] = bool(
+                ((A.loc[seeds, "average"] - B.loc[seeds, "average"]).mean() > 0) == (paper > 0)
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
