@@ -217,8 +217,11 @@ def test_plot_numeral_mass_gives_every_setting_its_own_colour_and_keeps_the_lege
         bands = ax.collections  # the min-max band over seeds, one per setting, in its line's colour
         assert [mcolors.to_hex(b.get_facecolor()[0], keep_alpha=False) for b in bands] == colours
         assert list(lines[3].get_ydata()) == pytest.approx([0.5, 0.5 - 3 / 40 - 0.005])
-        fig.canvas.draw()
-        renderer = fig.canvas.get_renderer()
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        canvas = FigureCanvasAgg(fig)  # as save_figure draws it
+        canvas.draw()
+        renderer = canvas.get_renderer()
         legend, axes_box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
         assert legend.x0 >= axes_box.x1  # beside the axes, not over the curves
         assert legend.x1 <= fig.bbox.x1 + 1  # and inside the saved figure

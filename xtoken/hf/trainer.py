@@ -565,12 +565,10 @@ class LossCurveCallback(TrainerCallback):
         rows = [r for r in state.log_history if "loss" in r]
         if not rows:
             return
-        import matplotlib
+        from matplotlib.figure import Figure  # not pyplot: no backend switched, no figure left open
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.subplots()
         for key in ("loss", "ce", "kd"):
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
@@ -583,4 +581,3 @@ class LossCurveCallback(TrainerCallback):
         fig.tight_layout()
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         fig.savefig(Path(args.output_dir) / "loss_curve.png", dpi=100)
-        plt.close(fig)

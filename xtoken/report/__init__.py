@@ -7,7 +7,7 @@ every name importable from ``xtoken.report``:
   paper_numbers  the paper's numbers (Tables 1-2 and 8, the differences it headlines), in one place
   files          results/ file names (``results_prefix``: "03" / "03_<scale>"), JSON, figures, per-item scores
   tables         the tables beside the paper's
-  figures        the plots (matplotlib, headless)
+  figures        the plots (matplotlib figures; notebooks show them inline)
   findings       seed-paired comparisons and verdicts, the multi-teacher findings, the greedy-decoding diagnostic
   markdown       results/REPORT.md (`build_report`; notebook 06's section: `on_policy_lines`)
 """

@@ -1,20 +1,26 @@
-"""The notebooks' figures (matplotlib, headless: notebooks display the returned figures inline)."""
+"""The notebooks' figures. Each function returns a matplotlib Figure, which a notebook shows inline (as a PNG)
+and `save_figure` writes to results/; without a display (scripts, CI) matplotlib draws with Agg."""
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
 
-matplotlib.use("Agg")  # headless by default; notebooks display the returned figures inline
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from ..projection import Projection
+from .tables import MINI_SKILLS, short, skills_of, with_average
 
-from ..projection import Projection  # noqa: E402
-from .tables import MINI_SKILLS, short, skills_of, with_average  # noqa: E402
+
+def _subplots(*args, **kwargs):
+    """`plt.subplots`, the figure closed at once: a notebook shows the returned figure once (Jupyter's inline
+    backend would show every figure still open again at the end of the cell), and none piles up in pyplot."""
+    fig, axes = plt.subplots(*args, **kwargs)
+    plt.close(fig)
+    return fig, axes
 
 
 def plot_row_lengths(projections: dict[str, Projection]):
     """Histogram of entries per W row (0 = empty), one bar group per teacher, log scale."""
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = _subplots(figsize=(7, 3.5))
     width = 0.8 / max(len(projections), 1)
     for j, (teacher, W) in enumerate(projections.items()):
         lengths = (W.indices >= 0).sum(1)
@@ -34,7 +40,7 @@ def plot_row_lengths(projections: dict[str, Projection]):
 def plot_coverage(audits: dict):
     """Per category: % of student tokens in GOLD's strict C and H-KL's widened C, per teacher."""
     cats = [c for c in next(iter(audits.values())).table.category]
-    fig, axes = plt.subplots(1, len(audits), figsize=(6 * len(audits), 3.6), sharey=True, squeeze=False)
+    fig, axes = _subplots(1, len(audits), figsize=(6 * len(audits), 3.6), sharey=True, squeeze=False)
     for ax, (teacher, audit) in zip(axes[0], audits.items()):
         t = audit.table.set_index("category").loc[cats]
         xs = range(len(cats))
@@ -56,7 +62,7 @@ def plot_grid(df: pd.DataFrame, metrics=None, title="", base: dict | None = None
     df = with_average(df, skills_of(df))
     order = list(dict.fromkeys(df.setting))
     labels = [df[df.setting == s].label.iloc[0] for s in order]
-    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(order) + 2), 4))
+    fig, ax = _subplots(figsize=(max(7, 0.9 * len(order) + 2), 4))
     width = 0.8 / len(metrics)
     for j, m in enumerate(metrics):
         mean = [df[df.setting == s][m].mean() for s in order]
@@ -94,7 +100,7 @@ def plot_numeral_mass(results: list[dict], settings=None, title="Student mass on
     for r in results:
         if (settings is None or r["setting"] in settings) and r.get("numeral_mass_history"):
             by.setdefault((r["setting"], r.get("label", r["setting"])), []).append(r["numeral_mass_history"])
-    fig, ax = plt.subplots(figsize=(10, 3.8))
+    fig, ax = _subplots(figsize=(10, 3.8))
     for ((_setting, label), hists), color in zip(by.items(), _line_colors(len(by))):
         steps = [s for s, _ in hists[0]]
         vals = np.array([[v for _, v in h[: len(steps)]] for h in hists if len(h) >= len(steps)])
@@ -115,7 +121,7 @@ def plot_multi_teacher(df: pd.DataFrame, singles: pd.DataFrame | None = None):
     df = with_average(df, skills)
     df = df.assign(pair=df.setting.str.split("@").str[0], weighting=df.setting.str.split("@").str[1])
     pairs, schemes = list(dict.fromkeys(df.pair)), list(dict.fromkeys(df.weighting))
-    fig, axes = plt.subplots(1, len(skills), figsize=(6.5 * len(skills), 4), sharey=False, squeeze=False)
+    fig, axes = _subplots(1, len(skills), figsize=(6.5 * len(skills), 4), sharey=False, squeeze=False)
     axes = axes[0]
     for ax, metric in zip(axes, skills):
         width = 0.8 / len(schemes)
@@ -153,7 +159,7 @@ def plot_generation_length(results: list[dict], title="Length of the student's o
         logs = [(h["step"], float(h["gen_tokens"])) for h in r.get("log_history", []) if "gen_tokens" in h]
         if logs:
             by.setdefault(r.get("label", r["setting"]), []).append(logs)
-    fig, ax = plt.subplots(figsize=(10, 3.2))
+    fig, ax = _subplots(figsize=(10, 3.2))
     for (label, curves), color in zip(by.items(), _line_colors(len(by))):
         n = min(len(c) for c in curves)
         steps = [s for s, _ in curves[0][:n]]
