@@ -193,11 +193,11 @@ def test_extra_parameters_reach_the_notebooks_that_declare_them(tmp_path, capsys
 @pytest.mark.parametrize(
     "name,copies,scale",
     [(n, SMOKE_COPIES, "smoke") for n in NOTEBOOKS[2:] + [ON_POLICY]]
-    + [(n, REPO / "tests" / "nbval_paper_smoke", "paper") for n in NOTEBOOKS[2:]],
+    + [(n, REPO / "tests" / "nbval_paper_smoke", "paper") for n in NOTEBOOKS[2:] + [ON_POLICY]],
 )
 def test_nbval_smoke_copies_are_current(name, copies, scale):
     """tests/nbval_smoke holds notebooks 03-06 executed with the smoke parameters and tests/nbval_paper_smoke
-    notebooks 03-05 at paper scale on the stand-ins (`make nbval-refs`); nbval compares their outputs in CI. They
+    notebooks 03-06 at paper scale on the stand-ins (`make nbval-refs`); nbval compares their outputs in CI. They
     must be the current notebooks: same cells apart from papermill's injected parameters, which must name their
     scale."""
     src = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", 4)
