@@ -13,12 +13,16 @@ the student in fp32 master weights under bf16 autocast (Trainer ``bf16=True``), 
     p_kl   Qwen3-4B teacher, W built against its 151,936 logits
     gold   Qwen3-4B teacher (GOLD's hybrid loss, the baseline)
     h_kl   Phi-4-mini teacher, W against its 200,064 logits
+    p_kl_on_policy   the P-KL step on-policy (``lmbda=1``): the student samples up to 256 tokens (32 reduced)
+           after a 256-token prompt (GSM8k's questions with five shots are about that long), the Qwen3-4B teacher
+           scores its text; random weights rarely stop early, so rows generate about the whole budget
 
 Per setting: median step time over the timed steps, student tokens/s, peak GPU memory, the KD loss's share of
 the step (the loss op alone, forward + backward on the step's logits, over the step time), and MFU (model
 FLOPs of the step: 6 N T + 12 L d T^2 for the student, 2 N T + 4 L d T^2 for the teacher's forward, over the
 GPU's dense bf16 peak). Text: the stand-in corpus generator (`xtoken.standins`), packed to the sequence.
-At the real shapes on one H200 it takes about 2-4 minutes (budget: 8).
+At the real shapes on one H200 it takes about 2-4 minutes (budget: 8), plus about a minute for the on-policy
+step (an estimate: 7 steps of 256 tokens sampled one by one; not yet measured on a GPU).
 """
 
 from __future__ import annotations
@@ -215,10 +219,57 @@ def run(reduced: bool, seq: int, steps: int, warmup: int) -> dict:
             )
             del tr
             sync()
+        out["results"]["p_kl_on_policy"] = on_policy_step(
+            student,
+            state,
+            settings[2][1],
+            toks["llama"],
+            corpus,
+            tmp,
+            seq,
+            warmup,
+            new_tokens=32 if reduced else 256,
+            prompt_tokens=min(256, seq // 2),
+        )
     ce = out["results"]["ce"]["step_s"]
     for r in out["results"].values():
         r["step_vs_ce"] = round(r["step_s"] / ce, 3)
     return out
+
+
+def on_policy_step(student, state, teacher, tok, corpus, tmp, seq, warmup, new_tokens, prompt_tokens=256) -> dict:
+    """Median step time of on-policy P-KL (`XTokenTrainer` with ``lmbda=1``) on prompts of ``prompt_tokens``
+    student tokens (with the BOS), with the student's generated tokens per row and the peak memory."""
+    col = DistillCollator(tok, [teacher], max_length=seq)
+    col.keep_prompts = True
+    prompts = [tok.decode(tok(t, add_special_tokens=False).input_ids[: prompt_tokens - 1]) for t in corpus]
+    batches = [col([{"text": p}]) for p in prompts]
+    student.load_state_dict(state)
+    tr = make_trainer(student, tok, [teacher], tmp, bf16=True, max_length=seq, lmbda=1.0, max_new_tokens=new_tokens)
+    generated, prepare = [], tr.on_policy.prepare
+
+    def recording(model, inputs, step):
+        batch = prepare(model, inputs, step)
+        generated.append(batch["policy_metrics"].get("gen_tokens", 0.0))
+        return batch
+
+    tr.on_policy.prepare = recording
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    step = statistics.median([step_once(tr, b) for b in batches][warmup:])
+    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    r = {
+        "step_s": round(step, 4),
+        "prompt_tokens": prompt_tokens,
+        "max_new_tokens": new_tokens,
+        "gen_tokens_per_row": round(statistics.median(generated[warmup:]), 1),
+        "peak_gib": mem and round(mem, 2),
+    }
+    print(f"  on-policy p_kl {step * 1e3:9.1f} ms/step  {r['gen_tokens_per_row']:.0f} tokens generated", flush=True)
+    del tr
+    sync()
+    return r
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,9 @@ def test_gpu_check_runs_every_loss_and_writes_its_json(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["mode"] == "reduced shapes" and res["sequence"] == 128
-    assert set(res["results"]) == {"ce", "kl", "p_kl", "gold", "h_kl"}
+    assert set(res["results"]) == {"ce", "kl", "p_kl", "gold", "h_kl", "p_kl_on_policy"}
+    on = res["results"].pop("p_kl_on_policy")
+    assert on["step_s"] > 0 and 0 < on["gen_tokens_per_row"] <= on["max_new_tokens"] == 32
     for name, r in res["results"].items():
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0
         if name != "ce":
