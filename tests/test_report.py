@@ -351,3 +351,43 @@ def test_headline_deltas_without_a_paper_number_leave_out_the_papers_columns():
     assert ours.iloc[0]["Δgsm8k (ours)"] == "+15.0 ± 7.1" and ours.iloc[0].seeds == 2
     paper = headline_deltas(df, [("a vs b", "a", "b", -1.0)])
     assert paper.iloc[0]["paper Δavg"] == -1.0 and not paper.iloc[0]["same sign as paper"]
+
+
+def test_paper_scale_report_reads_directions_never_verdicts(tmp_path):
+    """A real paper-scale run (not stand-ins) keeps no per-item scores: its comparisons have no interval, so the
+    report gives each one's direction against the paper and calls none of them reproduced."""
+    r = tmp_path
+    (r / "03_paper_results.json").write_text(json.dumps({"config": {"tasks": {"gsm8k": 5}}, "runs": []}))
+    pd.DataFrame(
+        [
+            {
+                "comparison": "P-KL vs GOLD, Qwen3",
+                "seeds": 1,
+                "paper Δavg": 3.82,
+                "Δgsm8k (ours)": "+4.0 ± 0.0",
+                "Δaverage (ours)": "+4.0 ± 0.0",
+                "same sign as paper": True,
+            },
+            {
+                "comparison": "H-KL vs GOLD, Phi-mini",
+                "seeds": 1,
+                "paper Δavg": 0.52,
+                "Δgsm8k (ours)": "-1.0 ± 0.0",
+                "Δaverage (ours)": "-1.0 ± 0.0",
+                "same sign as paper": False,
+            },
+        ]
+    ).to_csv(r / "03_paper_deltas.csv", index=False)
+    (r / "04_paper_results.json").write_text(
+        json.dumps({"findings": {"2. the complementary pair beats every single teacher": {"held": True, "pair": 40.1}}})
+    )
+    pd.DataFrame([{"pair": "phi_hkl+llama_kl", "average": "40.1 ± 0.0"}]).to_csv(r / "04_paper_table.csv", index=False)
+    text = build_report(r, "paper")
+    assert (
+        "- P-KL vs GOLD, Qwen3: ours +4.0 ± 0.0 on the average vs the paper's +3.82: same direction as the paper."
+        in text
+    )
+    assert "- H-KL vs GOLD, Phi-mini: ours -1.0 ± 0.0 on the average vs the paper's +0.52: opposite direction" in text
+    assert "- 2. the complementary pair beats every single teacher: holds in the means over seeds (pair: 40.1)" in text
+    assert "reproduced" not in text.replace("neither reproduced nor contradicted", "")
+    assert text.count("No verdicts") == 2

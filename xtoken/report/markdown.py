@@ -16,6 +16,12 @@ def _held(x: bool) -> str:
     return "**reproduced**" if x else "**not reproduced**"
 
 
+def _direction(same: bool) -> str:
+    """A paper-scale comparison read from means alone (no per-item scores, so no interval): a direction, which is
+    never a verdict."""
+    return "same direction as the paper" if same else "opposite direction to the paper"
+
+
 def _kd_scaling_lines(d: pd.DataFrame) -> list[str]:
     """The KD/CE scaling claim (dynamic beats three static weightings): one verdict per teacher and one overall
     (`xtoken.stats.combine_verdicts` over the average rows of the "dynamic vs ..." comparisons)."""
@@ -204,12 +210,13 @@ def build_report(results_dir, scale: str = "mini") -> str:
         else:
             out += [
                 f"- {row['comparison']}: ours {row['Δaverage (ours)']} on the average vs the paper's "
-                f"{row['paper Δavg']:+.2f}: direction {_held(bool(row['same sign as paper']))}."
+                f"{row['paper Δavg']:+.2f}: {_direction(bool(row['same sign as paper']))}."
                 for _, row in d.iterrows()
             ]
             out += [
                 "",
-                "A direction 'reproduced' with a difference inside the seed spread (±) is not evidence either way.",
+                "No verdicts: paper-scale runs keep no per-item scores, so these differences have no interval, and a "
+                "direction is neither reproduced nor contradicted, whatever its size (± is the spread over seeds).",
                 "",
             ]
     runs = pd.read_csv(r / name("03_runs.csv")) if (r / name("03_runs.csv")).exists() else None
@@ -350,10 +357,11 @@ def build_report(results_dir, scale: str = "mini") -> str:
                     f"{pair}: " + ", ".join(f"{a} {b}" for a, b in x.items() if a != "static wins")
                     for pair, x in v["per pair"].items()
                 )
-            out.append(f"- {k}: {'(stand-ins: no verdict)' if standin else _held(v['held'])} ({detail})")
+            held = "holds in the means over seeds" if v["held"] else "does not hold in the means over seeds"
+            out.append(f"- {k}: {'(stand-ins: no verdict)' if standin else held} ({detail})")
         out += [
             "",
-            "Seed spreads in these tables are 1-2 points: a difference under that is a direction, not a finding.",
+            "No verdicts: without per-item scores these are directions in the means, with no interval.",
             "GOLD on both cross-tokenizer teachers (`phi_gold+qwen3_gold`) is the pre-X-Token multi-teacher baseline.",
             "",
         ]
