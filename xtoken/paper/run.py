@@ -73,19 +73,18 @@ def _counting_collator(student_tok, teachers, max_length):
     from ..hf.collator import row_text
 
     class SeenRows(DistillCollator):
-        n, _h = 0, None
-
         def __call__(self, rows):
-            self._h = self._h or hashlib.sha1()
             for i, r in enumerate(rows):
                 self.n += 1
-                self._h.update(row_text(r, f"row {i}").encode("utf-8", "surrogatepass") + b"\0")
+                self.sha.update(row_text(r, f"row {i}").encode("utf-8", "surrogatepass") + b"\0")
             return super().__call__(rows)
 
         def digest(self) -> str:
-            return (self._h or hashlib.sha1()).hexdigest()[:16]
+            return self.sha.hexdigest()[:16]
 
-    return SeenRows(student_tok, teachers, max_length)
+    seen = SeenRows(student_tok, teachers, max_length)
+    seen.n, seen.sha = 0, hashlib.sha1()
+    return seen
 
 
 def _tensor_sums(model):
